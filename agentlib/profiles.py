@@ -1,0 +1,182 @@
+"""Run profiles: one source of truth for models, question counts, SAG, LoRA and lengths.
+
+``smoke`` (CI, minutes), ``cpu`` (default: an offline laptop run with real small models), ``paper``
+(one GPU, vLLM, the paper's settings). Notebooks take ``profile`` as a papermill parameter and may
+override single fields: ``get_profile("cpu", sag_n=4)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    r: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    lr: float = 2e-4
+    epochs: float = 2.0
+    batch_size: int = 1
+    grad_accum: int = 8  # effective batch = batch_size * grad_accum
+    max_length_agent: int = 10240
+    max_length_cot: int = 4096
+    load_in_4bit: bool = True  # QLoRA (bitsandbytes NF4); bf16 LoRA when False or unsupported
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    expected_wall: str
+    # teacher
+    teacher: str
+    teacher_backend: str  # "llamacpp" (local server), "hf" (in-process), "vllm" (server pool)
+    teacher_max_tokens: int
+    teacher_temperature: float
+    teacher_top_p: float
+    teacher_samples: int  # trajectories per training question (rejection sampling; the paper: 1)
+    # student
+    student: str
+    student_backend: str
+    student_max_tokens: int
+    # agent
+    max_steps: int
+    sag_n: int
+    sag_temperature: float
+    sag_top_p: float
+    # retrieval
+    retriever: str  # "wiki_mini" (offline corpus) or a Pyserini prebuilt index name
+    top_k: int
+    passage_chars: int
+    # data: (loader, name, count); loader is "train", "test", "extra"
+    train_factual: tuple[tuple[str, str, int], ...]
+    train_math: tuple[tuple[str, str, int], ...]
+    eval_sets: tuple[tuple[str, str, int], ...]
+    answerable_only: bool  # keep only questions whose evidence is in the offline corpus
+    lora: LoRASettings = field(default_factory=LoRASettings)
+    sft_max_steps: int | None = None  # cap on optimizer steps (smoke runs)
+    # ablations
+    sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
+    k_sweep: tuple[int, ...] = (1, 3, 5)
+    seed: int = 0
+
+    @property
+    def models(self) -> list[str]:
+        return list(dict.fromkeys([self.teacher, self.student]))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="CI: every notebook end to end in minutes; SmolLM2-135M as teacher and student.",
+        expected_wall="~6 min on 2 CPU cores",
+        teacher="smollm2-135m",
+        teacher_backend="hf",
+        teacher_max_tokens=96,
+        teacher_temperature=0.0,
+        teacher_top_p=1.0,
+        teacher_samples=1,
+        student="smollm2-135m",
+        student_backend="hf",
+        student_max_tokens=64,
+        max_steps=2,
+        sag_n=2,
+        sag_temperature=0.4,
+        sag_top_p=0.8,
+        retriever="wiki_mini",
+        top_k=2,
+        passage_chars=300,
+        train_factual=(("extra", "hotpotqa_dev300", 3),),
+        train_math=(("train", "math_medium", 2),),
+        eval_sets=(("test", "hotpotqa", 2), ("test", "math500", 2)),
+        answerable_only=True,
+        lora=LoRASettings(r=8, alpha=16, epochs=1, grad_accum=2, max_length_agent=768, max_length_cot=512,
+                          load_in_4bit=False),  # fmt: skip
+        sft_max_steps=3,
+        sag_sweep=(1, 2),
+        k_sweep=(1, 2),
+    ),
+    "cpu": Profile(
+        name="cpu",
+        description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
+        expected_wall="<= 90 min on 2 CPU cores",
+        teacher="qwen2.5-coder-1.5b",
+        teacher_backend="llamacpp",
+        teacher_max_tokens=384,
+        teacher_temperature=0.7,
+        teacher_top_p=0.8,
+        teacher_samples=2,
+        student="qwen2.5-coder-0.5b",
+        student_backend="hf",
+        student_max_tokens=256,
+        max_steps=5,
+        sag_n=8,
+        sag_temperature=0.4,
+        sag_top_p=0.8,
+        retriever="wiki_mini",
+        top_k=3,
+        passage_chars=600,
+        # training questions whose evidence is in the mini-corpus; none is in a test set
+        train_factual=(("extra", "hotpotqa_dev300", 60), ("extra", "hotpotqa_train100", 40)),
+        train_math=(("train", "math_medium", 40), ("train", "math", 20)),
+        eval_sets=(("test", "hotpotqa", 40), ("extra", "musique_train100", 20), ("test", "math500", 30),
+                   ("test", "gsm_hard", 20), ("test", "aime", 10), ("test", "olymath", 10)),  # fmt: skip
+        answerable_only=True,
+        lora=LoRASettings(r=16, alpha=32, epochs=2, grad_accum=4, max_length_agent=2048, max_length_cot=1024,
+                          load_in_4bit=False),  # fmt: skip
+        sag_sweep=(1, 2, 4, 8),
+        k_sweep=(1, 3, 5),
+    ),
+    "paper": Profile(
+        name="paper",
+        description="One GPU, the paper's settings: Qwen2.5-32B-Instruct teacher on vLLM, full splits.",
+        expected_wall="~40-60 GPU-hours (see README)",
+        teacher="Qwen/Qwen2.5-32B-Instruct",
+        teacher_backend="vllm",
+        teacher_max_tokens=1024,
+        teacher_temperature=0.0,
+        teacher_top_p=0.8,
+        teacher_samples=1,
+        student="Qwen/Qwen2.5-0.5B-Instruct",
+        student_backend="vllm",
+        student_max_tokens=1024,
+        max_steps=5,
+        sag_n=8,
+        sag_temperature=0.4,
+        sag_top_p=0.8,
+        retriever="wikipedia-dpr-100w",
+        top_k=3,
+        passage_chars=4000,
+        train_factual=(("train", "hotpotqa", 1000),),
+        train_math=(("train", "math", 1000), ("train", "math_medium", 1000)),
+        eval_sets=(("test", "hotpotqa", 500), ("test", "bamboogle", 125), ("test", "musique", 500),
+                   ("test", "2wikimultihopqa", 500), ("test", "math500", 500), ("test", "gsm_hard", 500),
+                   ("test", "aime", 90), ("test", "olymath", 200)),  # fmt: skip
+        answerable_only=False,
+        lora=LoRASettings(),
+    ),
+}
+
+
+def get_profile(name: str = "cpu", **overrides) -> Profile:
+    """The profile ``name`` with single fields overridden (unknown fields raise)."""
+    if name not in PROFILES:
+        raise KeyError(f"unknown profile {name!r}; choose from {sorted(PROFILES)}")
+    profile = PROFILES[name]
+    known = {f.name for f in fields(Profile)}
+    bad = set(overrides) - known
+    if bad:
+        raise KeyError(f"unknown profile field(s) {sorted(bad)}; fields are {sorted(known)}")
+    return replace(profile, **{k: v for k, v in overrides.items() if v is not None})
+
+
+if __name__ == "__main__":  # `python -m agentlib.profiles models cpu` lists the models to fetch
+    if len(sys.argv) == 3 and sys.argv[1] == "models":
+        print(" ".join(m for m in get_profile(sys.argv[2]).models if "/" not in m))
+    else:
+        sys.exit("usage: python -m agentlib.profiles models PROFILE")
