@@ -1,0 +1,658 @@
+"""The CodeAct agent of the paper (smolagents' CodeAgent), first-thought prefix, SAG, and a CoT baseline.
+
+Loop (per question): system prompt (teacher: long, with examples; student: short) + "New task" user turn;
+each step the model writes ``Thought: ... Code: ```py ... ```<end_code>``; the code runs in the
+question's own :class:`agentlib.sandbox.Sandbox`; the observation (stdout, error) is the next user
+turn, starting with ``Observation:``. At most ``max_steps`` steps; then the model is asked once more for
+a final answer and the record is marked ``hit_step_limit``. Parse failures become observations.
+
+Batched stepping: up to ``batch_size`` unfinished questions advance together, one ``chat_batch`` call
+per step; a finished question's slot is refilled from the queue.
+
+SAG (self-consistent action generation): ``n_samples`` candidates per step in the same call; the
+parseable ones run with ``Sandbox.run_candidates`` (independent copies of the state); failures are
+dropped; survivors are grouped by their normalized outcome (stdout *and* final answer); the largest
+group wins, ties going to the group whose first member came first; the winner's state is committed
+without re-running. With no survivor, the first executed (else the first) candidate is kept so its
+error becomes the observation.
+
+Record (one JSON line per question): id, benchmark, question, gold, method, messages (OpenAI chat
+format), steps [{thought, code, observation, error, parse_error, duration_s, gen_s, exec_s,
+prompt_tokens, completion_tokens, candidates [{code, outcome, error, votes, chosen}]}], prediction,
+score, parse_errors, hit_step_limit, used_prefix, prefix, sag_n. Per-step token counts and generation
+time are the batch call's totals shared out by characters (prompt, completion) and evenly (time).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.resources
+import re
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from agentlib.trajectory import JsonlWriter, filter_trajectories, read_records, summarize
+
+__all__ = [
+    "STOP",
+    "AgentConfig",
+    "ParseError",
+    "Step",
+    "extract_answer",
+    "filter_trajectories",
+    "first_thought_prefix",
+    "make_prefixes",
+    "parse_step",
+    "run_agent",
+    "run_cot",
+    "select_action",
+    "summarize",
+]
+
+STOP = ["<end_code>", "Observation:", "Calling tools:"]  # smolagents' stop sequences for CodeAgent
+OBS_MAX_CHARS = 4000
+
+
+# ----------------------------------------------------------------------------- prompts
+
+@cache
+def prompts(name: str) -> dict:
+    """A prompt file of ``agentlib/prompts`` (``codeact`` or ``cot``) as a dict."""
+    text = importlib.resources.files("agentlib.prompts").joinpath(f"{name}.yaml").read_text("utf-8")
+    return yaml.safe_load(text)
+
+
+def render(template: str, **values: str) -> str:
+    """Fill ``{{name}}`` placeholders (braces elsewhere, e.g. in code or LaTeX, are left alone)."""
+    for key, value in values.items():
+        template = template.replace("{{" + key + "}}", str(value))
+    return template
+
+
+def system_prompt(tool_names: Sequence[str], short: bool = False) -> str:
+    """The CodeAct system prompt (teacher: long with examples; ``short``: the student's), listing the tools
+    and the modules the sandbox lets the code import."""
+    from agentlib.sandbox import ALLOWED_IMPORTS
+
+    p = prompts("codeact")
+    names = [t for t in tool_names if t != "final_answer"] + ["final_answer"]
+    tools = "\n\n".join(p["tools"][t] for t in names if t in p["tools"])
+    return render(p["system_prompt_short" if short else "system_prompt"], tools=tools,
+                  authorized_imports=str(sorted(ALLOWED_IMPORTS)))
+
+
+# ----------------------------------------------------------------------------- parsing
+
+@dataclass(frozen=True)
+class Step:
+    """One parsed assistant turn: the thought and the Python code to run."""
+
+    thought: str
+    code: str
+
+
+class ParseError(ValueError):
+    """No runnable code could be recovered from a model turn. ``kind``: "empty", "no_code", "empty_code"."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\r?\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_OPEN_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\r?\n(.*)\Z", re.DOTALL | re.IGNORECASE)
+_THOUGHT = re.compile(r"^\s*(?:\*\*)?thoughts?\s*:?(?:\*\*)?\s*", re.IGNORECASE)
+_CODE_LABEL = re.compile(r"(?:\*\*)?code\s*:(?:\*\*)?\s*$", re.IGNORECASE)
+
+
+def _clean_thought(text: str) -> str:
+    text = _THOUGHT.sub("", text.strip(), count=1)
+    return _CODE_LABEL.sub("", text).strip()
+
+
+def _looks_like_code(text: str) -> bool:
+    try:
+        tree = ast.parse(text)
+    except Exception:  # SyntaxError, ValueError (NUL bytes), RecursionError, MemoryError on deep nesting
+        return False
+    return any(isinstance(node, ast.Call) for node in ast.walk(tree))
+
+
+def parse_step(text: str) -> Step:
+    """Parse ``Thought: ... Code: ```py ... ```<end_code>`` into a :class:`Step`; raise :class:`ParseError`.
+
+    Lenient: ```py / ```python / bare fences, several blocks (joined, as smolagents does), a missing
+    closing fence (generation stopped at ``<end_code>``), stray backticks in the thought, and unfenced
+    code after ``Code:`` or as the whole turn when it parses as Python and calls something.
+    Syntax errors inside a fenced block are not parse errors: they surface as execution errors.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise ParseError("empty", "The model output is empty.")
+    text = text.split("<end_code>", 1)[0]
+    blocks = _FENCE.findall(text)
+    if blocks:
+        thought = text[: _FENCE.search(text).start()]
+        code = "\n\n".join(b.strip("\n") for b in blocks)
+    elif m := _OPEN_FENCE.search(text):
+        thought, code = text[: m.start()], m.group(1)
+    else:
+        parts = re.split(r"(?:\*\*)?code\s*:(?:\*\*)?[ \t]*\r?\n", text, maxsplit=1, flags=re.IGNORECASE)
+        if len(parts) == 2 and _looks_like_code(parts[1].strip()):
+            thought, code = parts[0], parts[1]
+        elif _looks_like_code(text.strip()):
+            thought, code = "", text
+        else:
+            raise ParseError(
+                "no_code",
+                "Your code snippet is invalid, because the regex pattern ```(?:py|python)?\\n(.*?)\\n``` "
+                "was not found in it.",
+            )
+    code = code.strip("\n").rstrip()
+    if not code.strip():
+        raise ParseError("empty_code", "The code block is empty.")
+    return Step(thought=_clean_thought(thought), code=code)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass
+class AgentConfig:
+    """How an agent run samples and steps. Teacher: greedy, long prompt. Student with SAG: see ``sag()``."""
+
+    max_steps: int = 5
+    n_samples: int = 1  # SAG's N; 1 = plain decoding
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    short_prompt: bool = False  # the student's short system prompt
+    batch_size: int = 16  # questions advanced together
+    search_k: int = 3
+    exec_timeout_s: float = 10.0
+    memory_mb: int = 1024
+    method: str = "agent"
+
+    @classmethod
+    def teacher(cls, **kw: Any) -> AgentConfig:
+        return cls(**kw)
+
+    @classmethod
+    def student(cls, **kw: Any) -> AgentConfig:
+        return cls(**{"short_prompt": True, "method": "agent_student", **kw})
+
+    @classmethod
+    def sag(cls, **kw: Any) -> AgentConfig:
+        """The paper's SAG setting: N=8, temperature 0.4, top-p 0.8, short prompt."""
+        kw = {"n_samples": 8, "temperature": 0.4, "top_p": 0.8, "method": "agent_sag", **kw}
+        return cls.student(**kw)
+
+
+# ----------------------------------------------------------------------------- SAG
+
+def _norm(text: Any) -> str:
+    return " ".join(str(text).split()).lower()
+
+
+def outcome_key(result: Any) -> str:
+    """The normalized outcome SAG votes on: printed output and (if called) the final answer."""
+    key = _norm(result.stdout)
+    if result.called_final_answer:
+        key += " || final_answer=" + _norm(result.final_answer)
+    return key
+
+
+def _failed(result: Any) -> bool:
+    return result.error is not None or bool(getattr(result, "timed_out", False))
+
+
+@dataclass
+class Action:
+    """What one step did: the chosen text, its parse, its execution result and the candidate table."""
+
+    text: str
+    step: Step | None
+    parse_error: ParseError | None
+    result: Any | None
+    candidates: list[dict]
+    exec_s: float = 0.0  # wall time of executing all candidates
+
+
+def _run_safely(fn: Callable[[], Any], n: int) -> list[Any]:
+    try:
+        return fn()
+    except Exception as e:  # a sandbox failure becomes an error observation, never an exception
+        from types import SimpleNamespace
+
+        return [SimpleNamespace(stdout="", error=f"SandboxError: {type(e).__name__}: {e}", final_answer=None,
+                                called_final_answer=False, duration_s=0.0, timed_out=False)] * n
+
+
+def select_action(texts: Sequence[str], sb: Any) -> Action:
+    """Self-consistent action generation over candidate turns ``texts`` (a single text: plain execution)."""
+    parsed: list[Step | ParseError] = []
+    for t in texts:
+        try:
+            parsed.append(parse_step(t))
+        except ParseError as e:
+            parsed.append(e)
+    runnable = [i for i, p in enumerate(parsed) if isinstance(p, Step)]
+    results: dict[int, Any] = {}
+    t0 = time.perf_counter()
+    if len(runnable) == 1 and len(texts) == 1:
+        results[runnable[0]] = _run_safely(lambda: [sb.run(parsed[runnable[0]].code)], 1)[0]
+    elif runnable:
+        out = _run_safely(lambda: sb.run_candidates([parsed[i].code for i in runnable]), len(runnable))
+        results = dict(zip(runnable, out, strict=True))
+    groups: dict[str, list[int]] = {}
+    for i, r in results.items():
+        if not _failed(r):
+            groups.setdefault(outcome_key(r), []).append(i)
+    if groups:  # largest group; ties -> the group whose first member has the lowest index
+        winner_group = max(groups.values(), key=lambda g: (len(g), -g[0]))
+        chosen = winner_group[0]
+    else:
+        chosen = runnable[0] if runnable else 0
+    if chosen in results and len(texts) > 1 and not getattr(results[chosen], "timed_out", False):
+        sb.commit(results[chosen])  # a failed (not timed-out) candidate keeps its partial effects, like run()
+    candidates = []
+    for i, p in enumerate(parsed):
+        r = results.get(i)
+        if isinstance(p, ParseError):
+            cand = {"code": None, "outcome": "parse_error", "error": str(p), "votes": 0}
+        elif _failed(r):
+            cand = {"code": p.code, "outcome": "error", "error": r.error or "timed out", "votes": 0}
+        else:
+            key = outcome_key(r)
+            cand = {"code": p.code, "outcome": key, "error": None, "votes": len(groups[key])}
+        candidates.append({**cand, "chosen": i == chosen})
+    p = parsed[chosen]
+    return Action(
+        text=texts[chosen],
+        step=p if isinstance(p, Step) else None,
+        parse_error=p if isinstance(p, ParseError) else None,
+        result=results.get(chosen),
+        candidates=candidates,
+        exec_s=time.perf_counter() - t0,
+    )
+
+
+def observation(action: Action, max_chars: int = OBS_MAX_CHARS) -> str:
+    """The text of the next user turn for an action (smolagents' wording)."""
+    p = prompts("codeact")
+    if action.parse_error is not None:
+        body = "Error:\n" + render(p["parse_error"], error=str(action.parse_error)) + "\n" + p["retry"]
+    else:
+        r = action.result
+        stdout = r.stdout if len(r.stdout) <= max_chars else r.stdout[:max_chars] + "\n..._This content has been truncated_..."
+        body = "Execution logs:\n" + stdout
+        if _failed(r):
+            body += ("\n" if stdout and not stdout.endswith("\n") else "") + "Error:\n"
+            body += (r.error or "Code execution timed out.") + "\n" + p["retry"]
+        elif r.called_final_answer:
+            body += ("\n" if stdout and not stdout.endswith("\n") else "") + f"Final answer: {r.final_answer}"
+    return render(p["observation"], body=body)
+
+
+# ----------------------------------------------------------------------------- the agent loop
+
+def _usage(model: Any) -> tuple[float, float]:
+    u = getattr(model, "usage", None)
+    if u is None:
+        return 0.0, 0.0
+    get = u.get if isinstance(u, dict) else (lambda k, d=0: getattr(u, k, d))
+    return float(get("prompt_tokens", 0) or 0), float(get("completion_tokens", 0) or 0)
+
+
+def _shares(total: float, weights: Sequence[float]) -> list[int]:
+    s = sum(weights)
+    return [round(total * w / s) if s else 0 for w in weights]
+
+
+def _default_sandbox(config: AgentConfig) -> Callable[[dict], Any]:
+    from agentlib.sandbox import Sandbox
+
+    return lambda tools: Sandbox(tools=tools, timeout_s=config.exec_timeout_s, memory_mb=config.memory_mb)
+
+
+def _default_score() -> Callable[[str | None, Any], float]:
+    from agentlib.metrics import score
+
+    return score
+
+
+def _close(sb: Any) -> None:
+    try:
+        if hasattr(sb, "close"):
+            sb.close()
+        else:
+            sb.__exit__(None, None, None)
+    except Exception:
+        pass
+
+
+class _Trajectory:
+    """A question being solved: its messages, steps and sandbox."""
+
+    def __init__(self, example: Any, system: str, sandbox: Any, prefix: str | None):
+        self.example = example
+        task = render(prompts("codeact")["task"], question=example.question)
+        self.messages = [{"role": "system", "content": system}, {"role": "user", "content": task}]
+        self.sb = sandbox
+        self.prefix = prefix or None
+        self.steps: list[dict] = []
+        self.prediction: str | None = None
+        self.parse_errors = 0
+        self.hit_step_limit = False
+        self.final_round = False
+        self.done = False
+
+    def step_prefix(self) -> str | None:
+        return f"Thought: {self.prefix}" if self.prefix and not self.steps else None
+
+
+def _free_text_answer(text: str) -> str | None:
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return None
+    last = re.sub(r"^(?:thought|final answer|answer)\s*:\s*", "", lines[-1], flags=re.IGNORECASE)
+    return last or None
+
+
+def _apply(t: _Trajectory, action: Action, config: AgentConfig) -> dict:
+    """Record an action on trajectory ``t`` and decide whether it is finished."""
+    content = action.text.strip()
+    if content.endswith("```"):
+        content += "<end_code>"  # as smolagents stores it: nudges later turns to stop at <end_code>
+    t.messages.append({"role": "assistant", "content": content})
+    r = action.result
+    obs = observation(action)
+    if action.parse_error is not None:
+        t.parse_errors += 1
+    finished = r is not None and not _failed(r) and r.called_final_answer
+    if finished:
+        t.prediction = None if r.final_answer is None else str(r.final_answer)
+    elif t.final_round:  # the extra turn after the step limit: take what it gives
+        if r is not None and r.called_final_answer:
+            t.prediction = None if r.final_answer is None else str(r.final_answer)
+        elif action.parse_error is not None:
+            t.prediction = _free_text_answer(action.text)
+        finished = True
+    else:
+        t.messages.append({"role": "user", "content": obs})
+    step = {
+        "thought": action.step.thought if action.step else _clean_thought(action.text),
+        "code": action.step.code if action.step else None,
+        "observation": obs.split("\n", 1)[1] if "\n" in obs else obs,
+        "error": (r.error or "timed out") if r is not None and _failed(r) else None,
+        "parse_error": str(action.parse_error) if action.parse_error is not None else None,
+        "exec_s": action.exec_s,
+        "candidates": action.candidates,
+    }
+    t.steps.append(step)
+    if finished:
+        t.done = True
+    elif len(t.steps) >= config.max_steps:
+        t.hit_step_limit = t.final_round = True  # ask once more, in the same user turn (roles alternate)
+        t.messages[-1]["content"] += "\n\n" + prompts("codeact")["max_steps"]
+    return step
+
+
+def _record(t: _Trajectory, config: AgentConfig, score_fn: Callable) -> dict:
+    ex = t.example
+    return {
+        "id": str(ex.id),
+        "benchmark": getattr(ex, "source", ""),
+        "question": ex.question,
+        "gold": ex.answer,
+        "method": config.method,
+        "messages": t.messages,
+        "steps": t.steps,
+        "prediction": t.prediction,
+        "score": float(score_fn(t.prediction, ex)),
+        "parse_errors": t.parse_errors,
+        "hit_step_limit": t.hit_step_limit,
+        "used_prefix": t.prefix is not None,
+        "prefix": t.prefix,
+        "sag_n": config.n_samples,
+    }
+
+
+def _advance(model: Any, active: list[_Trajectory], config: AgentConfig) -> None:
+    """One batched model call for all active trajectories, then each one's SAG + execution."""
+    prefixes = [t.step_prefix() for t in active]
+    p0, c0 = _usage(model)
+    t0 = time.perf_counter()
+    outs = model.chat_batch(
+        [t.messages for t in active], n=config.n_samples, temperature=config.temperature, top_p=config.top_p,
+        max_tokens=config.max_tokens, stop=STOP, prefixes=prefixes if any(prefixes) else None,
+    )
+    gen_s = time.perf_counter() - t0
+    p1, c1 = _usage(model)
+    prompt_tok = _shares(p1 - p0, [sum(len(m["content"]) for m in t.messages) for t in active])
+    compl_tok = _shares(c1 - c0, [sum(len(c) for c in cands) for cands in outs])
+    for i, (t, cands) in enumerate(zip(active, outs, strict=True)):
+        texts = [(prefixes[i] or "") + c for c in cands]
+        step = _apply(t, select_action(texts, t.sb), config)
+        step.update(gen_s=gen_s / len(active), prompt_tokens=prompt_tok[i], completion_tokens=compl_tok[i])
+        step["duration_s"] = step["gen_s"] + step["exec_s"]
+
+
+def run_agent(
+    model: Any,
+    examples: Sequence[Any],
+    config: AgentConfig | None = None,
+    out_path: str | Path | None = None,
+    tools: dict[str, Callable] | None = None,
+    retriever: Any = None,
+    prefixes: dict[str, str] | None = None,
+    progress: bool = True,
+    sandbox_factory: Callable[[dict], Any] | None = None,
+    score_fn: Callable[[str | None, Any], float] | None = None,
+) -> list[dict]:
+    """Run the CodeAct agent on ``examples`` with batched stepping; return one record per example.
+
+    ``tools``: name -> callable given to each sandbox (else ``{"search": make_search_tool(retriever)}``
+    when a retriever is given). ``prefixes``: example id -> first-thought prefix. ``out_path``: JSONL
+    written append-only with fsync; ids already there are skipped and their records returned as is.
+    """
+    config = config or AgentConfig()
+    if tools is None:
+        tools = {}
+        if retriever is not None:
+            from agentlib.retrieval import make_search_tool
+
+            tools = {"search": make_search_tool(retriever, k=config.search_k)}
+    factory = sandbox_factory or _default_sandbox(config)
+    score_fn = score_fn or _default_score()
+    system = system_prompt(list(tools), short=config.short_prompt)
+    examples = list({str(ex.id): ex for ex in examples}.values())
+    done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
+    queue = deque(ex for ex in examples if str(ex.id) not in done)
+    writer = JsonlWriter(out_path) if out_path else None
+    bar = _progress(len(queue), progress)
+    active: list[_Trajectory] = []
+    try:
+        while queue or active:
+            while queue and len(active) < config.batch_size:
+                ex = queue.popleft()
+                prefix = (prefixes or {}).get(str(ex.id))
+                active.append(_Trajectory(ex, system, factory(dict(tools)), prefix))
+            _advance(model, active, config)
+            for t in [t for t in active if t.done]:
+                rec = _record(t, config, score_fn)
+                _close(t.sb)
+                done[rec["id"]] = rec
+                if writer:
+                    writer.write(rec)
+                bar.update(1)
+            active = [t for t in active if not t.done]
+    finally:
+        for t in active:
+            _close(t.sb)
+        if writer:
+            writer.close()
+        bar.close()
+    return [done[str(ex.id)] for ex in examples]
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled or total == 0:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="questions")
+
+
+# ----------------------------------------------------------------------------- first-thought prefix
+
+def first_thought_prefix(text: str, max_chars: int = 800) -> str:
+    """The first paragraph (up to the first blank line) of a chain-of-thought, without a ``Thought:``/
+    ``<think>`` lead-in; cut at a sentence end if longer than ``max_chars``."""
+    text = re.sub(r"^\s*(?:<think>|thought\s*:)\s*", "", text or "", flags=re.IGNORECASE)
+    para = re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0].strip()
+    if len(para) > max_chars:
+        cut = para[:max_chars]
+        end = max(cut.rfind(". "), cut.rfind(".\n"))
+        para = cut[: end + 1] if end > 0 else cut
+    return para
+
+
+def make_prefixes(
+    model: Any,
+    examples: Sequence[Any],
+    max_tokens: int = 256,
+    batch_size: int = 16,
+    temperature: float = 0.0,
+) -> dict[str, str]:
+    """FTP step 1: the teacher answers each question as chain-of-thought (``cot.yaml`` ftp prompt);
+    returns id -> first paragraph (ids whose paragraph is empty are left out)."""
+    p = prompts("cot")
+    out: dict[str, str] = {}
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        convs = [[{"role": "system", "content": p["ftp_system"]},
+                  {"role": "user", "content": render(p["ftp_user"], question=ex.question)}] for ex in chunk]
+        texts = model.chat_batch(convs, n=1, temperature=temperature, max_tokens=max_tokens)
+        for ex, t in zip(chunk, texts, strict=True):
+            if prefix := first_thought_prefix(t[0]):
+                out[str(ex.id)] = prefix
+    return out
+
+
+# ----------------------------------------------------------------------------- CoT baseline
+
+def _last_boxed(text: str) -> str | None:
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0:
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j].strip()
+    return None
+
+
+def extract_answer(text: str, domain: str) -> str | None:
+    """The answer of a CoT completion: last ``<answer>...</answer>`` (factual) or last ``\\boxed{}`` (math,
+    falling back to ``<answer>``)."""
+    tags = re.findall(r"<answer>(.*?)</answer>", text or "", flags=re.DOTALL | re.IGNORECASE)
+    tagged = tags[-1].strip() if tags else None
+    if domain == "math":
+        return _last_boxed(text or "") or tagged
+    return tagged
+
+
+def _vote_key(answer: str, domain: str) -> str:
+    if domain == "math":
+        a = re.sub(r"\\left|\\right|\\!|\\,|\$|\s", "", answer)
+        return a.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return _norm(answer).strip(" .")
+
+
+def run_cot(
+    model: Any,
+    examples: Sequence[Any],
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_tokens: int = 1024,
+    batch_size: int = 16,
+    out_path: str | Path | None = None,
+    rag_retriever: Any = None,
+    k: int = 3,
+    progress: bool = True,
+    score_fn: Callable[[str | None, Any], float] | None = None,
+) -> list[dict]:
+    """Chain-of-thought baseline (``cot``) or CoT+RAG (``cot_rag``: top-``k`` passages retrieved once for
+    the question, put in the prompt). With ``n > 1`` the answer is the majority vote (ties: the first).
+    Records follow the agent's schema (``steps`` empty; ``samples`` and ``votes`` added)."""
+    p = prompts("cot")
+    score_fn = score_fn or _default_score()
+    method = "cot_rag" if rag_retriever is not None else "cot"
+    examples = list({str(ex.id): ex for ex in examples}.values())
+    done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
+    pending = [ex for ex in examples if str(ex.id) not in done]
+    writer = JsonlWriter(out_path) if out_path else None
+    bar = _progress(len(pending), progress)
+    try:
+        for i in range(0, len(pending), batch_size):
+            chunk = pending[i : i + batch_size]
+            passages: list[str | None] = [None] * len(chunk)
+            if rag_retriever is not None:
+                from agentlib.retrieval import format_passages
+
+                hits = rag_retriever.batch_search([ex.question for ex in chunk], k=k)
+                passages = [format_passages(h) for h in hits]
+            convs = []
+            for ex, ps in zip(chunk, passages, strict=True):
+                system = p["system_math" if ex.domain == "math" else "system_factual"]
+                user = render(p["user_rag"], passages=ps, question=ex.question) if ps is not None else \
+                    render(p["user"], question=ex.question)
+                convs.append([{"role": "system", "content": system}, {"role": "user", "content": user}])
+            t0 = time.perf_counter()
+            outs = model.chat_batch(convs, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+            gen_s = (time.perf_counter() - t0) / len(chunk)
+            for ex, conv, texts in zip(chunk, convs, outs, strict=True):
+                answers = [extract_answer(t, ex.domain) for t in texts]
+                keys = [_vote_key(a, ex.domain) if a is not None else None for a in answers]
+                votes = Counter(k_ for k_ in keys if k_ is not None)
+                if votes:
+                    best = max(votes, key=lambda k_: (votes[k_], -keys.index(k_)))
+                    chosen = keys.index(best)
+                else:
+                    chosen = 0
+                rec = {
+                    "id": str(ex.id), "benchmark": getattr(ex, "source", ""), "question": ex.question,
+                    "gold": ex.answer, "method": method,
+                    "messages": [*conv, {"role": "assistant", "content": texts[chosen]}],
+                    "steps": [], "prediction": answers[chosen],
+                    "score": float(score_fn(answers[chosen], ex)),
+                    "parse_errors": int(answers[chosen] is None), "hit_step_limit": False,
+                    "used_prefix": False, "prefix": None, "sag_n": n, "gen_s": gen_s,
+                    "samples": [{"text": t, "answer": a} for t, a in zip(texts, answers, strict=True)],
+                    "votes": dict(votes),
+                }
+                done[rec["id"]] = rec
+                if writer:
+                    writer.write(rec)
+                bar.update(1)
+    finally:
+        if writer:
+            writer.close()
+        bar.close()
+    return [done[str(ex.id)] for ex in examples]

@@ -1,0 +1,77 @@
+"""Agent benchmark: batched stepping vs one question at a time, and SAG N=8 vs N=1 per-step wall.
+
+Same model, questions, prompt and max tokens in both arms; wall time includes retrieval and sandbox
+execution. Bars (issue 5): batched stepping over 16 questions >= 5x the throughput of one at a time;
+a SAG step with N=8 candidates (T=0.4, top-p 0.8) <= 2.5x the wall of an N=1 step.
+
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_agent.py [--model qwen2.5-coder-0.5b]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import row, write_rows  # noqa: E402
+
+from agentlib.agent import AgentConfig, run_agent  # noqa: E402
+from agentlib.data import load_benchmark  # noqa: E402
+from agentlib.models import load_model  # noqa: E402
+from agentlib.retrieval import BM25Retriever  # noqa: E402
+
+
+def timed_run(model, examples, config, retriever) -> tuple[float, list[dict], int]:
+    c0 = model.usage.completion_tokens
+    t0 = time.perf_counter()
+    recs = run_agent(model, examples, config, retriever=retriever, progress=False)
+    return time.perf_counter() - t0, recs, model.usage.completion_tokens - c0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--questions", type=int, default=16)
+    ap.add_argument("--sag-questions", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    model = load_model(args.model, backend="hf")
+    retriever = BM25Retriever.default()
+    examples = load_benchmark("hotpotqa", "test", limit=args.questions)
+    print(f"model={args.model} dtype={model.dtype} questions={len(examples)} max_tokens={args.max_tokens}")
+    # Short (student) prompt, at most 1 step + the final-answer turn: the comparison is about batching.
+    base = dict(max_steps=1, max_tokens=args.max_tokens, short_prompt=True)
+    run_agent(model, examples[:1], AgentConfig(**base, batch_size=1), retriever=retriever, progress=False)  # warm-up
+
+    rows = []
+    wall_b, recs_b, tok_b = timed_run(model, examples, AgentConfig(**base, batch_size=16), retriever)
+    wall_1, recs_1, tok_1 = timed_run(model, examples, AgentConfig(**base, batch_size=1), retriever)
+    steps_b, steps_1 = (sum(len(r["steps"]) for r in recs) for recs in (recs_b, recs_1))
+    print(f"batched: {wall_b:.1f} s, {steps_b} steps, {tok_b} tokens; one at a time: {wall_1:.1f} s, "
+          f"{steps_1} steps, {tok_1} tokens")
+    tps_b, tps_1 = tok_b / wall_b, tok_1 / wall_1
+    rows.append(row("batched_stepping_tokens_per_s", tps_b, "tok/s", "one_at_a_time", tps_1,
+                    ">= 5x one at a time", tps_b >= 5 * tps_1))
+    rows.append(row("batched_stepping_steps_per_s", steps_b / wall_b, "steps/s", "one_at_a_time", steps_1 / wall_1,
+                    "(informational)", None))
+
+    sag_ex = examples[: args.sag_questions]
+    sampling = dict(temperature=0.4, top_p=0.8, batch_size=1)
+    wall_s1, recs_s1, _ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=1), retriever)
+    wall_s8, recs_s8, _ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=8), retriever)
+    per_step_1 = wall_s1 / sum(len(r["steps"]) for r in recs_s1)
+    per_step_8 = wall_s8 / sum(len(r["steps"]) for r in recs_s8)
+    exec_8 = sum(s["exec_s"] for r in recs_s8 for s in r["steps"]) / sum(len(r["steps"]) for r in recs_s8)
+    print(f"SAG: N=1 {per_step_1:.2f} s/step, N=8 {per_step_8:.2f} s/step (of which candidate execution "
+          f"{exec_8:.3f} s)")
+    rows.append(row("sag_n8_step_wall", per_step_8, "s/step", "n1_step_wall", per_step_1, "<= 2.5x N=1",
+                    per_step_8 <= 2.5 * per_step_1))
+    write_rows("bench_agent", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Test doubles for agent logic: a scripted chat model (fixed replies) and a spy around the real sandbox.
+
+The real model and retriever are exercised in ``test_agent_real.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentlib.models import Usage, cut_at_stop
+from agentlib.sandbox import Sandbox
+
+
+@dataclass
+class Ex:
+    """The fields of ``agentlib.data.Example`` the agent uses."""
+
+    id: str
+    question: str
+    answer: str
+    domain: str = "factual"
+    source: str = "fake"
+    aliases: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def exact_score(pred: str | None, example: Any) -> float:
+    return float(pred is not None and pred.strip().lower() == example.answer.strip().lower())
+
+
+def turn(thought: str, code: str) -> str:
+    """A well-formed CodeAct turn as a model would write it (the stop string excluded)."""
+    return f"Thought: {thought}\nCode:\n```py\n{code}\n```"
+
+
+class ScriptedModel:
+    """A chat model whose replies come from ``script(conversation, prefix, sample_index) -> str``.
+
+    The reply is the *full* assistant text; when a prefix is forced and the reply starts with it, the
+    continuation is returned (as real backends do). Stop strings are cut. Every call is logged.
+    """
+
+    def __init__(self, script: Callable[[list[dict], str | None, int], str], fail_on_call: int | None = None):
+        self.script = script
+        self.calls: list[dict] = []
+        self.usage = Usage()
+        self.fail_on_call = fail_on_call
+
+    def chat(self, messages: list[dict], n: int = 1, prefix: str | None = None, **kw: Any) -> list[str]:
+        return self.chat_batch([messages], n=n, prefixes=[prefix], **kw)[0]
+
+    def chat_batch(self, conversations: Sequence[list[dict]], n: int = 1, temperature: float = 0.0,
+                   top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
+                   prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
+        if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
+            raise RuntimeError("simulated crash")
+        prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
+        self.calls.append({"conversations": [list(c) for c in conversations], "n": n, "prefixes": prefixes,
+                           "temperature": temperature, "top_p": top_p, "stop": stop})
+        out = []
+        for conv, prefix in zip(conversations, prefixes, strict=True):
+            samples = []
+            for i in range(n):
+                text = self.script(conv, prefix, i)
+                if prefix and text.startswith(prefix):
+                    text = text[len(prefix):]
+                samples.append(cut_at_stop(text, stop))
+                self.usage.completion_tokens += len(text.split())
+            self.usage.prompt_tokens += sum(len(m["content"].split()) for m in conv)
+            out.append(samples)
+        self.usage.calls += 1
+        return out
+
+
+def by_question(replies: dict[str, list[str] | Callable[[int], list[str]]]) -> Callable:
+    """A script: for the question whose text contains a key, step s gets ``replies[key][s]`` (the last
+    one repeats); a callable value gives the n samples of a step: ``value(step) -> list[str]``."""
+
+    def script(conv: list[dict], prefix: str | None, i: int) -> str:
+        task = conv[1]["content"]
+        step = sum(m["role"] == "assistant" for m in conv)
+        for key, value in replies.items():
+            if key in task:
+                if callable(value):
+                    return value(step)[i]
+                return value[min(step, len(value) - 1)]
+        raise KeyError(task)
+
+    return script
+
+
+class SpySandbox(Sandbox):
+    """The real sandbox, recording what the agent asks of it."""
+
+    instances: list[SpySandbox] = []
+
+    def __init__(self, tools: dict[str, Callable] | None = None, **kw: Any):
+        super().__init__(tools=tools, timeout_s=kw.pop("timeout_s", 5.0), **kw)
+        self.runs: list[str] = []
+        self.candidate_batches: list[list[str]] = []
+        self.commits = 0
+        self.closed = False
+        SpySandbox.instances.append(self)
+
+    def run(self, code: str) -> Any:
+        self.runs.append(code)
+        return super().run(code)
+
+    def run_candidates(self, codes: Sequence[str]) -> list[Any]:
+        self.candidate_batches.append(list(codes))
+        return super().run_candidates(codes)
+
+    def commit(self, result: Any) -> None:
+        self.commits += 1
+        super().commit(result)
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()

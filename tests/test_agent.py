@@ -1,0 +1,347 @@
+"""Agent logic with a scripted model: parsing, loop, step limit, FTP, SAG, resume, filtering, CoT."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fakes import Ex, ScriptedModel, SpySandbox, by_question, exact_score, turn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agentlib.agent import (
+    AgentConfig,
+    ParseError,
+    Step,
+    extract_answer,
+    first_thought_prefix,
+    make_prefixes,
+    observation,
+    parse_step,
+    run_agent,
+    run_cot,
+    select_action,
+    system_prompt,
+)
+from agentlib.trajectory import JsonlWriter, filter_trajectories, read_records, summarize
+
+
+def run(model, examples, config=None, **kw):
+    kw.setdefault("tools", {"search": lambda q: f"[1] {q}: passage about {q}"})
+    return run_agent(model, examples, config or AgentConfig(), sandbox_factory=lambda tools: SpySandbox(tools),
+                     score_fn=exact_score, progress=False, **kw)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def test_parse_canonical_turn():
+    s = parse_step("Thought: I will search.\nCode:\n```py\nprint(search('x'))\n```<end_code>")
+    assert s == Step(thought="I will search.", code="print(search('x'))")
+
+
+@pytest.mark.parametrize("fence", ["```py", "```python", "```Python", "```", "```python3"])
+def test_parse_fence_variants(fence):
+    assert parse_step(f"Thought: t\n{fence}\nx = 1\nprint(x)\n```").code == "x = 1\nprint(x)"
+
+
+def test_parse_missing_closing_fence_at_stop_string():
+    s = parse_step("Thought: compute\nCode:\n```py\nfinal_answer(2 + 2)\n")
+    assert s.code == "final_answer(2 + 2)" and s.thought == "compute"
+
+
+def test_parse_stray_backticks_in_thought_and_multiple_blocks():
+    text = ("Thought: I'll use `search` and ```search``` twice.\nCode:\n```py\na = 1\n```\n"
+            "More.\n```python\nprint(a)\n```")
+    s = parse_step(text)
+    assert s.code == "a = 1\n\nprint(a)"
+    assert s.thought == "I'll use `search` and ```search``` twice."
+
+
+def test_parse_unfenced_code_after_label_and_bare_call():
+    assert parse_step("Thought: done\nCode:\nfinal_answer('Paris')").code == "final_answer('Paris')"
+    assert parse_step("final_answer('Paris')") == Step("", "final_answer('Paris')")
+
+
+@pytest.mark.parametrize("text,kind", [("", "empty"), ("   \n", "empty"), ("The answer is Paris.", "no_code"),
+                                       ("Thought: x\n```py\n\n```", "empty_code"), ("Paris", "no_code")])
+def test_parse_errors_are_typed(text, kind):
+    with pytest.raises(ParseError) as e:
+        parse_step(text)
+    assert e.value.kind == kind
+
+
+def test_parse_syntax_error_is_left_to_execution():
+    assert parse_step("```py\nprint((1\n```").code == "print((1"
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text() | st.builds(lambda a, b: a + "```py\n" + b, st.text(), st.text()))
+def test_parse_fuzz_returns_step_or_parse_error(text):
+    try:
+        s = parse_step(text)
+    except ParseError as e:
+        assert e.kind in {"empty", "no_code", "empty_code"}
+    else:
+        assert isinstance(s, Step) and s.code.strip()
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def test_system_prompts_list_tools_and_differ():
+    long, short = system_prompt(["search"]), system_prompt(["search"], short=True)
+    for p in (long, short):
+        assert "def search(query: str) -> str:" in p and "def final_answer(" in p and "{{" not in p
+    assert len(long) > 3 * len(short) and "Observation:" in long
+    assert "def search(" not in system_prompt([])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def test_loop_search_then_answer_batched():
+    model = ScriptedModel(by_question({
+        "capital of France": [turn("search", "print(search('France capital'))"),
+                              turn("answer", "final_answer('Paris')")],
+        "2+3": [turn("compute", "final_answer(2 + 3)")],
+    }))
+    exs = [Ex("a", "What is the capital of France?", "Paris"), Ex("b", "What is 2+3?", "5", domain="math")]
+    recs = run(model, exs)
+    assert [r["id"] for r in recs] == ["a", "b"]
+    a, b = recs
+    assert a["prediction"] == "Paris" and a["score"] == 1.0 and len(a["steps"]) == 2
+    assert b["prediction"] == "5" and b["score"] == 1.0 and len(b["steps"]) == 1
+    # one batched call per step: both questions in call 1, only the unfinished one in call 2
+    assert [len(c["conversations"]) for c in model.calls] == [2, 1]
+    roles = [m["role"] for m in a["messages"]]
+    assert roles == ["system", "user", "assistant", "user", "assistant"]
+    assert a["messages"][2]["content"].endswith("```<end_code>")
+    obs = a["messages"][3]["content"]
+    assert obs.startswith("Observation:\nExecution logs:\n[1] France capital: passage about France capital")
+    assert a["steps"][0]["code"] == "print(search('France capital'))" and a["steps"][0]["error"] is None
+    assert not a["hit_step_limit"] and a["parse_errors"] == 0 and a["sag_n"] == 1
+    assert all(sb.closed for sb in SpySandbox.instances[-2:])
+    assert model.calls[0]["stop"][0] == "<end_code>"
+
+
+def test_parse_and_execution_errors_become_observations():
+    model = ScriptedModel(by_question({"q": ["I think the answer is 4.", turn("oops", "print(1/0)"),
+                                             turn("fix", "final_answer('4')")]}))
+    (r,) = run(model, [Ex("1", "q", "4")])
+    assert r["prediction"] == "4" and r["parse_errors"] == 1 and len(r["steps"]) == 3
+    assert r["steps"][0]["parse_error"] and r["steps"][0]["code"] is None
+    assert "Error in code parsing" in r["messages"][3]["content"]
+    assert r["steps"][1]["error"].endswith("ZeroDivisionError: division by zero")
+    assert "ZeroDivisionError" in r["messages"][5]["content"] and "Now let's retry" in r["messages"][5]["content"]
+
+
+def test_state_persists_between_steps():
+    model = ScriptedModel(by_question({"q": [turn("a", "x = 20"), turn("b", "final_answer(x + 1)")]}))
+    assert run(model, [Ex("1", "q", "21")])[0]["prediction"] == "21"
+
+
+def test_step_limit_asks_once_more_and_marks():
+    model = ScriptedModel(lambda conv, prefix, i: (
+        turn("give up", "final_answer('late')") if "maximum number of steps" in conv[-1]["content"]
+        else turn("again", "print(search('x'))")))
+    (r,) = run(model, [Ex("1", "q", "late")], AgentConfig(max_steps=3))
+    assert r["hit_step_limit"] and r["prediction"] == "late" and len(r["steps"]) == 4
+    assert len(model.calls) == 4
+    assert "maximum number of steps" in r["messages"][-2]["content"]
+    assert r["messages"][-2]["content"].startswith("Observation:")
+    roles = [m["role"] for m in r["messages"][1:]]
+    assert roles == ["user", "assistant"] * 4  # one observation turn carries the step-limit request
+    assert filter_trajectories([r]) == []  # correct, but hit the step limit
+
+
+def test_step_limit_free_text_answer():
+    model = ScriptedModel(lambda conv, prefix, i: (
+        "Final answer: Paris" if "maximum number of steps" in conv[-1]["content"] else turn("t", "print(1)")))
+    (r,) = run(model, [Ex("1", "q", "Paris")], AgentConfig(max_steps=1))
+    assert r["prediction"] == "Paris" and r["hit_step_limit"] and r["parse_errors"] == 1
+
+
+def test_batch_size_refills_slots():
+    model = ScriptedModel(by_question({f"q{i}": [turn("t", "print(1)")] * i + [turn("t", f"final_answer({i})")]
+                                       for i in range(1, 5)}))
+    recs = run(model, [Ex(str(i), f"q{i}", str(i)) for i in range(1, 5)], AgentConfig(batch_size=2))
+    assert [r["prediction"] for r in recs] == ["1", "2", "3", "4"]
+    assert max(len(c["conversations"]) for c in model.calls) == 2
+    # q1 finishes after 2 steps, q3 takes its slot while q2 is still running
+    assert sum(len(c["conversations"]) for c in model.calls) == sum(len(r["steps"]) for r in recs)
+
+
+# ----------------------------------------------------------------------------- FTP
+
+def test_first_thought_prefix():
+    assert first_thought_prefix("First, find X.\nThen Y.\n\nSecond para.") == "First, find X.\nThen Y."
+    assert first_thought_prefix("Thought: plan it\n \nrest") == "plan it"
+    assert first_thought_prefix("<think>\nstep one\n\nmore") == "step one"
+    long = "A sentence. " * 200
+    assert len(first_thought_prefix(long, max_chars=100)) <= 100 and first_thought_prefix(long).endswith(".")
+
+
+def test_ftp_prefix_forced_in_first_turn_only():
+    para = "I need the birth year of Ada Lovelace."
+    cot = ScriptedModel(lambda conv, prefix, i: f"{para}\n\nShe was born in 1815.\n<answer>1815</answer>")
+    prefixes = make_prefixes(cot, [Ex("1", "When was Ada born?", "1815")])
+    assert prefixes == {"1": para}
+    assert "blank line" in cot.calls[0]["conversations"][0][0]["content"]
+
+    full = f"Thought: {para} I will search.\nCode:\n```py\nprint(search('Ada Lovelace'))\n```"
+    model = ScriptedModel(by_question({"Ada": [full, turn("done", "final_answer('1815')")]}))
+    (r,) = run(model, [Ex("1", "When was Ada born?", "1815")], prefixes=prefixes)
+    assert model.calls[0]["prefixes"] == [f"Thought: {para}"]
+    assert model.calls[1]["prefixes"] == [None]
+    assert r["messages"][2]["content"] == full + "<end_code>"
+    assert r["steps"][0]["thought"].startswith(para) and r["used_prefix"] and r["prefix"] == para
+    assert r["method"] == "agent" and r["prediction"] == "1815"
+
+
+# ----------------------------------------------------------------------------- SAG
+
+def test_sag_votes_on_stdout_and_final_answer():
+    texts = [
+        turn("a", "print('x')\nfinal_answer('A')"),
+        turn("b", "print('x')\nfinal_answer('B')"),   # same stdout, different answer: another group
+        "no code here",
+        turn("c", "print( 'x' )\nfinal_answer('B')"),
+        turn("d", "raise ValueError('bad')"),
+    ]
+    with SpySandbox({}) as sb:
+        act = select_action(texts, sb)
+        assert act.text == texts[1] and act.result.final_answer == "B"
+        assert [c["votes"] for c in act.candidates] == [1, 2, 0, 2, 0]
+        assert [c["chosen"] for c in act.candidates] == [False, True, False, False, False]
+        assert act.candidates[2]["outcome"] == "parse_error" and "ValueError" in act.candidates[4]["error"]
+        assert len(sb.candidate_batches[0]) == 4 and sb.commits == 1
+
+
+def test_sag_tie_goes_to_first_group_and_commit_does_not_rerun():
+    with SpySandbox({}) as sb:
+        sb.run("import random\nseen = []")
+        codes = ["y = random.random()\nseen.append(y)\nprint('one')", "y = -1.0\nseen.append(y)\nprint('two')"]
+        act = select_action([turn("a", codes[0]), turn("b", codes[1])], sb)
+        assert act.candidates[0]["chosen"] and sb.commits == 1 and len(sb.runs) == 1
+        # the committed state is the candidate's own (a re-run would draw another random number)
+        check = sb.run("print(len(seen), seen[0] == y, 0 <= y < 1)")
+        assert check.stdout == "1 True True\n"
+
+
+def test_sag_no_survivor_keeps_failed_candidate_error():
+    with SpySandbox({}) as sb:
+        act = select_action(["prose", turn("a", "z = 5\nprint(undefined_name)")], sb)
+        assert act.step is not None and "NameError" in act.result.error and act.candidates[1]["chosen"]
+        assert "NameError" in observation(act) and observation(act).startswith("Observation:")
+        assert sb.run("print(z)").stdout == "5\n"  # as with one sample, the failed step's effects stay
+        act2 = select_action(["prose", "more prose"], sb)
+        assert act2.parse_error is not None and act2.candidates[0]["chosen"] and act2.result is None
+
+
+def test_sag_in_loop_one_call_per_step():
+    def samples(step):
+        if step == 0:
+            return [turn("s", "print(search('a'))")] * 6 + ["junk", turn("e", "1/0")]
+        return [turn("f", "final_answer('A')")] * 5 + [turn("f", "final_answer('B')")] * 3
+
+    model = ScriptedModel(by_question({"q": samples}))
+    (r,) = run(model, [Ex("1", "q", "A")], AgentConfig.sag(max_steps=5))
+    assert [c["n"] for c in model.calls] == [8, 8]
+    assert model.calls[0]["temperature"] == 0.4 and model.calls[0]["top_p"] == 0.8
+    assert r["prediction"] == "A" and r["sag_n"] == 8 and r["parse_errors"] == 0
+    assert [c["votes"] for c in r["steps"][0]["candidates"]] == [6] * 6 + [0, 0]
+    assert sum(c["chosen"] for c in r["steps"][1]["candidates"]) == 1
+    assert r["method"] == "agent_sag" and "def search" in r["messages"][0]["content"]
+
+
+# ----------------------------------------------------------------------------- trajectories and resume
+
+def test_resume_after_crash_no_loss_no_duplicates(tmp_path):
+    out = tmp_path / "run.jsonl"
+    exs = [Ex(str(i), f"question {i}?", str(i)) for i in range(6)]
+    replies = {f"question {i}?": [turn("t", "print(1)")] * (i % 3) + [turn("a", f"final_answer('{i}')")]
+               for i in range(6)}
+    crashing = ScriptedModel(by_question(replies), fail_on_call=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crashing, exs, AgentConfig(batch_size=3), out_path=out)
+    first = read_records(out)
+    assert 0 < len(first) < 6
+    with out.open("a") as f:
+        f.write('{"id": "torn')  # a write interrupted by the crash
+    model = ScriptedModel(by_question(replies))
+    recs = run(model, exs, AgentConfig(batch_size=3), out_path=out)
+    lines = read_records(out)
+    assert sorted(r["id"] for r in lines) == [str(i) for i in range(6)]  # 0 lost, 0 duplicated
+    assert [r["prediction"] for r in recs] == [str(i) for i in range(6)]
+    done_first = {r["id"] for r in first}
+    asked = {c[1]["content"] for call in model.calls for c in call["conversations"]}
+    assert not any(f"question {i}?" in a for i in map(int, done_first) for a in asked)
+    assert out.read_text().endswith("\n")
+    # a third run does nothing
+    idle = ScriptedModel(by_question(replies))
+    assert run(idle, exs, out_path=out) == recs and idle.calls == []
+
+
+def test_jsonl_writer_fsyncs_each_record(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    with JsonlWriter(tmp_path / "x.jsonl") as w:
+        w.write({"id": "1", "v": object.__name__})
+        w.write({"id": "2"})
+    assert len(synced) == 2
+    assert [json.loads(x)["id"] for x in (tmp_path / "x.jsonl").read_text().splitlines()] == ["1", "2"]
+
+
+# ----------------------------------------------------------------------------- filtering and summary
+
+def _rec(score=1.0, parse_errors=0, hit=False, errors=(None,), prediction="x"):
+    steps = [{"code": "print(search('a'))", "error": e, "completion_tokens": 10, "gen_s": 1.0} for e in errors]
+    return {"id": "r", "score": score, "parse_errors": parse_errors, "hit_step_limit": hit, "steps": steps,
+            "prediction": prediction}
+
+
+def test_filter_trajectories():
+    keep = _rec(errors=("NameError: x", None))  # recovered execution error: kept
+    recs = [keep, _rec(score=0.0), _rec(parse_errors=1), _rec(hit=True), _rec(prediction=None), _rec()]
+    assert filter_trajectories(recs) == [keep, recs[-1]]
+
+
+def test_summarize():
+    s = summarize([_rec(errors=("E", None)), _rec(score=0.0, parse_errors=2, hit=True)])
+    assert s["accuracy"] == 0.5 and s["parse_error_rate"] == 0.5 and s["step_limit_rate"] == 0.5
+    assert s["mean_steps"] == 1.5 and s["mean_search_calls"] == 1.5
+    assert s["exec_error_rate"] == pytest.approx(1 / 3) and s["tokens_per_s"] == 10.0
+
+
+# ----------------------------------------------------------------------------- CoT
+
+def test_extract_answer():
+    assert extract_answer("so <answer>Paris</answer>. <answer> Lyon </answer>", "factual") == "Lyon"
+    assert extract_answer("x = \\boxed{\\frac{1}{2}} and \\boxed{3}", "math") == "3"
+    assert extract_answer("nested \\boxed{\\sqrt{x^{2}}}", "math") == "\\sqrt{x^{2}}"
+    assert extract_answer("no answer", "factual") is None and extract_answer("\\boxed{1", "math") is None
+
+
+def test_cot_majority_vote_and_rag(tmp_path):
+    outs = ["r1 \\boxed{\\dfrac{1}{2}}", "r2 \\boxed{3}", "r3 \\boxed{\\frac{1}{2}}", "nothing"]
+    model = ScriptedModel(lambda conv, prefix, i: outs[i])
+    (r,) = run_cot(model, [Ex("m", "half?", "\\frac{1}{2}", domain="math")], n=4, temperature=0.7,
+                   score_fn=lambda p, e: float(p is not None and p.replace("d", "") == e.answer), progress=False)
+    assert r["prediction"] == "\\dfrac{1}{2}" and r["votes"] == {"\\frac{1}{2}": 2, "3": 1}
+    assert r["messages"][-1]["content"] == outs[0] and r["score"] == 1.0 and r["method"] == "cot"
+    assert "boxed" in r["messages"][0]["content"]
+
+    class Retriever:
+        def batch_search(self, qs, k=3):
+            from agentlib.retrieval import Passage
+
+            return [[Passage(id="p1", title="France", text="Paris is the capital of France.", score=1.0)]
+                    for _ in qs]
+
+    model = ScriptedModel(lambda conv, prefix, i: "It is Paris. <answer>Paris</answer>")
+    out = tmp_path / "cot.jsonl"
+    (r,) = run_cot(model, [Ex("f", "Capital of France?", "Paris")], rag_retriever=Retriever(), out_path=out,
+                   score_fn=exact_score, progress=False)
+    user = model.calls[0]["conversations"][0][1]["content"]
+    assert "Paris is the capital of France." in user and "Capital of France?" in user
+    assert r["method"] == "cot_rag" and r["score"] == 1.0 and read_records(out)[0]["id"] == "f"
