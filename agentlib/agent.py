@@ -38,6 +38,7 @@ from typing import Any
 
 import yaml
 
+from agentlib.data import last_boxed
 from agentlib.trajectory import JsonlWriter, filter_trajectories, read_records, summarize
 
 __all__ = [
@@ -233,6 +234,20 @@ def _run_safely(fn: Callable[[], Any], n: int) -> list[Any]:
                                 called_final_answer=False, duration_s=0.0, timed_out=False)] * n
 
 
+def vote(outcomes: Sequence[str | None]) -> int | None:
+    """SAG's choice: the first member of the largest group of equal outcomes (``None`` = failed).
+
+    Ties go to the group whose first member comes first; ``None`` when every candidate failed.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(outcomes):
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    if not groups:
+        return None
+    return max(groups.values(), key=lambda g: (len(g), -g[0]))[0]
+
+
 def select_action(texts: Sequence[str], sb: Any) -> Action:
     """Self-consistent action generation over candidate turns ``texts`` (a single text: plain execution)."""
     parsed: list[Step | ParseError] = []
@@ -249,14 +264,10 @@ def select_action(texts: Sequence[str], sb: Any) -> Action:
     elif runnable:
         out = _run_safely(lambda: sb.run_candidates([parsed[i].code for i in runnable]), len(runnable))
         results = dict(zip(runnable, out, strict=True))
-    groups: dict[str, list[int]] = {}
-    for i, r in results.items():
-        if not _failed(r):
-            groups.setdefault(outcome_key(r), []).append(i)
-    if groups:  # largest group; ties -> the group whose first member has the lowest index
-        winner_group = max(groups.values(), key=lambda g: (len(g), -g[0]))
-        chosen = winner_group[0]
-    else:
+    keys = [outcome_key(results[i]) if i in results and not _failed(results[i]) else None for i in range(len(texts))]
+    groups = Counter(k for k in keys if k is not None)
+    chosen = vote(keys)
+    if chosen is None:
         chosen = runnable[0] if runnable else 0
     if chosen in results and len(texts) > 1 and not getattr(results[chosen], "timed_out", False):
         sb.commit(results[chosen])  # a failed (not timed-out) candidate keeps its partial effects, like run()
@@ -269,7 +280,7 @@ def select_action(texts: Sequence[str], sb: Any) -> Action:
             cand = {"code": p.code, "outcome": "error", "error": r.error or "timed out", "votes": 0}
         else:
             key = outcome_key(r)
-            cand = {"code": p.code, "outcome": key, "error": None, "votes": len(groups[key])}
+            cand = {"code": p.code, "outcome": key, "error": None, "votes": groups[key]}
         candidates.append({**cand, "chosen": i == chosen})
     p = parsed[chosen]
     return Action(
@@ -552,28 +563,13 @@ def make_prefixes(
 
 # ----------------------------------------------------------------------------- CoT baseline
 
-def _last_boxed(text: str) -> str | None:
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0:
-        return None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j].strip()
-    return None
-
-
 def extract_answer(text: str, domain: str) -> str | None:
     """The answer of a CoT completion: last ``<answer>...</answer>`` (factual) or last ``\\boxed{}`` (math,
     falling back to ``<answer>``)."""
     tags = re.findall(r"<answer>(.*?)</answer>", text or "", flags=re.DOTALL | re.IGNORECASE)
     tagged = tags[-1].strip() if tags else None
     if domain == "math":
-        return _last_boxed(text or "") or tagged
+        return last_boxed(text or "") or tagged
     return tagged
 
 
