@@ -1,0 +1,229 @@
+"""Start and stop OpenAI-compatible servers: llama.cpp on CPU (xllamacpp) and vLLM on GPU.
+
+Each server is a child process in its own process group, on a free loopback port, declared ready when its
+``/health`` endpoint answers 200 (never by reading its log), and stopped by its own process group id:
+
+    with start_llamacpp("smollm2-135m", n_parallel=4) as srv:
+        OpenAIModel(endpoints=[srv.base_url]).chat([{"role": "user", "content": "Hi"}])
+
+``python -m agentlib.serve llamacpp --model FILE.gguf --port P`` is the child process for llama.cpp: the
+``xllamacpp`` wheel embeds llama.cpp's own C++ HTTP server (OpenAI-compatible, continuous batching).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from agentlib.paths import runs_dir
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free on ``host`` right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A server child process in its own process group; ``stop()`` ends that group only."""
+
+    def __init__(self, cmd: Sequence[str], port: int, host: str = "127.0.0.1", name: str = "server",
+                 env: Mapping[str, str] | None = None, log_path: Path | None = None):
+        self.cmd, self.port, self.host, self.name = list(cmd), port, host, name
+        self.log_path = log_path or runs_dir("servers") / f"{name}-{port}.log"
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.pid = self.proc.pid  # == its process group id (start_new_session)
+        self._stopped = False
+        atexit.register(self.stop)  # a normal interpreter exit does not leave servers behind
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.host}:{self.port}/health", timeout=timeout_s) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float = 300.0, poll_s: float = 0.25) -> ServerProcess:
+        """Poll ``/health`` until it answers 200; raise (and stop) if the process exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before ready; log: "
+                                   f"{self.log_path}\n{self.log_tail()}")
+            if self.healthy():
+                return self
+            time.sleep(poll_s)
+        self.stop()
+        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f}s; log: {self.log_path}\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM the server's own process group, SIGKILL it after ``timeout_s``; reap the child. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
+        if self.proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(self.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    self.proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        try:  # leftovers of the group (its id cannot be reused while any member lives): ours, nobody else's
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._log.close()
+        atexit.unregister(self.stop)
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------------------------- llama.cpp
+
+
+def llamacpp_command(model: str | os.PathLike, port: int, host: str = "127.0.0.1", n_ctx: int = 8192,
+                     n_parallel: int = 4, threads: int | None = None, seed: int | None = None) -> list[str]:
+    """The child command that serves ``model`` (a GGUF file) with llama.cpp."""
+    cmd = [sys.executable, "-m", "agentlib.serve", "llamacpp", "--model", str(model), "--host", host,
+           "--port", str(port), "--n-ctx", str(n_ctx), "--n-parallel", str(n_parallel)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    return cmd
+
+
+def start_llamacpp(model: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
+                   n_ctx: int = 8192, n_parallel: int = 4, threads: int | None = None, seed: int | None = None,
+                   ready_timeout_s: float = 300.0) -> ServerProcess:
+    """A ready llama.cpp server for a GGUF file or a registry name (``qwen2.5-coder-1.5b``).
+
+    ``n_ctx`` is shared by the ``n_parallel`` slots (each gets ``n_ctx / n_parallel`` tokens).
+    """
+    path = Path(model)
+    if not path.exists():
+        from agentlib.registry import gguf_path
+
+        path = gguf_path(str(model))
+    port = port or free_port(host)
+    cmd = llamacpp_command(path, port, host, n_ctx, n_parallel, threads, seed)
+    return ServerProcess(cmd, port, host, name=f"llamacpp-{path.stem}").wait_ready(ready_timeout_s)
+
+
+def run_llamacpp(model: str, host: str, port: int, n_ctx: int, n_parallel: int, threads: int | None,
+                 seed: int | None) -> None:
+    """Serve in this process until SIGTERM/SIGINT (the body of the child process)."""
+    import threading
+
+    import xllamacpp as xlc
+
+    p = xlc.CommonParams()
+    p.model.path = model
+    p.hostnames = [host]
+    p.port = port
+    p.n_ctx = n_ctx
+    p.n_parallel = n_parallel
+    p.kv_unified = True  # slots share the context: long and short requests mix
+    n = threads or os.cpu_count() or 1
+    p.cpuparams.n_threads = n
+    p.cpuparams_batch.n_threads = n
+    if seed is not None:
+        p.sampling.seed = seed
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = xlc.Server(p)
+    print(f"agentlib.serve: llama.cpp listening on {server.listening_address}", flush=True)
+    stop.wait()
+    del server
+
+
+# --------------------------------------------------------------------------------------------- vLLM
+
+
+def vllm_command(model: str, port: int, host: str = "127.0.0.1", tensor_parallel_size: int = 1,
+                 lora_modules: Mapping[str, str] | None = None, max_lora_rank: int = 64,
+                 gpu_memory_utilization: float = 0.9, seed: int = 0, max_model_len: int | None = None,
+                 served_model_name: str | None = None, dtype: str = "auto",
+                 extra_args: Sequence[str] = ()) -> list[str]:
+    """The ``vllm serve`` command line; LoRA adapters are served as ``name=path`` modules."""
+    cmd = ["vllm", "serve", model, "--host", host, "--port", str(port),
+           "--tensor-parallel-size", str(tensor_parallel_size),
+           "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed), "--dtype", dtype]
+    if served_model_name:
+        cmd += ["--served-model-name", served_model_name]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
+    if lora_modules:
+        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(lora_modules)),
+                "--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
+    return cmd + list(extra_args)
+
+
+def start_vllm(model: str, port: int | None = None, host: str = "127.0.0.1", cuda_devices: str | None = None,
+               ready_timeout_s: float = 900.0, **kwargs: object) -> ServerProcess:
+    """A ready ``vllm serve`` (GPU); ``cuda_devices`` (``"0,1"``) sets CUDA_VISIBLE_DEVICES for it alone."""
+    port = port or free_port(host)
+    cmd = vllm_command(model, port, host, **kwargs)  # type: ignore[arg-type]
+    env = {"CUDA_VISIBLE_DEVICES": cuda_devices} if cuda_devices is not None else None
+    name = f"vllm-{Path(model).name}"
+    return ServerProcess(cmd, port, host, name=name, env=env).wait_ready(ready_timeout_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m agentlib.serve")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    a = sub.add_parser("llamacpp", help="serve a GGUF with llama.cpp (OpenAI-compatible HTTP)")
+    a.add_argument("--model", required=True, help="a .gguf file or a registry name")
+    a.add_argument("--host", default="127.0.0.1")
+    a.add_argument("--port", type=int, default=0, help="0: a free port")
+    a.add_argument("--n-ctx", type=int, default=8192)
+    a.add_argument("--n-parallel", type=int, default=4)
+    a.add_argument("--threads", type=int, default=None)
+    a.add_argument("--seed", type=int, default=None)
+    args = ap.parse_args(argv)
+    model = args.model
+    if not Path(model).exists():
+        from agentlib.registry import gguf_path
+
+        model = str(gguf_path(model))
+    run_llamacpp(model, args.host, args.port or free_port(args.host), args.n_ctx, args.n_parallel, args.threads,
+                 args.seed)
+
+
+if __name__ == "__main__":
+    main()
