@@ -1,0 +1,283 @@
+"""Looking at results: a trajectory viewer (HTML, a Jupyter widget) and the notebooks' plots.
+
+    show(record)                     # one trajectory, rendered in the notebook
+    browse(records)                  # page through a run, filter correct / incorrect
+    plot_loss_curves({"agent": losses}, "figures/loss.png")
+
+Everything a model or a tool wrote is HTML-escaped (code, observations, answers): a trajectory cannot
+inject markup or scripts into the notebook. Plots use matplotlib's ``Figure`` directly (no pyplot state),
+are saved as PNG and returned, so a notebook cell that ends with the call displays them.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RED = "#c62828"
+GREEN = "#2e7d32"
+BOX = "border:1px solid #ddd;border-radius:4px;padding:6px 8px;margin:4px 0;"
+PRE = "white-space:pre-wrap;word-break:break-word;margin:0;font-size:12px;"
+
+
+def _esc(text: Any) -> str:
+    return html.escape("" if text is None else str(text))
+
+
+def highlight_code(code: str) -> str:
+    """Python code as HTML: pygments with inline styles when installed, else an escaped ``<pre>``."""
+    try:
+        from pygments import highlight
+        from pygments.formatters import HtmlFormatter
+        from pygments.lexers import PythonLexer
+    except ImportError:
+        return f'<pre style="{PRE}">{_esc(code)}</pre>'
+    return highlight(code, PythonLexer(), HtmlFormatter(noclasses=True, nobackground=True, prestyles=PRE.rstrip(";")))
+
+
+def _block(label: str, body: str, color: str = "#555") -> str:
+    return f'<div style="{BOX}"><div style="color:{color};font-weight:bold;font-size:11px">{label}</div>{body}</div>'
+
+
+def _text(text: str, color: str | None = None) -> str:
+    style = PRE + (f"color:{color};" if color else "")
+    return f'<pre style="{style}">{_esc(text)}</pre>'
+
+
+def _candidates(cands: Sequence[dict]) -> str:
+    rows = []
+    for i, c in enumerate(cands, 1):
+        mark = "&#10003; chosen" if c.get("chosen") else ""
+        err = f'<div style="color:{RED}">{_esc(c["error"])}</div>' if c.get("error") else ""
+        rows.append(
+            f'<tr style="vertical-align:top{";background:#f1f8e9" if c.get("chosen") else ""}">'
+            f"<td>{i}</td><td>{_esc(c.get('votes', 0))}</td><td>{mark}</td>"
+            f"<td>{highlight_code(c.get('code') or '')}</td><td>{_text(c.get('outcome', ''))}{err}</td></tr>"
+        )
+    head = "<tr><th>#</th><th>votes</th><th></th><th>code</th><th>outcome</th></tr>"
+    return f'<table style="font-size:12px;border-collapse:collapse">{head}{"".join(rows)}</table>'
+
+
+def render_trajectory(record: dict) -> str:
+    """A trajectory record as self-contained HTML: question, steps (thought, code, observation, errors,
+    SAG candidates with votes), and the final answer against the gold answer with the score."""
+    score = record.get("score")
+    ok = score is not None and score > 0
+    verdict = "correct" if ok else "incorrect"
+    head = (
+        f'<div style="font-size:12px;color:#777">{_esc(record.get("benchmark", ""))} · {_esc(record.get("id", ""))}'
+        f' · {_esc(record.get("method", ""))}</div>'
+        f'<div style="font-size:14px;margin:4px 0"><b>Question:</b> {_esc(record.get("question", ""))}</div>'
+    )
+    if record.get("used_prefix") and record.get("prefix"):
+        head += _block("first-thought prefix", _text(record["prefix"]), "#6a1b9a")
+    steps = []
+    for i, s in enumerate(record.get("steps", []), 1):
+        parts = []
+        if s.get("thought"):
+            parts.append(_block("thought", _text(s["thought"])))
+        if s.get("code"):
+            parts.append(_block("code", highlight_code(s["code"])))
+        if s.get("parse_error"):
+            parts.append(_block("parse error", _text(s["parse_error"], RED), RED))
+        if s.get("observation"):
+            parts.append(_block("observation", _text(s["observation"])))
+        if s.get("error"):
+            parts.append(_block("error", _text(s["error"], RED), RED))
+        if s.get("candidates"):
+            parts.append(_block(f"SAG candidates ({len(s['candidates'])})", _candidates(s["candidates"])))
+        steps.append(f'<details open><summary><b>Step {i}</b></summary>{"".join(parts)}</details>')
+    color = GREEN if ok else RED
+    flags = []
+    if record.get("hit_step_limit"):
+        flags.append("hit the step limit")
+    if record.get("parse_errors"):
+        flags.append(f"{record['parse_errors']} parse error(s)")
+    foot = (
+        f'<div style="{BOX}border-color:{color}">'
+        f"<b>Prediction:</b> {_esc(record.get('prediction'))} &nbsp; <b>Gold:</b> {_esc(record.get('gold'))}"
+        f' &nbsp; <b style="color:{color}">score {_esc(score)} ({verdict})</b>'
+        f'{" &nbsp; <i>" + _esc(", ".join(flags)) + "</i>" if flags else ""}</div>'
+    )
+    return f'<div style="font-family:sans-serif;max-width:980px">{head}{"".join(steps)}{foot}</div>'
+
+
+def show(record: dict) -> None:
+    """Display one trajectory in Jupyter."""
+    from IPython.display import HTML, display
+
+    display(HTML(render_trajectory(record)))
+
+
+def browse(records: Sequence[dict]) -> Any:
+    """An ipywidgets browser over a run's trajectories: previous/next and a correct/incorrect filter."""
+    import ipywidgets as w
+
+    which = w.ToggleButtons(options=["all", "correct", "incorrect"], value="all")
+    prev, nxt = w.Button(description="◀ prev"), w.Button(description="next ▶")
+    label, view = w.Label(), w.HTML()
+    state = {"i": 0, "items": list(records)}
+
+    def refresh(*_: Any) -> None:
+        items = state["items"]
+        if not items:
+            label.value, view.value = "0 / 0", "<i>no trajectory matches</i>"
+            return
+        state["i"] %= len(items)
+        label.value = f"{state['i'] + 1} / {len(items)}"
+        view.value = render_trajectory(items[state["i"]])
+
+    def refilter(*_: Any) -> None:
+        keep = {"all": lambda r: True, "correct": lambda r: (r.get("score") or 0) > 0,
+                "incorrect": lambda r: not (r.get("score") or 0) > 0}[which.value]
+        state["items"], state["i"] = [r for r in records if keep(r)], 0
+        refresh()
+
+    def move(step: int) -> None:
+        state["i"] += step
+        refresh()
+
+    prev.on_click(lambda _: move(-1))
+    nxt.on_click(lambda _: move(1))
+    which.observe(refilter, names="value")
+    refresh()
+    box = w.VBox([w.HBox([which, prev, nxt, label]), view])
+    box.view, box.label, box.filter, box.prev, box.next = view, label, which, prev, nxt  # handles for tests
+    return box
+
+
+def render_mask(encoded: dict, tokenizer: Any, max_tokens: int = 4000) -> str:
+    """The SFT loss mask as HTML: trained tokens highlighted green, masked ones grey (``sft.encode_chat``)."""
+    ids, labels = encoded["input_ids"][:max_tokens], encoded["labels"][:max_tokens]
+    spans, cur, trained = [], [], None
+    for tok, lab in zip(ids, labels, strict=True):
+        if cur and (lab != -100) != trained:
+            spans.append((trained, cur))
+            cur = []
+        trained = lab != -100
+        cur.append(tok)
+    if cur:
+        spans.append((trained, cur))
+    style = {True: "background:#c8e6c9;color:#1b5e20", False: "color:#888"}
+    body = "".join(f'<span style="{style[t]}">{_esc(tokenizer.decode(c))}</span>' for t, c in spans)
+    n = sum(lab != -100 for lab in encoded["labels"])
+    more = f" (first {max_tokens} shown)" if len(encoded["input_ids"]) > max_tokens else ""
+    head = (f'<div style="font-size:12px"><b>{n}</b> of {len(encoded["input_ids"])} tokens trained'
+            f'{" · truncated" if encoded.get("truncated") else ""}{more} · '
+            f'<span style="{style[True]}">trained</span> <span style="{style[False]}">masked</span></div>')
+    return f'<div style="font-family:sans-serif">{head}<pre style="{PRE}">{body}</pre></div>'
+
+
+def show_mask(encoded: dict, tokenizer: Any) -> None:
+    """Display the loss mask of one encoded example in Jupyter."""
+    from IPython.display import HTML, display
+
+    display(HTML(render_mask(encoded, tokenizer)))
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+
+def _save(fig: Any, path: str | Path) -> Any:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def plot_loss_curves(logs: dict[str, Sequence[float]], path: str | Path, title: str = "SFT training loss") -> Any:
+    """One line per run: training loss per optimizer step."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    for name, losses in logs.items():
+        ax.plot(range(1, len(losses) + 1), list(losses), marker="o" if len(losses) < 30 else None, ms=3, label=name)
+    ax.set(xlabel="optimizer step", ylabel="loss (per trained token)", title=title)
+    ax.grid(alpha=0.3)
+    if logs:
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_accuracy_bars(df: Any, path: str | Path, title: str = "") -> Any:
+    """Grouped bars, method x benchmark, with CI error bars (columns: method, benchmark, score, ci_low,
+    ci_high, n)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    benches = list(dict.fromkeys(df["benchmark"]))
+    methods = list(dict.fromkeys(df["method"]))
+    fig = Figure(figsize=(max(5, 1.3 * len(benches) * max(1, len(methods)) ** 0.5), 3.8))
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(benches))
+    for k, m in enumerate(methods):
+        sub = df[df["method"] == m].set_index("benchmark").reindex(benches)
+        score = sub["score"].to_numpy(float)
+        err = np.vstack([score - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - score])
+        ax.bar(x + (k - (len(methods) - 1) / 2) * width, score, width, yerr=np.nan_to_num(err), capsize=2, label=m)
+    n = df.groupby("benchmark", sort=False)["n"].max()
+    ax.set_xticks(x, [f"{b}\n(n={int(n[b])})" for b in benches], fontsize=8)
+    ax.set(ylabel="score", title=title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7, ncols=2)
+    return _save(fig, path)
+
+
+def plot_sweep(
+    xs: Sequence[float],
+    ys: Sequence[float],
+    ci: Sequence[tuple[float, float]] | None,
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+) -> Any:
+    """A metric against a swept parameter (e.g. SAG's N), with a shaded confidence band when ``ci`` is given."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
+    ax.plot(list(xs), list(ys), marker="o")
+    if ci is not None:
+        ax.fill_between(list(xs), [lo for lo, _ in ci], [hi for _, hi in ci], alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_xticks(list(xs))
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _bars(ax: Any, labels: Sequence[str], values: Sequence[float], title: str) -> None:
+    ax.bar(range(len(values)), list(values), color=[f"C{i}" for i in range(len(values))])
+    ax.set_xticks(range(len(values)), list(labels), fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plot_teacher_ftp(summary: Any, path: str | Path) -> Any:
+    """Teacher runs side by side (rows of ``pipeline.teacher_summary``): greedy accuracy, yield, search calls."""
+    from matplotlib.figure import Figure
+
+    cols = [("accuracy_greedy", "accuracy, greedy (%)"), ("yield_pct", "questions with a kept trajectory (%)"),
+            ("mean_search_calls", "search calls / trajectory")]
+    cols = [(c, t) for c, t in cols if c in summary]
+    fig = Figure(figsize=(3.2 * len(cols), 3.2))
+    for ax, (col, title) in zip(fig.subplots(1, len(cols), squeeze=False)[0], cols, strict=True):
+        _bars(ax, list(summary["run"]), summary[col].fillna(0).to_numpy(float), title)
+    return _save(fig, path)
+
+
+def plot_trajectory_shape(shape: Any, path: str | Path) -> Any:
+    """Mean steps, search calls and code lines per run (rows of ``pipeline.trajectory_shape``)."""
+    from matplotlib.figure import Figure
+
+    cols = ["steps", "search_calls", "code_lines"]
+    means = shape.groupby("run", sort=False)[cols].mean()
+    fig = Figure(figsize=(9, 3.2))
+    for ax, col in zip(fig.subplots(1, len(cols)), cols, strict=True):
+        _bars(ax, list(means.index), means[col].to_numpy(float), f"mean {col.replace('_', ' ')}")
+    return _save(fig, path)
