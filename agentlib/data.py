@@ -151,7 +151,7 @@ def load_benchmark(
 ) -> list[Example]:
     """The paper's exact split ``name`` (see ``BENCHMARKS``), normalised.
 
-    ``answerable_only`` keeps only questions whose evidence is in the offline mini-corpus
+    ``answerable_only`` keeps only factual questions whose evidence is in the offline mini-corpus
     (for ``hotpotqa`` test: the 200 items matched by question text to HotpotQA dev rows 0-299).
     """
     if split not in BENCHMARKS:
@@ -186,7 +186,7 @@ def load_benchmark(
             ex.extra["hotpot_split"] = "dev"  # "test" is really HotpotQA dev rows 100-599
             ex.extra["dev_row"] = 100 + i
         examples.append(ex)
-    if answerable_only:
+    if answerable_only and domain == "factual":  # math needs no retrieval: nothing to filter
         examples = [ex for ex in examples if ex.question in _corpus_questions()]
     return examples[:limit] if limit is not None else examples
 

@@ -57,6 +57,7 @@ class Profile:
     answerable_only: bool  # keep only questions whose evidence is in the offline corpus
     lora: LoRASettings = field(default_factory=LoRASettings)
     sft_max_steps: int | None = None  # cap on optimizer steps (smoke runs)
+    train_unfiltered_if_empty: bool = False  # smoke: exercise SFT even when the tiny teacher solves nothing
     # ablations
     sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
     k_sweep: tuple[int, ...] = (1, 3, 5)
@@ -77,14 +78,14 @@ PROFILES: dict[str, Profile] = {
         expected_wall="~6 min on 2 CPU cores",
         teacher="smollm2-135m",
         teacher_backend="hf",
-        teacher_max_tokens=96,
+        teacher_max_tokens=80,
         teacher_temperature=0.0,
         teacher_top_p=1.0,
         teacher_samples=1,
         student="smollm2-135m",
         student_backend="hf",
-        student_max_tokens=64,
-        max_steps=2,
+        student_max_tokens=48,
+        max_steps=1,
         sag_n=2,
         sag_temperature=0.4,
         sag_top_p=0.8,
@@ -98,6 +99,7 @@ PROFILES: dict[str, Profile] = {
         lora=LoRASettings(r=8, alpha=16, epochs=1, grad_accum=2, max_length_agent=768, max_length_cot=512,
                           load_in_4bit=False),  # fmt: skip
         sft_max_steps=3,
+        train_unfiltered_if_empty=True,
         sag_sweep=(1, 2),
         k_sweep=(1, 2),
     ),

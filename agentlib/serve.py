@@ -180,8 +180,12 @@ def vllm_command(model: str, port: int, host: str = "127.0.0.1", tensor_parallel
                  gpu_memory_utilization: float = 0.9, seed: int = 0, max_model_len: int | None = None,
                  served_model_name: str | None = None, dtype: str = "auto",
                  extra_args: Sequence[str] = ()) -> list[str]:
-    """The ``vllm serve`` command line; LoRA adapters are served as ``name=path`` modules."""
-    cmd = ["vllm", "serve", model, "--host", host, "--port", str(port),
+    """The ``vllm serve`` command line; LoRA adapters are served as ``name=path`` modules.
+
+    vLLM pins its own torch/transformers (vllm 0.33.0: torch 2.14.0, transformers < 5.21), so it lives in its
+    own environment (``requirements-vllm.txt``); ``AGENTLIB_VLLM`` names its ``vllm`` executable.
+    """
+    cmd = [os.environ.get("AGENTLIB_VLLM", "vllm"), "serve", model, "--host", host, "--port", str(port),
            "--tensor-parallel-size", str(tensor_parallel_size),
            "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed), "--dtype", dtype]
     if served_model_name:

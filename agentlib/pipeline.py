@@ -1,0 +1,374 @@
+"""The stages the notebooks run, one function per stage, all driven by a `Profile`.
+
+01 teacher: ``teacher_stage`` (CoT, first-thought prefixes, agent runs with/without FTP, rejection
+sampling, filtering, SFT datasets). 02 SFT: ``sft_stage``. 03 evaluation: ``evaluate_method`` and
+``results_table``. 04 ablations reuse the same calls with other settings. Every stage writes its
+outputs under ``runs/<profile>/`` and resumes from them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from agentlib.agent import AgentConfig, make_prefixes, run_agent, run_cot
+from agentlib.data import Example, load_benchmark, load_extra
+from agentlib.metrics import bootstrap_ci, f1
+from agentlib.profiles import Profile
+from agentlib.trajectory import filter_trajectories, read_records, summarize
+
+# Table 2 of the paper, Qwen2.5-0.5B-Instruct student, averages over the 8 benchmarks (accuracy, %).
+PAPER_05B = {"cot_distill": 13.64, "cot_distill_rag": 15.90, "agent_distill": 19.24, "agent_distill_ftp_sag": 21.90}
+
+METHODS = (
+    "untuned_cot", "untuned_agent", "cot_distill", "cot_distill_rag",
+    "agent_distill", "agent_distill_ftp", "agent_distill_sag", "agent_distill_ftp_sag",
+)  # fmt: skip
+
+
+# ------------------------------------------------------------------ questions
+def _load(loader: str, name: str, count: int, answerable_only: bool) -> list[Example]:
+    if loader == "extra":
+        return load_extra(name, limit=count)
+    return load_benchmark(name, loader, limit=count, answerable_only=answerable_only and loader == "test")
+
+
+def training_sets(p: Profile) -> dict[str, list[Example]]:
+    """{"factual": [...], "math": [...]}: the profile's training questions (never in a test set)."""
+    out = {}
+    for domain, specs in (("factual", p.train_factual), ("math", p.train_math)):
+        out[domain] = [ex for spec in specs for ex in _load(*spec, answerable_only=False)]
+    return out
+
+
+def eval_sets(p: Profile) -> dict[str, list[Example]]:
+    """Benchmark label -> questions. Labels: the benchmark name, or the extra's name (``musique_train100``)."""
+    return {name: _load(loader, name, count, p.answerable_only) for loader, name, count in p.eval_sets}
+
+
+def closed_book(benchmark: str, p: Profile) -> bool:
+    """True where the retrieval corpus does not hold the evidence (results are closed-book)."""
+    if p.retriever != "wiki_mini":
+        return False
+    answerable = {"musique_train100", "hotpotqa_dev300", "hotpotqa_train100"}
+    return benchmark not in answerable and not (benchmark == "hotpotqa" and p.answerable_only)
+
+
+# ------------------------------------------------------------------ components
+def open_retriever(p: Profile, k: int | None = None):
+    """The profile's BM25 retriever: the offline mini-corpus, or a Pyserini prebuilt index (online)."""
+    from agentlib.retrieval import BM25Retriever
+
+    if p.retriever == "wiki_mini":
+        return BM25Retriever.default()
+    return BM25Retriever.prebuilt(p.retriever)
+
+
+@contextmanager
+def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw: Any) -> Iterator[Any]:
+    """A chat model for the duration of a ``with`` block (a llama.cpp server is stopped afterwards)."""
+    from agentlib.models import load_model
+
+    if backend == "vllm":  # a running vLLM pool (see `agentlib.serve`); endpoints from AGENTLIB_ENDPOINTS
+        backend = "openai"
+    if adapter is not None:
+        kw["adapter"] = adapter
+    model = load_model(name, backend=backend, **kw)
+    try:
+        yield model
+    finally:
+        close = getattr(model, "close", None)
+        if close:
+            close()
+
+
+def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
+    base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
+                max_tokens=p.teacher_max_tokens, search_k=p.top_k, method="teacher")  # fmt: skip
+    return AgentConfig.teacher(**{**base, **kw})
+
+
+def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
+    base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k)
+    if sag:
+        base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)
+        return AgentConfig.sag(**{**base, **kw})
+    return AgentConfig.student(**{**base, **kw})
+
+
+# ------------------------------------------------------------------ 01: teacher
+def _copies(examples: Sequence[Example], tag: str) -> list[Example]:
+    """Copies with ids ``<id>#<tag>``, so several samples of one question live in one JSONL file."""
+    return [replace(ex, id=f"{ex.id}#{tag}") for ex in examples]
+
+
+def base_id(record_id: str) -> str:
+    return record_id.split("#", 1)[0]
+
+
+def teacher_stage(p: Profile, model: Any, retriever: Any, out_dir: Path, progress: bool = True) -> dict[str, list]:
+    """Run the teacher on the training questions; return all trajectory records by run name.
+
+    - ``cot``: chain-of-thought answers (CoT-distillation data);
+    - ``agent``: CodeAct agent without FTP, sample 0 greedy (the paper) plus ``teacher_samples - 1``
+      samples at the profile's temperature (rejection sampling: a documented departure);
+    - ``agent_ftp``: the same with the first-thought prefix from the teacher's own CoT.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sets = training_sets(p)
+    questions = sets["factual"] + sets["math"]
+    runs: dict[str, list] = {}
+    runs["cot"] = run_cot(model, questions, max_tokens=p.teacher_max_tokens, out_path=out_dir / "cot.jsonl",
+                          progress=progress)  # fmt: skip
+    prefix_path = out_dir / "prefixes.json"
+    if prefix_path.exists():
+        prefixes = json.loads(prefix_path.read_text())
+    else:
+        prefixes = make_prefixes(model, questions, max_tokens=p.teacher_max_tokens)
+        prefix_path.write_text(json.dumps(prefixes, indent=1))
+    for name, use_ftp in (("agent", False), ("agent_ftp", True)):
+        records = []
+        for j in range(p.teacher_samples):
+            cfg = teacher_config(p, method=f"teacher_{name}")
+            if j == 0:
+                cfg = replace(cfg, temperature=0.0)
+            copies = _copies(questions, f"s{j}")
+            pre = {f"{qid}#s{j}": text for qid, text in prefixes.items()} if use_ftp else None
+            records += run_agent(model, copies, cfg, out_path=out_dir / f"{name}.jsonl", retriever=retriever,
+                                 prefixes=pre, progress=progress)  # fmt: skip
+        runs[name] = records
+    return runs
+
+
+def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool = False) -> dict[str, list]:
+    """Filter the teacher's runs into training sets and write ``sft_<name>.jsonl``.
+
+    ``unfiltered_if_empty`` (the smoke profile): a run with no surviving trajectory trains on all of its
+    trajectories, so the pipeline's code path is exercised even when a tiny teacher solves nothing.
+    """
+    data = {name: filter_trajectories(records) for name, records in runs.items()}
+    for name, records in data.items():
+        if not records and unfiltered_if_empty:
+            print(f"{name}: no trajectory survived filtering; training on all {len(runs[name])} (smoke profile)")
+            data[name] = list(runs[name])
+    for name, records in data.items():
+        with (out_dir / f"sft_{name}.jsonl").open("w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+    return data
+
+
+def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
+    """One row per teacher run: accuracy (sample 0 = the paper's greedy run), yield of any sample, kept."""
+    rows = []
+    for name, records in runs.items():
+        greedy = [r for r in records if r["id"].endswith("#s0")] or records
+        questions = {base_id(r["id"]) for r in records}
+        solved = {base_id(r["id"]) for r in kept[name]}
+        s = summarize(greedy)
+        rows.append({
+            "run": name, "questions": len(questions), "trajectories": len(records),
+            "accuracy_greedy": 100 * s.get("accuracy", 0.0), "kept": len(kept[name]),
+            "questions_with_kept": len(solved), "yield_pct": 100 * len(solved) / max(1, len(questions)),
+            "parse_error_rate": 100 * s.get("parse_error_rate", 0.0),
+            "step_limit_rate": 100 * s.get("step_limit_rate", 0.0),
+            "mean_steps": s.get("mean_steps", 0.0), "mean_search_calls": s.get("mean_search_calls", 0.0),
+            "tokens_per_s": s.get("tokens_per_s"),
+        })  # fmt: skip
+    return rows
+
+
+# ------------------------------------------------------------------ 02: SFT
+def sft_config(p: Profile, kind: str):
+    """The profile's LoRA settings as an `SFTConfig` for ``kind`` in {"cot", "agent"}."""
+    from agentlib.sft import SFTConfig
+
+    # CoT chats keep their own system prompt; agent chats get the student's short prompt
+    return SFTConfig.from_profile(p, kind, system_prompt=None if kind == "cot" else _student_system_prompt())
+
+
+def _student_system_prompt() -> str:
+    from agentlib.agent import system_prompt
+
+    return system_prompt(["search"], short=True)
+
+
+def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """Train the three students (CoT-, agent-, agent+FTP-distilled); adapters under ``out_dir/<name>``."""
+    from agentlib.sft import train
+
+    results = {}
+    for name in ("cot", "agent", "agent_ftp"):
+        records = datasets[name]
+        if not records:
+            raise RuntimeError(f"no {name} training trajectories survived filtering: nothing to train on")
+        kind = "cot" if name == "cot" else "agent"
+        results[name] = train(sft_config(p, kind), records, p.student, out_dir / name, progress=progress)
+    return results
+
+
+def adapter_dirs(out_dir: Path) -> dict[str, Path]:
+    return {name: out_dir / name for name in ("cot", "agent", "agent_ftp")}
+
+
+# ------------------------------------------------------------------ 03: evaluation
+def method_plan(method: str) -> dict[str, Any]:
+    """Which adapter, prompting and options a method key means."""
+    plans = {
+        "untuned_cot": dict(adapter=None, kind="cot", rag=False),
+        "untuned_agent": dict(adapter=None, kind="agent", sag=False, ftp=False),
+        "cot_distill": dict(adapter="cot", kind="cot", rag=False),
+        "cot_distill_rag": dict(adapter="cot", kind="cot", rag=True),
+        "agent_distill": dict(adapter="agent", kind="agent", sag=False),
+        "agent_distill_ftp": dict(adapter="agent_ftp", kind="agent", sag=False),
+        "agent_distill_sag": dict(adapter="agent", kind="agent", sag=True),
+        "agent_distill_ftp_sag": dict(adapter="agent_ftp", kind="agent", sag=True),
+    }
+    if method not in plans:
+        raise KeyError(f"unknown method {method!r}; choose from {list(plans)}")
+    return plans[method]
+
+
+def evaluate_method(
+    p: Profile, method: str, model: Any, retriever: Any, sets: dict[str, list[Example]], out_dir: Path,
+    progress: bool = True, **config_overrides: Any,
+) -> list[dict]:  # fmt: skip
+    """Run one method on every benchmark; records are tagged with ``benchmark`` and ``method``."""
+    plan = method_plan(method)
+    records = []
+    for bench, examples in sets.items():
+        examples = [replace(ex, source=bench) for ex in examples]  # records carry the benchmark label
+        path = out_dir / f"{method}__{bench}.jsonl"
+        if plan["kind"] == "cot":
+            recs = run_cot(model, examples, max_tokens=p.student_max_tokens * 2, out_path=path, progress=progress,
+                           rag_retriever=retriever if plan["rag"] else None, k=p.top_k)  # fmt: skip
+        else:
+            cfg = student_config(p, sag=plan["sag"], method=method, **config_overrides)
+            recs = run_agent(model, examples, cfg, out_path=path, retriever=retriever, progress=progress)
+        records += [{**r, "benchmark": bench, "method": method} for r in recs]
+    return records
+
+
+def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Example]]) -> Any:
+    """Long table: method, benchmark, score, ci_low, ci_high, n (+ f1 for factual, closed_book), in percent.
+
+    Adds ``factual_avg``, ``math_avg`` and ``overall_avg`` rows: the mean over the benchmarks' per-question
+    scores pooled with equal weight per benchmark (the interval bootstraps questions within benchmarks).
+    """
+    import pandas as pd
+
+    domain = {b: (exs[0].domain if exs else "factual") for b, exs in sets.items()}
+    by = {}
+    for r in records:
+        by.setdefault((r["method"], r["benchmark"]), []).append(r)
+    rows = []
+    for (method, bench), recs in sorted(by.items()):
+        scores = [float(r["score"]) for r in recs]
+        mean, lo, hi = bootstrap_ci(scores)
+        row = {"method": method, "benchmark": bench, "score": 100 * mean, "ci_low": 100 * lo, "ci_high": 100 * hi,
+               "n": len(scores), "domain": domain.get(bench, ""), "closed_book": closed_book(bench, p)}  # fmt: skip
+        if domain.get(bench) == "factual":
+            row["f1"] = 100 * sum(f1(r.get("prediction"), [r["gold"]]) for r in recs) / len(recs)
+        rows.append(row)
+    for method in sorted({m for m, _ in by}):
+        for avg, keep in (("factual_avg", {"factual"}), ("math_avg", {"math"}), ("overall_avg", {"factual", "math"})):
+            groups = [[float(r["score"]) for r in by[(method, b)]] for b in sets if (method, b) in by and domain[b] in keep]
+            if not groups:
+                continue
+            mean, lo, hi = _stratified_ci(groups)
+            rows.append({"method": method, "benchmark": avg, "score": 100 * mean, "ci_low": 100 * lo,
+                         "ci_high": 100 * hi, "n": sum(map(len, groups)), "domain": "", "closed_book": False})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _stratified_ci(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-benchmark means, with a bootstrap that resamples questions within each benchmark."""
+    import random
+
+    rng = random.Random(seed)
+    point = sum(sum(g) / len(g) for g in groups) / len(groups)
+    stats = sorted(
+        sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups) for _ in range(n_boot)
+    )
+    return point, stats[int(0.025 * n_boot)], stats[int(0.975 * n_boot) - 1]
+
+
+def wide_table(df: Any) -> Any:
+    """Method × benchmark view with "score [low, high]" cells (the paper's Table 2 layout)."""
+    cells = df.assign(cell=[f"{s:.1f} [{lo:.1f}, {hi:.1f}]" for s, lo, hi in zip(df.score, df.ci_low, df.ci_high, strict=True)])
+    wide = cells.pivot(index="method", columns="benchmark", values="cell")
+    order = [m for m in METHODS if m in wide.index]
+    return wide.loc[order]
+
+
+def run_summaries(records: Sequence[dict]) -> Any:
+    """Per method: parse-error rate, step-limit rate, mean steps and search calls (agent methods)."""
+    import pandas as pd
+
+    by: dict[str, list] = {}
+    for r in records:
+        by.setdefault(r["method"], []).append(r)
+    rows = [{"method": m, **summarize(recs)} for m, recs in by.items()]
+    return pd.DataFrame(rows)
+
+
+def load_records(out_dir: Path, pattern: str = "*.jsonl") -> list[dict]:
+    return [r for path in sorted(out_dir.glob(pattern)) for r in read_records(path)]
+
+
+def trajectory_shape(record: dict, run: str) -> dict:
+    """Steps, search calls and lines of code of one trajectory (for the FTP ablation)."""
+    from agentlib.trajectory import search_calls
+
+    steps = record.get("steps", [])
+    lines = sum(len([ln for ln in (s.get("code") or "").splitlines() if ln.strip()]) for s in steps)
+    return {"run": run, "id": record["id"], "steps": len(steps), "search_calls": search_calls(record),
+            "code_lines": lines, "correct": float(record.get("score", 0.0))}  # fmt: skip
+
+
+# ------------------------------------------------------------------ publishing the teacher's trajectories
+def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None) -> Path:
+    """Write ``data/teacher_trajectories_<profile>.jsonl.gz`` (+ ``.manifest.json``) from a teacher run.
+
+    The manifest names the teacher model and its GGUF sha256, the prompts' hashes, the date and the code
+    version, so a lab can start from these trajectories (``TEACHER=published``) instead of regenerating.
+    """
+    import datetime
+    import gzip
+    import hashlib
+    import importlib.resources
+    import subprocess
+
+    from agentlib import registry
+    from agentlib.paths import ROOT
+
+    dest = dest or ROOT / "data" / f"teacher_trajectories_{p.name}.jsonl.gz"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(dest, "wt", encoding="utf-8") as f:
+        for name, records in runs.items():
+            for r in records:
+                f.write(json.dumps({**r, "run": name}, ensure_ascii=False) + "\n")
+    prompts = {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        for path in importlib.resources.files("agentlib.prompts").iterdir()
+        if path.name.endswith(".yaml")
+    }
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    spec = registry.MODELS.get(p.teacher)
+    manifest = {
+        "profile": p.name, "teacher": p.teacher, "teacher_gguf_sha256": getattr(spec, "sha256", None),
+        "teacher_samples": p.teacher_samples, "temperature": p.teacher_temperature, "top_p": p.teacher_top_p,
+        "max_steps": p.max_steps, "top_k": p.top_k, "prompts_sha256": prompts,
+        "counts": {name: len(records) for name, records in runs.items()},
+        "date": datetime.date.today().isoformat(), "code_version": commit,
+        "file_sha256": hashlib.sha256(dest.read_bytes()).hexdigest(),
+    }  # fmt: skip
+    dest.with_name(dest.name.replace(".jsonl.gz", ".manifest.json")).write_text(json.dumps(manifest, indent=2))
+    return dest
