@@ -30,7 +30,7 @@ def main() -> int:
     lines = [f"# Benchmarks\n\nMachine: {machine()}\n",
              "| bench | metric | value | unit | reference | ref value | ratio | bar | pass |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for path in sorted(OUT_DIR.glob("bench_*.json")):
+    for path in sorted(OUT_DIR.glob("*.json")):
         payload = json.loads(path.read_text())
         for r in payload["rows"]:
             fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
