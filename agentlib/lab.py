@@ -371,7 +371,7 @@ def _library_file(filename: str) -> bool:
 def _student_lines(tb: Any) -> str:
     """The traceback lines of the student's own code (never agentlib's, the stdlib's or a package's)."""
     frames = [f for f in traceback.extract_tb(tb) if not _library_file(f.filename)]
-    return "\n".join(f"   at line {f.lineno} of {f.name}: {(f.line or '').strip()}" for f in frames[-3:])
+    return "\n".join(f"   at line {f.lineno} of {f.name}" + (f": {f.line.strip()}" if f.line else "") for f in frames[-3:])
 
 
 def _short(x: Any, n: int = 200) -> str:
@@ -471,8 +471,8 @@ _END = """## Put it together on the teacher's trajectories
 
 The teacher trajectories published with this suite are filtered with *your* `keep`, every assistant turn
 in them is parsed with *your* `parse_step` and compared with the library's parser, and one kept trajectory
-is shown the way the student's loss sees it with *your* mask (green: trained). While a function is still a
-stub, the reference stands in for it."""
+(the first one if none is kept) is shown the way the student's loss sees it with *your* mask (green:
+trained). While a function is still a stub, the reference stands in for it."""
 
 
 def _paragraphs(text: str) -> list[str]:

@@ -93,7 +93,8 @@ class HFModel(ChatModel):
     """A transformers causal LM in this process.
 
     ``name_or_path``: a registry name (``smollm2-135m``), a local model folder, a ``.gguf`` file or a hub id.
-    ``max_batch``: most sequences (conversations × n) per ``generate`` call.
+    ``max_batch``: most conversations per ``generate`` call; each brings its ``n`` samples, which share
+    one prefill of the prompt (and all conversations share one prefill of their common prefix).
     """
 
     def __init__(self, name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None,
@@ -143,49 +144,87 @@ class HFModel(ChatModel):
     def chat_batch(self, conversations: Sequence[Messages], n: int = 1, temperature: float = 0.0,
                    top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
                    prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
-        """Generate for all conversations, ``max_batch`` sequences per call, shortest prompts together."""
+        """Generate for all conversations, ``max_batch`` conversations per call, shortest prompts together."""
         prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
         prompts = [self.render(m, p) for m, p in zip(conversations, prefixes, strict=True)]
         greedy = temperature <= 0.0
         k = 1 if greedy else n  # greedy samples are identical: generate once, copy
-        lengths = [len(self.tokenizer(p, add_special_tokens=False).input_ids) for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-        per_call = max(1, self.max_batch // k)
+        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
         out: list[list[str]] = [[] for _ in prompts]
-        for s in range(0, len(order), per_call):
-            idx = order[s:s + per_call]
-            texts = self._generate([prompts[i] for i in idx], k, temperature, top_p, max_tokens, stop)
+        for s in range(0, len(order), self.max_batch):
+            idx = order[s:s + self.max_batch]
+            texts = self._generate([ids[i] for i in idx], k, temperature, top_p, max_tokens, stop)
             for j, i in enumerate(idx):
                 samples = texts[j * k:(j + 1) * k]
                 out[i] = samples * n if greedy else samples
         return out
 
-    def _generate(self, prompts: list[str], k: int, temperature: float, top_p: float, max_tokens: int,
+    def _prefill(self, ids: list[list[int]], k: int) -> tuple[Any, Any, Any]:
+        """Encode every prompt but its last token once; return (input_ids, attention_mask, cache) for ``k``
+        samples each.
+
+        The prefix common to all prompts (the system prompt) is computed once, then copied per prompt; the
+        rest of each prompt is computed once, then the cache is copied ``k`` times. Row layout: common
+        prefix | left-padded own part | last token (the mask hides the padding, positions skip it), so
+        ``generate`` only computes the last token and the new ones.
+        """
+        import torch
+        from transformers import DynamicCache
+
+        lp = 0
+        shortest = min(len(x) for x in ids)
+        while lp < shortest - 1 and all(x[lp] == ids[0][lp] for x in ids):
+            lp += 1
+        body = [x[lp:-1] for x in ids]
+        width = max(len(b) for b in body)
+        pad = self.tokenizer.pad_token_id
+        rows = [ids[0][:lp] + [pad] * (width - len(b)) + b + x[-1:] for b, x in zip(body, ids, strict=True)]
+        mask = [[1] * lp + [0] * (width - len(b)) + [1] * (len(b) + 1) for b in body]
+        input_ids = torch.tensor(rows, device=self.device)
+        attention_mask = torch.tensor(mask, device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        if lp:
+            self.model(input_ids=input_ids[:1, :lp], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            if len(ids) > 1:
+                cache.batch_repeat_interleave(len(ids))
+        if width:
+            end = lp + width
+            pos = (attention_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, lp:]
+            self.model(input_ids=input_ids[:, lp:end], attention_mask=attention_mask[:, :end], position_ids=pos,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if k > 1:
+            cache.batch_repeat_interleave(k)
+            input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
+        return input_ids, attention_mask, cache
+
+    def _generate(self, ids: list[list[int]], k: int, temperature: float, top_p: float, max_tokens: int,
                   stop: Sequence[str] | None) -> list[str]:
+        """``k`` completions per prompt (token ids), flat: prompt 0's samples first."""
         import torch
 
         t0 = time.perf_counter()
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         # top_k=0: nucleus sampling only, as in the OpenAI API (transformers would add top_k=50)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
         extra = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
         with torch.inference_mode():
-            gen = self.model.generate(**enc, max_new_tokens=max_tokens, num_return_sequences=k,
-                                      eos_token_id=self.eos_ids, pad_token_id=self.tokenizer.pad_token_id,
-                                      **sampling, **extra)
-        new = gen[:, enc.input_ids.shape[1]:]
+            input_ids, attention_mask, cache = self._prefill(ids, k)
+            gen = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
+                                      max_new_tokens=max_tokens, eos_token_id=self.eos_ids,
+                                      pad_token_id=self.tokenizer.pad_token_id, **sampling, **extra)
+        new = gen[:, input_ids.shape[1]:]
         ends = {*self.eos_ids, self.tokenizer.pad_token_id}
         texts = []
         for row in new.tolist():
-            ids = []
+            out = []
             for t in row:
                 if t in ends:
                     break
-                ids.append(t)
-            self.usage.completion_tokens += len(ids) + (len(ids) < len(row))
-            texts.append(cut_at_stop(self.tokenizer.decode(ids, skip_special_tokens=True), stop))
-        self.usage.prompt_tokens += int(enc.attention_mask.sum())
+                out.append(t)
+            self.usage.completion_tokens += len(out) + (len(out) < len(row))
+            texts.append(cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), stop))
+        self.usage.prompt_tokens += sum(len(x) for x in ids)
         self.usage.seconds += time.perf_counter() - t0
         self.usage.calls += 1
         return texts

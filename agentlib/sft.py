@@ -349,6 +349,12 @@ def load_for_training(model_path: str | Path, config: SFTConfig, device: str) ->
                                                          quantization_config=bnb, device_map={"": device})
             # No forward pass before get_peft_model: with a 4-bit base it breaks backward later (FINDINGS.md).
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+            # It upcasts every non-4-bit weight (embeddings, norms) to fp32, making all activations fp32: twice
+            # the memory, and sdpa's math kernel (a seq x seq matrix per head; OOM at 9.5k tokens on an 80 GB
+            # H100, docs/gpu.md). Back to bf16 on GPUs, as in bf16 LoRA; the LoRA weights (added later) stay fp32.
+            for p in model.parameters():
+                if p.dtype == torch.float32 and str(device).startswith("cuda"):
+                    p.data = p.data.to(torch.bfloat16)
         except (ImportError, RuntimeError, ValueError) as err:
             warnings.warn(f"4-bit loading failed ({err}); falling back to bf16 LoRA", stacklevel=2)
             model = None

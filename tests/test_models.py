@@ -153,6 +153,35 @@ def test_hf_stop_prefix_samples_usage(smol):
     assert u.calls >= 5 and u.prompt_tokens > 5 * 20 and u.completion_tokens > 20 and u.seconds > 0
 
 
+@pytest.mark.slow
+def test_hf_shared_prefill_matches_plain_generate(smol):
+    """The shared prefill (common prefix once, each prompt once, cache copied per sample) gives what plain
+    ``generate`` on the left-padded prompts gives: same greedy tokens (fp32), right count of samples."""
+    import torch
+
+    system = {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."}
+    convs = [[system, *c] for c in CONVS[:3]]
+    ids = [smol.tokenizer(smol.render(c), add_special_tokens=False).input_ids for c in convs]
+    input_ids, mask, cache = smol._prefill(ids, k=1)
+    assert cache.get_seq_length() == input_ids.shape[1] - 1  # only the last token is left for generate
+    assert mask.sum(1).tolist() == [len(x) for x in ids]
+    enc = smol.tokenizer([smol.render(c) for c in convs], return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        plain = smol.model.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=smol.eos_ids,
+                                    pad_token_id=smol.tokenizer.pad_token_id)[:, enc.input_ids.shape[1]:]
+    texts = [smol.tokenizer.decode([t for t in row if t not in smol.eos_ids], skip_special_tokens=True)
+             for row in plain.tolist()]
+    assert [x[0] for x in smol.chat_batch(convs, max_tokens=16)] == texts
+    assert smol._generate(ids, 3, 0.0, 1.0, 16, None) == [t for t in texts for _ in range(3)]  # k copies of the cache
+    smol.max_batch = 2  # split into calls by conversations: 2 + 1
+    try:
+        sampled = smol.chat_batch(convs, n=5, temperature=1.0, top_p=0.95, max_tokens=10)
+    finally:
+        smol.max_batch = 16
+    assert [len(x) for x in sampled] == [5, 5, 5] and all(isinstance(t, str) for x in sampled for t in x)
+    assert all(len(set(x)) > 1 for x in sampled)
+
+
 # ------------------------------------------------------------------------------------------ fake servers
 
 

@@ -8,7 +8,7 @@ import pytest
 from agentlib import reproduce
 from agentlib.paths import ROOT, runs_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 @pytest.fixture(scope="module")
