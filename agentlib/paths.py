@@ -47,3 +47,10 @@ def runs_dir(*parts: str) -> Path:
     path = ROOT.joinpath("runs", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def figures_dir() -> Path:
+    """``figures/`` (committed plots and result tables; smoke-profile outputs are git-ignored)."""
+    path = ROOT / "figures"
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -128,7 +128,8 @@ def teacher_stage(p: Profile, model: Any, retriever: Any, out_dir: Path, progres
     if prefix_path.exists():
         prefixes = json.loads(prefix_path.read_text())
     else:
-        prefixes = make_prefixes(model, questions, max_tokens=p.teacher_max_tokens)
+        # only the first paragraph is kept, so a short generation suffices
+        prefixes = make_prefixes(model, questions, max_tokens=min(p.teacher_max_tokens, 160))
         prefix_path.write_text(json.dumps(prefixes, indent=1))
     for name, use_ftp in (("agent", False), ("agent_ftp", True)):
         records = []

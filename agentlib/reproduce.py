@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from agentlib.paths import ROOT, runs_dir
+from agentlib.paths import ROOT, figures_dir, runs_dir
 
 
 def notebooks(pattern: str = "0*.ipynb") -> list[Path]:
@@ -64,8 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "notebooks": records,
     }
     (out_dir / "timing.json").write_text(json.dumps(summary, indent=2))
-    fig_dir = ROOT / "figures"
-    fig_dir.mkdir(exist_ok=True)
+    fig_dir = figures_dir()
     with (fig_dir / f"timing_{args.profile}.csv").open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["notebook", "wall_s", "peak_rss_mb"])
         w.writeheader()
