@@ -605,7 +605,7 @@ def load_model(name_or_path: str | os.PathLike, backend: str = "hf", **kwargs: A
     - ``backend="openai"``: ``OpenAIModel(model=name_or_path, **kwargs)`` (``endpoints=`` or AGENTLIB_ENDPOINTS).
     - ``backend="llamacpp"``: starts a local llama.cpp server over the model's GGUF (registry name or file)
       and returns an ``OpenAIModel`` on it; ``close()`` stops the server. Server options: ``n_parallel``,
-      ``n_ctx``, ``threads``.
+      ``n_ctx``, ``threads``; ``adapter=`` a peft LoRA folder, converted to a GGUF LoRA the server applies.
     """
     if backend == "hf":
         return HFModel(name_or_path, **kwargs)
@@ -615,6 +615,13 @@ def load_model(name_or_path: str | os.PathLike, backend: str = "hf", **kwargs: A
         from agentlib.serve import start_llamacpp
 
         server_kw = {k: kwargs.pop(k) for k in ("n_parallel", "n_ctx", "threads", "seed") if k in kwargs}
+        adapter = kwargs.pop("adapter", None)
+        if adapter is not None:
+            from agentlib.gguf_lora import lora_to_gguf
+            from agentlib.registry import gguf_path
+
+            base = Path(name_or_path) if Path(name_or_path).exists() else gguf_path(str(name_or_path))
+            server_kw["lora"] = lora_to_gguf(adapter, base)
         server = start_llamacpp(name_or_path, **server_kw)
         model = OpenAIModel(endpoints=[server.base_url], model=str(name_or_path), **kwargs)
         model._on_close.append(server.stop)

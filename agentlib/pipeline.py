@@ -75,6 +75,9 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
 
     if backend == "vllm":  # a running vLLM pool (see `agentlib.serve`); endpoints from AGENTLIB_ENDPOINTS
         backend = "openai"
+    if backend == "llamacpp":  # 8 slots decode as one batch; each slot's prompt + steps fit in 2k tokens
+        kw.setdefault("n_parallel", 8)
+        kw.setdefault("n_ctx", 16384)
     if adapter is not None:
         kw["adapter"] = adapter
     model = load_model(name, backend=backend, **kw)
@@ -349,10 +352,9 @@ def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None)
 
     dest = dest or ROOT / "data" / f"teacher_trajectories_{p.name}.jsonl.gz"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(dest, "wt", encoding="utf-8") as f:
-        for name, records in runs.items():
-            for r in records:
-                f.write(json.dumps({**r, "run": name}, ensure_ascii=False) + "\n")
+    lines = [json.dumps({**r, "run": name}, ensure_ascii=False) for name, records in runs.items() for r in records]
+    with gzip.GzipFile(dest, "wb", mtime=0) as f:  # mtime=0: the same trajectories give the same bytes
+        f.write(("\n".join(lines) + "\n").encode())
     prompts = {
         path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         for path in importlib.resources.files("agentlib.prompts").iterdir()

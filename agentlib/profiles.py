@@ -83,7 +83,7 @@ PROFILES: dict[str, Profile] = {
         teacher_top_p=1.0,
         teacher_samples=1,
         student="smollm2-135m",
-        student_backend="hf",
+        student_backend="llamacpp",
         student_max_tokens=48,
         max_steps=1,
         sag_n=2,
@@ -114,7 +114,7 @@ PROFILES: dict[str, Profile] = {
         teacher_top_p=0.8,
         teacher_samples=2,
         student="qwen2.5-coder-0.5b",
-        student_backend="hf",
+        student_backend="llamacpp",
         student_max_tokens=256,
         max_steps=5,
         sag_n=8,
@@ -123,16 +123,18 @@ PROFILES: dict[str, Profile] = {
         retriever="wiki_mini",
         top_k=3,
         passage_chars=600,
-        # training questions whose evidence is in the mini-corpus; none is in a test set
-        train_factual=(("extra", "hotpotqa_dev300", 60), ("extra", "hotpotqa_train100", 40)),
-        train_math=(("train", "math_medium", 40), ("train", "math", 20)),
-        eval_sets=(("test", "hotpotqa", 40), ("extra", "musique_train100", 20), ("test", "math500", 30),
-                   ("test", "gsm_hard", 20), ("test", "aime", 10), ("test", "olymath", 10)),  # fmt: skip
+        # Sized to <= 90 min on 2 AVX2 cores (no native bf16: fp32 LoRA at ~31 tokens/s). Training questions
+        # have their evidence in the mini-corpus and are in no test set; eval subsets are each set's first rows.
+        train_factual=(("extra", "hotpotqa_dev300", 12), ("extra", "hotpotqa_train100", 8)),
+        train_math=(("train", "math_medium", 8), ("train", "math", 4)),
+        eval_sets=(("test", "hotpotqa", 8), ("extra", "musique_train100", 4), ("test", "math500", 6),
+                   ("test", "gsm_hard", 3), ("test", "aime", 2), ("test", "olymath", 2)),  # fmt: skip
         answerable_only=True,
-        lora=LoRASettings(r=16, alpha=32, epochs=2, grad_accum=4, max_length_agent=2048, max_length_cot=1024,
+        lora=LoRASettings(r=16, alpha=32, epochs=1, grad_accum=2, max_length_agent=1536, max_length_cot=768,
                           load_in_4bit=False),  # fmt: skip
-        sag_sweep=(1, 2, 4, 8),
-        k_sweep=(1, 3, 5),
+        sft_max_steps=6,  # <= 12 trajectories per student: SFT dominates the CPU budget
+        sag_sweep=(1, 4, 8),
+        k_sweep=(1, 3),
     ),
     "paper": Profile(
         name="paper",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import platform
 import resource
 import sys
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="agentlib")
     parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 02")
     args = parser.parse_args(argv)
+    if os.environ.get("AGENTLIB_DATA_DIR"):  # kernels run in notebooks/: a relative path would break there
+        os.environ["AGENTLIB_DATA_DIR"] = str(Path(os.environ["AGENTLIB_DATA_DIR"]).expanduser().resolve())
 
     out_dir = runs_dir(args.profile)
     records = []

@@ -116,21 +116,26 @@ class ServerProcess:
 
 
 def llamacpp_command(model: str | os.PathLike, port: int, host: str = "127.0.0.1", n_ctx: int = 8192,
-                     n_parallel: int = 4, threads: int | None = None, seed: int | None = None) -> list[str]:
-    """The child command that serves ``model`` (a GGUF file) with llama.cpp."""
+                     n_parallel: int = 4, threads: int | None = None, seed: int | None = None,
+                     lora: str | os.PathLike | None = None) -> list[str]:
+    """The child command that serves ``model`` (a GGUF file, plus a GGUF LoRA ``lora``) with llama.cpp."""
     cmd = [sys.executable, "-m", "agentlib.serve", "llamacpp", "--model", str(model), "--host", host,
            "--port", str(port), "--n-ctx", str(n_ctx), "--n-parallel", str(n_parallel)]
     if threads:
         cmd += ["--threads", str(threads)]
     if seed is not None:
         cmd += ["--seed", str(seed)]
+    if lora is not None:
+        cmd += ["--lora", str(lora)]
     return cmd
 
 
 def start_llamacpp(model: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
                    n_ctx: int = 8192, n_parallel: int = 4, threads: int | None = None, seed: int | None = None,
-                   ready_timeout_s: float = 300.0) -> ServerProcess:
+                   lora: str | os.PathLike | None = None, ready_timeout_s: float = 300.0) -> ServerProcess:
     """A ready llama.cpp server for a GGUF file or a registry name (``qwen2.5-coder-1.5b``).
+
+    ``lora``: a GGUF LoRA file (see `agentlib.gguf_lora`) applied at scale 1 to every request.
 
     ``n_ctx`` is shared by the ``n_parallel`` slots (each gets ``n_ctx / n_parallel`` tokens).
     """
@@ -140,12 +145,12 @@ def start_llamacpp(model: str | os.PathLike, port: int | None = None, host: str 
 
         path = gguf_path(str(model))
     port = port or free_port(host)
-    cmd = llamacpp_command(path, port, host, n_ctx, n_parallel, threads, seed)
+    cmd = llamacpp_command(path, port, host, n_ctx, n_parallel, threads, seed, lora)
     return ServerProcess(cmd, port, host, name=f"llamacpp-{path.stem}").wait_ready(ready_timeout_s)
 
 
 def run_llamacpp(model: str, host: str, port: int, n_ctx: int, n_parallel: int, threads: int | None,
-                 seed: int | None) -> None:
+                 seed: int | None, lora: str | None = None) -> None:
     """Serve in this process until SIGTERM/SIGINT (the body of the child process)."""
     import threading
 
@@ -163,6 +168,8 @@ def run_llamacpp(model: str, host: str, port: int, n_ctx: int, n_parallel: int, 
     p.cpuparams_batch.n_threads = n
     if seed is not None:
         p.sampling.seed = seed
+    if lora:
+        p.lora_adapters = [xlc.CommonAdapterLoraInfo(lora, 1.0)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--n-parallel", type=int, default=4)
     a.add_argument("--threads", type=int, default=None)
     a.add_argument("--seed", type=int, default=None)
+    a.add_argument("--lora", default=None, help="a GGUF LoRA adapter applied to every request")
     args = ap.parse_args(argv)
     model = args.model
     if not Path(model).exists():
@@ -226,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
 
         model = str(gguf_path(model))
     run_llamacpp(model, args.host, args.port or free_port(args.host), args.n_ctx, args.n_parallel, args.threads,
-                 args.seed)
+                 args.seed, args.lora)
 
 
 if __name__ == "__main__":

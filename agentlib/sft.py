@@ -337,15 +337,19 @@ def load_for_training(model_path: str | Path, config: SFTConfig, device: str) ->
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from agentlib.models import _default_dtype
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # bf16 on GPUs and CPUs with native bf16; fp32 elsewhere (bf16 matmuls were 30x slower on an AVX2-only CPU)
+    dtype = torch.bfloat16 if str(device).startswith("cuda") else _default_dtype()
     model = None
     if config.load_in_4bit:
         try:
             from transformers import BitsAndBytesConfig
 
             bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16,
+                                     bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
                                                          quantization_config=bnb, device_map={"": device})
             # No forward pass before get_peft_model: with a 4-bit base it breaks backward later (FINDINGS.md).
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
@@ -356,10 +360,10 @@ def load_for_training(model_path: str | Path, config: SFTConfig, device: str) ->
                 if p.dtype == torch.float32 and str(device).startswith("cuda"):
                     p.data = p.data.to(torch.bfloat16)
         except (ImportError, RuntimeError, ValueError) as err:
-            warnings.warn(f"4-bit loading failed ({err}); falling back to bf16 LoRA", stacklevel=2)
+            warnings.warn(f"4-bit loading failed ({err}); falling back to {dtype} LoRA", stacklevel=2)
             model = None
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         if config.gradient_checkpointing:
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable()
