@@ -37,6 +37,7 @@ lint: $(STAMP)
 # Runs the notebooks in order with papermill into runs/$(PROFILE)/; resumable.
 reproduce: setup
 	$(PY) -m agentlib.reproduce --profile $(PROFILE) --kernel $(KERNEL)
+	$(PY) -m agentlib.report $(PROFILE)  # the README's results block for this profile, if it has one
 
 bench: $(STAMP) data
 	$(MAKE) models PROFILE=smoke

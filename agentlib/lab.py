@@ -613,7 +613,8 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
     if teacher == "published":
         files = [data / f"teacher_trajectories_{profile}.jsonl.gz"] + sorted(data.glob("teacher_trajectories_*.jsonl.gz"))
         for path in dict.fromkeys(files):
-            if path.exists() and (records := _read_jsonl(path)):
+            agent = [r for r in _read_jsonl(path) if r.get("messages") and r.get("run") != "cot"] if path.exists() else []
+            if records := agent:  # the agent runs (± FTP); the file also holds the CoT run
                 print(f"published teacher trajectories: {path.relative_to(ROOT)} ({len(records)} records)")
                 return records
         print(f"no published teacher trajectories yet (data/teacher_trajectories_{profile}.jsonl.gz)", end="; ")

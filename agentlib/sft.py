@@ -290,7 +290,7 @@ class SFTConfig:
             lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, load_in_4bit=lo.load_in_4bit,
             learning_rate=lo.lr, num_epochs=lo.epochs, batch_size=lo.batch_size * lo.grad_accum,
             micro_batch_size=lo.batch_size, max_length=lo.max_length_agent if kind == "agent" else lo.max_length_cot,
-            max_steps=profile.sft_max_steps, seed=profile.seed,
+            max_steps=profile.sft_max_steps, seed=profile.seed, gradient_checkpointing=lo.gradient_checkpointing,
         )  # fmt: skip
         return cls(**{**base, **overrides})
 

@@ -241,6 +241,7 @@ def test_config_from_profile():
     assert cfg.batching == "group"
     assert SFTConfig.from_profile(p).max_length == p.lora.max_length_agent
     assert cfg.hash("m", "d") != SFTConfig.from_profile(p).hash("m", "d")
+    assert not cfg.gradient_checkpointing and SFTConfig.from_profile(PROFILES["paper"]).gradient_checkpointing
 
 
 @pytest.mark.slow

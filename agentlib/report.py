@@ -1,0 +1,101 @@
+"""The README's results section, rendered from what a run wrote to ``figures/`` (never typed by hand).
+
+``python -m agentlib.report cpu`` replaces the block between ``<!-- results:cpu -->`` and
+``<!-- /results:cpu -->`` in README.md with tables built from ``figures/results_cpu.csv``,
+``run_summary_cpu.csv``, ``teacher_cpu.csv`` and ``timing_cpu.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+import sys
+from pathlib import Path
+
+from agentlib.paths import ROOT, figures_dir
+from agentlib.pipeline import METHODS, PAPER_05B
+
+AVERAGES = ("factual_avg", "math_avg", "overall_avg")
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run `make reproduce PROFILE=...` first")
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def _md(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def results_markdown(profile: str = "cpu") -> str:
+    """Markdown tables: accuracy by method and benchmark (with 95% intervals and n), student behaviour,
+    teacher statistics, timing."""
+    fig = figures_dir()
+    res = _rows(fig / f"results_{profile}.csv")
+    cell = {(r["method"], r["benchmark"]): r for r in res}
+    benches = list(dict.fromkeys(r["benchmark"] for r in res if r["benchmark"] not in AVERAGES)) + list(AVERAGES)
+    n = {b: next(r["n"] for r in res if r["benchmark"] == b) for b in benches}
+    methods = [m for m in METHODS if any(k[0] == m for k in cell)]
+
+    def fmt(m: str, b: str) -> str:
+        r = cell.get((m, b))
+        return "" if r is None else f"{float(r['score']):.1f} [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}]"
+
+    table = _md(["method"] + [f"{b} (n={n[b]})" for b in benches] + ["paper 0.5B (avg)"],
+                [[f"`{m}`"] + [fmt(m, b) for b in benches] + [f"{PAPER_05B[m]:.2f}" if m in PAPER_05B else ""]
+                 for m in methods])  # fmt: skip
+    out = [table]
+    summary = fig / f"run_summary_{profile}.csv"
+    if summary.exists():
+        rows = [r for r in _rows(summary) if r["method"] in methods and float(r.get("mean_steps") or 0) > 0]
+        out += ["", "Student behaviour (agent methods, all benchmarks pooled; rates in %):", "",
+                _md(["method", "parse-error rate", "step-limit rate", "mean steps", "mean search calls",
+                     "decode tokens/s"],
+                    [[f"`{r['method']}`", f"{100 * float(r['parse_error_rate']):.0f}",
+                      f"{100 * float(r['step_limit_rate']):.0f}", f"{float(r['mean_steps']):.2f}",
+                      f"{float(r['mean_search_calls']):.2f}",
+                      f"{float(r['tokens_per_s']):.1f}" if r.get("tokens_per_s") else ""]
+                     for r in sorted(rows, key=lambda r: methods.index(r["method"]))])]  # fmt: skip
+    teacher = fig / f"teacher_{profile}.csv"
+    if teacher.exists():
+        out += ["", "Teacher (training questions; accuracy of the greedy sample, yield = questions with ≥ 1 kept "
+                "trajectory over all samples):", "",
+                _md(["run", "questions", "trajectories", "greedy accuracy %", "kept", "yield %",
+                     "parse-error %", "mean steps", "mean search calls", "decode tokens/s"],
+                    [[r["run"], r["questions"], r["trajectories"], f"{float(r['accuracy_greedy']):.1f}", r["kept"],
+                      f"{float(r['yield_pct']):.1f}", f"{float(r['parse_error_rate']):.0f}",
+                      f"{float(r['mean_steps']):.2f}", f"{float(r['mean_search_calls']):.2f}",
+                      f"{float(r['tokens_per_s']):.1f}" if r.get("tokens_per_s") else ""]
+                     for r in _rows(teacher)])]  # fmt: skip
+    timing = fig / f"timing_{profile}.csv"
+    if timing.exists():
+        rows = _rows(timing)
+        total = sum(float(r["wall_s"]) for r in rows)
+        out += ["", f"Wall time (written by the run; {total / 60:.1f} min in all):", "",
+                _md(["notebook", "wall (min)", "peak RSS (MB)"],
+                    [[r["notebook"], f"{float(r['wall_s']) / 60:.1f}", r["peak_rss_mb"]] for r in rows])]
+    return "\n".join(out)
+
+
+def update_readme(profile: str = "cpu", readme: Path | None = None) -> bool:
+    """Replace the README's results block for ``profile``; False when the README has no such block."""
+    readme = readme or ROOT / "README.md"
+    text = readme.read_text()
+    start, end = f"<!-- results:{profile} -->", f"<!-- /results:{profile} -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if not pattern.search(text):
+        return False
+    block = f"{start}\n{results_markdown(profile)}\n{end}"
+    readme.write_text(pattern.sub(lambda _: block, text))
+    return True
+
+
+if __name__ == "__main__":
+    name = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    if update_readme(name):
+        print(f"README.md: results block for {name} updated")
+    else:
+        print(f"README.md has no <!-- results:{name} --> block: nothing to update")
