@@ -91,7 +91,8 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
 
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
-                max_tokens=p.teacher_max_tokens, search_k=p.top_k, method="teacher")  # fmt: skip
+                max_tokens=p.teacher_max_tokens, search_k=p.top_k, method="teacher",
+                short_prompt=p.teacher_short_prompt)  # fmt: skip
     return AgentConfig.teacher(**{**base, **kw})
 
 
