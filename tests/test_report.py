@@ -1,0 +1,54 @@
+"""The README's results block is rendered from a run's CSV files, never typed by hand."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+import agentlib.report as report
+
+
+def _write(path, rows):
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.fixture
+def figs(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "figures_dir", lambda: tmp_path)
+    res = [
+        {"method": m, "benchmark": b, "score": s, "ci_low": s - 10, "ci_high": s + 10, "n": n}
+        for m, base in (("agent_distill", 40.0), ("cot_distill", 20.0))
+        for b, s, n in (("hotpotqa", base, 6), ("math500", base / 2, 4), ("factual_avg", base, 6),
+                        ("math_avg", base / 2, 4), ("overall_avg", 0.75 * base, 10))
+    ]  # fmt: skip
+    _write(tmp_path / "results_cpu.csv", res)
+    _write(tmp_path / "timing_cpu.csv", [{"notebook": "01.ipynb", "wall_s": 600, "peak_rss_mb": 3000},
+                                         {"notebook": "02.ipynb", "wall_s": 300, "peak_rss_mb": 5000}])
+    return tmp_path
+
+
+def test_table_rows_follow_method_order_with_intervals_and_paper(figs):
+    md = report.results_markdown("cpu")
+    lines = md.splitlines()
+    assert lines[0].startswith("| method | hotpotqa (n=6) | math500 (n=4) | factual_avg (n=6)")
+    cot = next(i for i, ln in enumerate(lines) if ln.startswith("| `cot_distill`"))
+    agent = next(i for i, ln in enumerate(lines) if ln.startswith("| `agent_distill`"))
+    assert cot < agent  # pipeline.METHODS order, not the CSV's
+    assert "| 40.0 [30.0, 50.0] |" in lines[agent] and lines[agent].endswith("| 19.24 |")
+    assert "Wall time (written by the run; 15.0 min in all)" in md
+
+
+def test_readme_block_is_replaced_and_missing_files_fail(figs, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:cpu -->\nold\n<!-- /results:cpu -->\nend\n")
+    assert report.update_readme("cpu", readme)
+    text = readme.read_text()
+    assert "old" not in text and "| `agent_distill` |" in text and text.endswith("<!-- /results:cpu -->\nend\n")
+    assert not report.update_readme("smoke", readme)  # no block for that profile: left alone
+    (figs / "results_cpu.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="make reproduce"):
+        report.results_markdown("cpu")
