@@ -58,11 +58,11 @@ def lora_to_gguf(adapter_dir: str | Path, base_gguf: str | Path, out: str | Path
         if name not in shapes:
             raise ValueError(f"{key}: the base model {base_gguf} has no tensor {name}")
         n_in, n_out = shapes[name][:2]
-        expected = value.shape[0] if ab == "a" else value.shape[1]
-        if (ab == "a" and value.shape[1] != n_in) or (ab == "b" and value.shape[0] != n_out):
+        rank, width = value.shape if ab == "a" else value.shape[::-1]  # a: (r, in); b: (out, r)
+        if width != (n_in if ab == "a" else n_out):
             raise ValueError(f"{key}: shape {value.shape} does not fit {name} (in {n_in}, out {n_out})")
-        if expected != cfg["r"] and not cfg.get("rank_pattern"):
-            raise ValueError(f"{key}: rank {expected} != r={cfg['r']}")
+        if rank != cfg["r"] and not cfg.get("rank_pattern"):
+            raise ValueError(f"{key}: rank {rank} != r={cfg['r']}")
         tensors[f"{name}.lora_{ab}"] = np.ascontiguousarray(value.astype(np.float32))
     tmp = out.with_suffix(".tmp")
     w = gguf.GGUFWriter(str(tmp), arch)

@@ -613,8 +613,10 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
     if teacher == "published":
         files = [data / f"teacher_trajectories_{profile}.jsonl.gz"] + sorted(data.glob("teacher_trajectories_*.jsonl.gz"))
         for path in dict.fromkeys(files):
-            agent = [r for r in _read_jsonl(path) if r.get("messages") and r.get("run") != "cot"] if path.exists() else []
-            if records := agent:  # the agent runs (± FTP); the file also holds the CoT run
+            if not path.exists():
+                continue
+            # the agent runs (± FTP); the file also holds the CoT run
+            if records := [r for r in _read_jsonl(path) if r.get("messages") and r.get("run") != "cot"]:
                 print(f"published teacher trajectories: {path.relative_to(ROOT)} ({len(records)} records)")
                 return records
         print(f"no published teacher trajectories yet (data/teacher_trajectories_{profile}.jsonl.gz)", end="; ")

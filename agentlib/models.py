@@ -618,10 +618,9 @@ def load_model(name_or_path: str | os.PathLike, backend: str = "hf", **kwargs: A
         adapter = kwargs.pop("adapter", None)
         if adapter is not None:
             from agentlib.gguf_lora import lora_to_gguf
-            from agentlib.registry import gguf_path
+            from agentlib.registry import gguf_file
 
-            base = Path(name_or_path) if Path(name_or_path).exists() else gguf_path(str(name_or_path))
-            server_kw["lora"] = lora_to_gguf(adapter, base)
+            server_kw["lora"] = lora_to_gguf(adapter, gguf_file(name_or_path))
         server = start_llamacpp(name_or_path, **server_kw)
         model = OpenAIModel(endpoints=[server.base_url], model=str(name_or_path), **kwargs)
         model._on_close.append(server.stop)

@@ -138,6 +138,12 @@ def join_parts(s: ModelSpec, wheels: Path, out: Path) -> str:
     return digest
 
 
+def gguf_file(model: str | os.PathLike) -> Path:
+    """``model`` as a GGUF file: an existing path as is, else a registry name's verified GGUF."""
+    path = Path(model)
+    return path if path.exists() else gguf_path(str(model))
+
+
 def gguf_path(name: str, fetch: bool = True, keep_wheels: bool = False) -> Path:
     """The verified GGUF file of a registry model, fetching and joining it on first use."""
     s = spec(name)

@@ -139,11 +139,9 @@ def start_llamacpp(model: str | os.PathLike, port: int | None = None, host: str 
 
     ``n_ctx`` is shared by the ``n_parallel`` slots (each gets ``n_ctx / n_parallel`` tokens).
     """
-    path = Path(model)
-    if not path.exists():
-        from agentlib.registry import gguf_path
+    from agentlib.registry import gguf_file
 
-        path = gguf_path(str(model))
+    path = gguf_file(model)
     port = port or free_port(host)
     cmd = llamacpp_command(path, port, host, n_ctx, n_parallel, threads, seed, lora)
     return ServerProcess(cmd, port, host, name=f"llamacpp-{path.stem}").wait_ready(ready_timeout_s)
@@ -228,11 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--seed", type=int, default=None)
     a.add_argument("--lora", default=None, help="a GGUF LoRA adapter applied to every request")
     args = ap.parse_args(argv)
-    model = args.model
-    if not Path(model).exists():
-        from agentlib.registry import gguf_path
+    from agentlib.registry import gguf_file
 
-        model = str(gguf_path(model))
+    model = str(gguf_file(args.model))
     run_llamacpp(model, args.host, args.port or free_port(args.host), args.n_ctx, args.n_parallel, args.threads,
                  args.seed, args.lora)
 
