@@ -175,6 +175,7 @@ class AgentConfig:
     short_prompt: bool = False  # the student's short system prompt
     batch_size: int = 16  # questions advanced together
     search_k: int = 3
+    search_chars: int = 600  # characters kept per retrieved passage (about one DPR 100-word passage)
     exec_timeout_s: float = 10.0
     memory_mb: int = 1024
     method: str = "agent"
@@ -478,7 +479,7 @@ def run_agent(
         if retriever is not None:
             from agentlib.retrieval import make_search_tool
 
-            tools = {"search": make_search_tool(retriever, k=config.search_k)}
+            tools = {"search": make_search_tool(retriever, k=config.search_k, max_chars=config.search_chars)}
     factory = sandbox_factory or _default_sandbox(config)
     score_fn = score_fn or _default_score()
     system = system_prompt(list(tools), short=config.short_prompt)
@@ -591,11 +592,12 @@ def run_cot(
     out_path: str | Path | None = None,
     rag_retriever: Any = None,
     k: int = 3,
+    passage_chars: int = 600,
     progress: bool = True,
     score_fn: Callable[[str | None, Any], float] | None = None,
 ) -> list[dict]:
     """Chain-of-thought baseline (``cot``) or CoT+RAG (``cot_rag``: top-``k`` passages retrieved once for
-    the question, put in the prompt). With ``n > 1`` the answer is the majority vote (ties: the first).
+    the question, each cut at ``passage_chars``, put in the prompt). With ``n > 1`` the answer is the majority vote (ties: the first).
     Records follow the agent's schema (``steps`` empty; ``samples`` and ``votes`` added)."""
     p = prompts("cot")
     score_fn = score_fn or _default_score()
@@ -613,7 +615,7 @@ def run_cot(
                 from agentlib.retrieval import format_passages
 
                 hits = rag_retriever.batch_search([ex.question for ex in chunk], k=k)
-                passages = [format_passages(h) for h in hits]
+                passages = [format_passages(h, passage_chars) for h in hits]
             convs = []
             for ex, ps in zip(chunk, passages, strict=True):
                 system = p["system_math" if ex.domain == "math" else "system_factual"]

@@ -91,13 +91,14 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
 
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
-                max_tokens=p.teacher_max_tokens, search_k=p.top_k, method="teacher",
+                max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars, method="teacher",
                 short_prompt=p.teacher_short_prompt)  # fmt: skip
     return AgentConfig.teacher(**{**base, **kw})
 
 
 def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
-    base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k)
+    base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k,
+                search_chars=p.passage_chars)  # fmt: skip
     if sag:
         base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)
         return AgentConfig.sag(**{**base, **kw})
@@ -250,7 +251,8 @@ def evaluate_method(
         path = out_dir / f"{method}__{bench}.jsonl"
         if plan["kind"] == "cot":
             recs = run_cot(model, examples, max_tokens=p.student_max_tokens * 2, out_path=path, progress=progress,
-                           rag_retriever=retriever if plan["rag"] else None, k=p.top_k)  # fmt: skip
+                           rag_retriever=retriever if plan["rag"] else None, k=p.top_k,
+                           passage_chars=p.passage_chars)  # fmt: skip
         else:
             cfg = student_config(p, sag=plan["sag"], method=method, **config_overrides)
             recs = run_agent(model, examples, cfg, out_path=path, retriever=retriever, progress=progress)

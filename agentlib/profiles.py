@@ -50,7 +50,7 @@ class Profile:
     # retrieval
     retriever: str  # "wiki_mini" (offline corpus) or a Pyserini prebuilt index name
     top_k: int
-    passage_chars: int
+    passage_chars: int  # characters kept per retrieved passage (search observations and the RAG prompt)
     # data: (loader, name, count); loader is "train", "test", "extra"
     train_factual: tuple[tuple[str, str, int], ...]
     train_math: tuple[tuple[str, str, int], ...]
@@ -124,7 +124,7 @@ PROFILES: dict[str, Profile] = {
         sag_top_p=0.8,
         retriever="wiki_mini",
         top_k=3,
-        passage_chars=300,
+        passage_chars=400,
         # Sized for 2 AVX2 cores (no native bf16): llama.cpp prefills the 1.5B at ~34 tokens/s there, fp32 LoRA
         # trains the 0.5B at ~31 tokens/s. Training questions have their evidence in the mini-corpus and are in
         # no test set; eval subsets are each set's first answerable rows.
@@ -136,7 +136,9 @@ PROFILES: dict[str, Profile] = {
         lora=LoRASettings(r=16, alpha=32, epochs=1, grad_accum=2, max_length_agent=1024, max_length_cot=768,
                           load_in_4bit=False),  # fmt: skip
         sft_max_steps=4,  # <= 8 trajectories per student: fp32 SFT is the costliest stage per example
-        teacher_short_prompt=True,  # its 1.8k-token few-shot prompt costs ~54 s of prefill per slot on 2 cores
+        # The teacher keeps its few-shot prompt: on the short zero-shot prompt the 1.5B wrote its own
+        # `search` with `requests` and read made-up files. Its 1.9k tokens are prefilled once per server
+        # slot (llama.cpp reuses each slot's prompt prefix), ~55 s per slot on 2 cores.
         sag_sweep=(1, 8),
         k_sweep=(1, 3),
     ),
