@@ -345,3 +345,29 @@ def test_cot_majority_vote_and_rag(tmp_path):
     user = model.calls[0]["conversations"][0][1]["content"]
     assert "Paris is the capital of France." in user and "Capital of France?" in user
     assert r["method"] == "cot_rag" and r["score"] == 1.0 and read_records(out)[0]["id"] == "f"
+
+
+def test_passages_are_cut_at_the_configured_length():
+    from agentlib.retrieval import Passage
+
+    text = "Paris is the capital of France. " * 40  # 1,280 characters
+
+    class Retriever:
+        def search(self, query, k=3):
+            return [Passage(id="p1", title="France", text=text, score=1.0)]
+
+        def batch_search(self, qs, k=3):
+            return [self.search(q, k) for q in qs]
+
+    model = ScriptedModel(by_question({"Capital?": [turn("Search.", "print(search('France'))"),
+                                                    turn("Done.", "final_answer('Paris')")]}))
+    (r,) = run_agent(model, [Ex("f", "Capital?", "Paris")], AgentConfig(search_chars=100), retriever=Retriever(),
+                     sandbox_factory=lambda tools: SpySandbox(tools), score_fn=exact_score, progress=False)
+    obs = r["messages"][3]["content"]
+    assert "Paris is the capital" in obs and 100 <= len(obs) < 300 and r["score"] == 1.0
+
+    model = ScriptedModel(lambda conv, prefix, i: "<answer>Paris</answer>")
+    run_cot(model, [Ex("f", "Capital?", "Paris")], rag_retriever=Retriever(), passage_chars=100, score_fn=exact_score,
+            progress=False)
+    user = model.calls[0]["conversations"][0][1]["content"]
+    assert user.count("Paris is the capital") == 3  # 100 characters: three of the forty sentences
