@@ -24,6 +24,8 @@ from agentlib.trajectory import filter_trajectories, read_records, summarize
 # Table 2 of the paper, Qwen2.5-0.5B-Instruct student, averages over the 8 benchmarks (accuracy, %).
 PAPER_05B = {"cot_distill": 13.64, "cot_distill_rag": 15.90, "agent_distill": 19.24, "agent_distill_ftp_sag": 21.90}
 
+SLOT_CTX = 6144  # llama.cpp context tokens per server slot (see `open_model`)
+
 METHODS = (
     "untuned_cot", "untuned_agent", "cot_distill", "cot_distill_rag",
     "agent_distill", "agent_distill_ftp", "agent_distill_sag", "agent_distill_ftp_sag",
@@ -75,9 +77,13 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
 
     if backend == "vllm":  # a running vLLM pool (see `agentlib.serve`); endpoints from AGENTLIB_ENDPOINTS
         backend = "openai"
-    if backend == "llamacpp":  # 8 slots decode as one batch; each slot's prompt + steps fit in 2k tokens
+    if backend == "llamacpp":
+        # 8 slots decode as one batch. Each slot keeps its conversation's KV cache, so the next step only
+        # prefills the new observation: the shared context must hold every slot's whole trajectory (the
+        # teacher's: a 1.9k-token prompt + 5 steps, ~5.5k tokens). When it is full, llama.cpp drops the
+        # caches and every step re-prefills its whole conversation (measured: ~8 min a step on 2 cores).
         kw.setdefault("n_parallel", 8)
-        kw.setdefault("n_ctx", 16384)
+        kw.setdefault("n_ctx", kw["n_parallel"] * SLOT_CTX)
     if adapter is not None:
         kw["adapter"] = adapter
     model = load_model(name, backend=backend, **kw)
