@@ -24,7 +24,11 @@ from agentlib.trajectory import filter_trajectories, read_records, summarize
 # Table 2 of the paper, Qwen2.5-0.5B-Instruct student, averages over the 8 benchmarks (accuracy, %).
 PAPER_05B = {"cot_distill": 13.64, "cot_distill_rag": 15.90, "agent_distill": 19.24, "agent_distill_ftp_sag": 21.90}
 
-SLOT_CTX = 6144  # llama.cpp context tokens per server slot (see `open_model`)
+# A local llama.cpp server's slots, and the trajectories the agent advances together: one per slot, so
+# each conversation keeps its slot (and its prompt cache) from step to step. More trajectories than
+# slots make them take each other's slots and re-prefill whole conversations every step.
+SLOTS = 6
+SLOT_CTX = 5120  # context tokens per slot: the teacher's 1.9k-token prompt + 5 steps (see `open_model`)
 
 METHODS = (
     "untuned_cot", "untuned_agent", "cot_distill", "cot_distill_rag",
@@ -78,11 +82,10 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
     if backend == "vllm":  # a running vLLM pool (see `agentlib.serve`); endpoints from AGENTLIB_ENDPOINTS
         backend = "openai"
     if backend == "llamacpp":
-        # 8 slots decode as one batch. Each slot keeps its conversation's KV cache, so the next step only
-        # prefills the new observation: the shared context must hold every slot's whole trajectory (the
-        # teacher's: a 1.9k-token prompt + 5 steps, ~5.5k tokens). When it is full, llama.cpp drops the
-        # caches and every step re-prefills its whole conversation (measured: ~8 min a step on 2 cores).
-        kw.setdefault("n_parallel", 8)
+        # The slots decode as one batch. Each slot keeps its conversation's KV cache, so the next step only
+        # prefills the new observation: the shared context must hold every slot's whole trajectory. When it
+        # is full, llama.cpp drops caches and steps re-prefill whole conversations (~8 min a step on 2 cores).
+        kw.setdefault("n_parallel", SLOTS)
         kw.setdefault("n_ctx", kw["n_parallel"] * SLOT_CTX)
     if adapter is not None:
         kw["adapter"] = adapter
@@ -95,18 +98,25 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
             close()
 
 
+def _batch(backend: str, n_samples: int = 1) -> int:
+    """Trajectories advanced together: one per llama.cpp slot (a SAG step takes ``n_samples`` slots); 16
+    elsewhere (vLLM batches any number)."""
+    return max(1, SLOTS // n_samples) if backend == "llamacpp" else 16
+
+
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
-                max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars, method="teacher",
-                short_prompt=p.teacher_short_prompt)  # fmt: skip
+                max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars,
+                batch_size=_batch(p.teacher_backend), method="teacher", short_prompt=p.teacher_short_prompt)  # fmt: skip
     return AgentConfig.teacher(**{**base, **kw})
 
 
 def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k,
-                search_chars=p.passage_chars)  # fmt: skip
+                search_chars=p.passage_chars, batch_size=_batch(p.student_backend))  # fmt: skip
     if sag:
-        base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)
+        base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p,
+                    batch_size=_batch(p.student_backend, kw.get("n_samples", p.sag_n)))  # fmt: skip
         return AgentConfig.sag(**{**base, **kw})
     return AgentConfig.student(**{**base, **kw})
 
