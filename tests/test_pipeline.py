@@ -1,0 +1,26 @@
+"""The stage configs derived from a profile (no models run here)."""
+
+from __future__ import annotations
+
+from agentlib import pipeline
+from agentlib.profiles import get_profile
+
+
+def test_one_trajectory_per_llamacpp_slot():
+    cpu = get_profile("cpu")  # teacher and student on local llama.cpp servers
+    assert cpu.teacher_backend == cpu.student_backend == "llamacpp"
+    assert pipeline.teacher_config(cpu).batch_size == pipeline.SLOTS
+    assert pipeline.student_config(cpu).batch_size == pipeline.SLOTS
+    # a SAG step asks for N samples, each taking a slot
+    assert pipeline.student_config(cpu, sag=True).batch_size == max(1, pipeline.SLOTS // cpu.sag_n)
+    assert pipeline.student_config(cpu, sag=True, n_samples=1).batch_size == pipeline.SLOTS
+    assert pipeline.student_config(cpu, sag=True, n_samples=64).batch_size == 1
+    paper = get_profile("paper")  # vLLM batches any number of conversations
+    assert pipeline.teacher_config(paper).batch_size == pipeline.student_config(paper, sag=True).batch_size == 16
+
+
+def test_passage_length_reaches_the_agent():
+    for name in ("smoke", "cpu", "paper"):
+        p = get_profile(name)
+        assert pipeline.teacher_config(p).search_chars == p.passage_chars
+        assert pipeline.student_config(p, sag=True).search_chars == p.passage_chars
