@@ -259,19 +259,25 @@ def evaluate_method(
     p: Profile, method: str, model: Any, retriever: Any, sets: dict[str, list[Example]], out_dir: Path,
     progress: bool = True, **config_overrides: Any,
 ) -> list[dict]:  # fmt: skip
-    """Run one method on every benchmark; records are tagged with ``benchmark`` and ``method``."""
+    """Run one method on every benchmark; records are tagged with ``benchmark`` and ``method``.
+
+    Agent methods run all benchmarks in one batch (``<method>__all.jsonl``, ids ``<benchmark>/<id>``), so
+    small per-benchmark subsets still fill the server's slots; CoT methods write one file per benchmark.
+    """
     plan = method_plan(method)
     records = []
+    if plan["kind"] != "cot":
+        examples = [replace(ex, id=f"{bench}/{ex.id}", source=bench) for bench, exs in sets.items() for ex in exs]
+        cfg = student_config(p, sag=plan["sag"], method=method, **config_overrides)
+        recs = run_agent(model, examples, cfg, out_path=out_dir / f"{method}__all.jsonl", retriever=retriever,
+                         progress=progress)  # fmt: skip
+        return [{**r, "method": method} for r in recs]
     for bench, examples in sets.items():
         examples = [replace(ex, source=bench) for ex in examples]  # records carry the benchmark label
         path = out_dir / f"{method}__{bench}.jsonl"
-        if plan["kind"] == "cot":
-            recs = run_cot(model, examples, max_tokens=p.student_max_tokens * 2, out_path=path, progress=progress,
-                           rag_retriever=retriever if plan["rag"] else None, k=p.top_k,
-                           passage_chars=p.passage_chars)  # fmt: skip
-        else:
-            cfg = student_config(p, sag=plan["sag"], method=method, **config_overrides)
-            recs = run_agent(model, examples, cfg, out_path=path, retriever=retriever, progress=progress)
+        recs = run_cot(model, examples, max_tokens=p.student_max_tokens * 2, out_path=path, progress=progress,
+                       rag_retriever=retriever if plan["rag"] else None, k=p.top_k,
+                       passage_chars=p.passage_chars)  # fmt: skip
         records += [{**r, "benchmark": bench, "method": method} for r in recs]
     return records
 

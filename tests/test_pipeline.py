@@ -24,3 +24,18 @@ def test_passage_length_reaches_the_agent():
         p = get_profile(name)
         assert pipeline.teacher_config(p).search_chars == p.passage_chars
         assert pipeline.student_config(p, sag=True).search_chars == p.passage_chars
+
+
+def test_agent_methods_batch_all_benchmarks(tmp_path):
+    from fakes import ScriptedModel, turn
+
+    from agentlib.data import Example
+
+    sets = {"hotpotqa": [Example("0", "Capital?", "Paris")], "math500": [Example("0", "1+1?", "2", domain="math")]}
+    model = ScriptedModel(lambda conv, prefix, i: turn("Answer.", "final_answer('Paris')"))
+    recs = pipeline.evaluate_method(get_profile("smoke"), "untuned_agent", model, None, sets, tmp_path, progress=False)
+    assert [(r["id"], r["benchmark"], r["method"]) for r in recs] == [
+        ("hotpotqa/0", "hotpotqa", "untuned_agent"), ("math500/0", "math500", "untuned_agent")]
+    assert len(model.calls) == 1 and len(model.calls[0]["conversations"]) == 2  # one batch, both benchmarks
+    again = pipeline.evaluate_method(get_profile("smoke"), "untuned_agent", model, None, sets, tmp_path, progress=False)
+    assert again == recs and len(model.calls) == 1  # resumed from untuned_agent__all.jsonl
