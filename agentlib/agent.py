@@ -39,6 +39,7 @@ from typing import Any
 import yaml
 
 from agentlib.data import last_boxed
+from agentlib.retrieval import DEFAULT_MAX_CHARS, format_passages, make_search_tool
 from agentlib.trajectory import JsonlWriter, filter_trajectories, read_records, summarize
 
 __all__ = [
@@ -175,7 +176,7 @@ class AgentConfig:
     short_prompt: bool = False  # the student's short system prompt
     batch_size: int = 16  # questions advanced together
     search_k: int = 3
-    search_chars: int = 600  # characters kept per retrieved passage (about one DPR 100-word passage)
+    search_chars: int = DEFAULT_MAX_CHARS  # characters kept per retrieved passage
     exec_timeout_s: float = 10.0
     memory_mb: int = 1024
     method: str = "agent"
@@ -477,8 +478,6 @@ def run_agent(
     if tools is None:
         tools = {}
         if retriever is not None:
-            from agentlib.retrieval import make_search_tool
-
             tools = {"search": make_search_tool(retriever, k=config.search_k, max_chars=config.search_chars)}
     factory = sandbox_factory or _default_sandbox(config)
     score_fn = score_fn or _default_score()
@@ -592,12 +591,13 @@ def run_cot(
     out_path: str | Path | None = None,
     rag_retriever: Any = None,
     k: int = 3,
-    passage_chars: int = 600,
+    passage_chars: int = DEFAULT_MAX_CHARS,
     progress: bool = True,
     score_fn: Callable[[str | None, Any], float] | None = None,
 ) -> list[dict]:
     """Chain-of-thought baseline (``cot``) or CoT+RAG (``cot_rag``: top-``k`` passages retrieved once for
-    the question, each cut at ``passage_chars``, put in the prompt). With ``n > 1`` the answer is the majority vote (ties: the first).
+    the question, each cut at ``passage_chars``, put in the prompt). With ``n > 1`` the answer is the
+    majority vote (ties: the first).
     Records follow the agent's schema (``steps`` empty; ``samples`` and ``votes`` added)."""
     p = prompts("cot")
     score_fn = score_fn or _default_score()
@@ -612,8 +612,6 @@ def run_cot(
             chunk = pending[i : i + batch_size]
             passages: list[str | None] = [None] * len(chunk)
             if rag_retriever is not None:
-                from agentlib.retrieval import format_passages
-
                 hits = rag_retriever.batch_search([ex.question for ex in chunk], k=k)
                 passages = [format_passages(h, passage_chars) for h in hits]
             convs = []

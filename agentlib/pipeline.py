@@ -112,11 +112,11 @@ def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
 
 
 def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
+    n_samples = kw.get("n_samples", p.sag_n) if sag else 1
     base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k,
-                search_chars=p.passage_chars, batch_size=_batch(p.student_backend))  # fmt: skip
+                search_chars=p.passage_chars, batch_size=_batch(p.student_backend, n_samples))  # fmt: skip
     if sag:
-        base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p,
-                    batch_size=_batch(p.student_backend, kw.get("n_samples", p.sag_n)))  # fmt: skip
+        base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)
         return AgentConfig.sag(**{**base, **kw})
     return AgentConfig.student(**{**base, **kw})
 
