@@ -44,10 +44,21 @@ def _load(loader: str, name: str, count: int, answerable_only: bool) -> list[Exa
 
 
 def training_sets(p: Profile) -> dict[str, list[Example]]:
-    """{"factual": [...], "math": [...]}: the profile's training questions (never in a test set)."""
-    out = {}
+    """{"factual": [...], "math": [...]}: the profile's training questions (never in a test set).
+
+    Ids are unique across sets: a set's question whose id an earlier set already holds gets the set's name
+    as a prefix (the MATH training files both number their rows from ``0``: MATH's ``0`` becomes ``math/0``).
+    Trajectory files resume by id, so a clash would silently drop a question.
+    """
+    out, seen = {}, set()
     for domain, specs in (("factual", p.train_factual), ("math", p.train_math)):
-        out[domain] = [ex for spec in specs for ex in _load(*spec, answerable_only=False)]
+        out[domain] = []
+        for spec in specs:
+            for ex in _load(*spec, answerable_only=False):
+                if ex.id in seen:
+                    ex = replace(ex, id=f"{spec[1]}/{ex.id}")
+                seen.add(ex.id)
+                out[domain].append(ex)
     return out
 
 
@@ -294,8 +305,11 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
     by = {}
     for r in records:
         by.setdefault((r["method"], r["benchmark"]), []).append(r)
+    order = {m: i for i, m in enumerate(METHODS)}  # the paper's row order; other methods after, by name
+    bench_order = {b: i for i, b in enumerate(sets)}
     rows = []
-    for (method, bench), recs in sorted(by.items()):
+    for (method, bench), recs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][0],
+                                                                    bench_order.get(kv[0][1], len(sets)), kv[0][1])):
         scores = [float(r["score"]) for r in recs]
         mean, lo, hi = bootstrap_ci(scores)
         row = {"method": method, "benchmark": bench, "score": 100 * mean, "ci_low": 100 * lo, "ci_high": 100 * hi,
@@ -303,7 +317,7 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
         if domain.get(bench) == "factual":
             row["f1"] = 100 * sum(f1(r.get("prediction"), [r["gold"]]) for r in recs) / len(recs)
         rows.append(row)
-    for method in sorted({m for m, _ in by}):
+    for method in sorted({m for m, _ in by}, key=lambda m: (order.get(m, len(order)), m)):
         for avg, keep in (("factual_avg", {"factual"}), ("math_avg", {"math"}), ("overall_avg", {"factual", "math"})):
             groups = [[float(r["score"]) for r in by[(method, b)]] for b in sets if (method, b) in by and domain[b] in keep]
             if not groups:

@@ -48,6 +48,12 @@ def results_markdown(profile: str = "cpu") -> str:
                 [[f"`{m}`"] + [fmt(m, b) for b in benches] + [f"{PAPER_05B[m]:.2f}" if m in PAPER_05B else ""]
                  for m in methods])  # fmt: skip
     out = [table]
+    flat = [r for r in res if float(r["ci_low"]) == float(r["ci_high"])]
+    if flat:
+        out += ["", f"{len(flat)} of {len(res)} cells have a zero-width interval: within every benchmark such a cell "
+                "covers, all of its answers were scored the same (or there was one), so resampling questions cannot "
+                "show the uncertainty. Such an interval says nothing; for scale, a 95% Wilson interval is [0, 56] "
+                "for 0 of 3 correct and [21, 100] for 1 of 1."]
     summary = fig / f"run_summary_{profile}.csv"
     if summary.exists():
         rows = [r for r in _rows(summary) if r["method"] in methods and float(r.get("mean_steps") or 0) > 0]
@@ -74,9 +80,11 @@ def results_markdown(profile: str = "cpu") -> str:
     if timing.exists():
         rows = _rows(timing)
         total = sum(float(r["wall_s"]) for r in rows)
-        out += ["", f"Wall time (written by the run; {total / 60:.1f} min in all):", "",
-                _md(["notebook", "wall (min)", "peak RSS (MB)"],
-                    [[r["notebook"], f"{float(r['wall_s']) / 60:.1f}", r["peak_rss_mb"]] for r in rows])]
+        out += ["", f"Wall time (written by the run; {total / 60:.1f} min in all; a notebook's time sums all of its "
+                "executions, resumed or interrupted ones included):", "",
+                _md(["notebook", "wall (min)", "peak RSS (MB)", "executions"],
+                    [[r["notebook"], f"{float(r['wall_s']) / 60:.1f}", r["peak_rss_mb"], r.get("runs") or "1"]
+                     for r in rows])]  # fmt: skip
     return "\n".join(out)
 
 

@@ -5,7 +5,9 @@
 ``profile`` parameter, and writes the wall time and peak memory of each notebook to
 ``runs/<profile>/timing.json`` and ``figures/timing_<profile>.csv``. The notebooks themselves
 resume (trajectory JSONL files skip finished ids; trained adapters are kept), so a run that
-stops midway picks up where it left off when started again.
+stops midway picks up where it left off when started again. Timing accumulates over the
+invocations of one run: a notebook's wall time is the sum of all its executions, including
+ones that failed or were interrupted (recorded with their status).
 """
 
 from __future__ import annotations
@@ -28,17 +30,68 @@ def notebooks(pattern: str = "0*.ipynb") -> list[Path]:
 
 
 def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, **params) -> dict:
-    """Execute one notebook with papermill; return its timing record (raises on a failing cell)."""
+    """Execute one notebook with papermill; return its timing record (re-raises a failing cell or an
+    interrupt after recording it in ``record["status"]``; see `main`)."""
     import papermill as pm
 
     out = out_dir / path.name
     t0 = time.time()
-    pm.execute_notebook(
-        str(path), str(out), parameters={"profile": profile, **params}, kernel_name=kernel,
-        cwd=str(path.parent), progress_bar=False, log_output=True, request_save_on_cell_execute=True,
-    )  # fmt: skip
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return {"notebook": path.name, "wall_s": round(time.time() - t0, 1), "peak_rss_mb": round(peak_kb / 1024)}
+    status = "interrupted"
+    try:
+        pm.execute_notebook(
+            str(path), str(out), parameters={"profile": profile, **params}, kernel_name=kernel,
+            cwd=str(path.parent), progress_bar=False, log_output=True, request_save_on_cell_execute=True,
+        )  # fmt: skip
+        status = "ok"
+    except Exception:
+        status = "failed"
+        raise
+    finally:
+        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        _LAST[path.name] = {"notebook": path.name, "wall_s": round(time.time() - t0, 1),
+                            "peak_rss_mb": round(peak_kb / 1024), "status": status}  # fmt: skip
+    return _LAST[path.name]
+
+
+_LAST: dict[str, dict] = {}  # the latest record per notebook, kept when a notebook raises
+
+
+def totals(invocations: list[dict]) -> list[dict]:
+    """Per notebook, over every invocation of a run: summed wall time, peak memory, executions."""
+    out: dict[str, dict] = {}
+    for inv in invocations:
+        for r in inv["notebooks"]:
+            t = out.setdefault(r["notebook"], {"notebook": r["notebook"], "wall_s": 0.0, "peak_rss_mb": 0, "runs": 0})
+            t["wall_s"] = round(t["wall_s"] + r["wall_s"], 1)
+            t["peak_rss_mb"] = max(t["peak_rss_mb"], r["peak_rss_mb"])
+            t["runs"] += 1
+    return sorted(out.values(), key=lambda t: t["notebook"])
+
+
+def _history(path: Path) -> list[dict]:
+    """Earlier invocations of this run (a timing.json without them is one invocation)."""
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    return old.get("invocations") or [{"started": None, "notebooks": old.get("notebooks", [])}]
+
+
+def write_timing(out_dir: Path, profile: str, invocations: list[dict]) -> dict:
+    """``runs/<profile>/timing.json`` (every invocation + totals) and ``figures/timing_<profile>.csv`` (totals)."""
+    rows = totals(invocations)
+    summary = {
+        "profile": profile,
+        "total_wall_s": round(sum(r["wall_s"] for r in rows), 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "notebooks": rows,
+        "invocations": invocations,
+    }
+    (out_dir / "timing.json").write_text(json.dumps(summary, indent=2))
+    with (figures_dir() / f"timing_{profile}.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["notebook", "wall_s", "peak_rss_mb", "runs"])
+        w.writeheader()
+        w.writerows(rows)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,28 +104,23 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["AGENTLIB_DATA_DIR"] = str(Path(os.environ["AGENTLIB_DATA_DIR"]).expanduser().resolve())
 
     out_dir = runs_dir(args.profile)
-    records = []
-    total0 = time.time()
-    for nb in notebooks():
-        if args.only and not any(nb.name.startswith(p) for p in args.only):
-            continue
-        print(f"== {nb.name} (profile {args.profile})", flush=True)
-        rec = run_notebook(nb, args.profile, args.kernel, out_dir)
-        print(f"== {nb.name}: {rec['wall_s']} s, peak RSS {rec['peak_rss_mb']} MB", flush=True)
-        records.append(rec)
-    summary = {
-        "profile": args.profile,
-        "total_wall_s": round(time.time() - total0, 1),
-        "machine": f"{platform.machine()}, {platform.python_version()}",
-        "notebooks": records,
-    }
-    (out_dir / "timing.json").write_text(json.dumps(summary, indent=2))
-    fig_dir = figures_dir()
-    with (fig_dir / f"timing_{args.profile}.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["notebook", "wall_s", "peak_rss_mb"])
-        w.writeheader()
-        w.writerows(records)
-    print(f"done in {summary['total_wall_s']} s; executed notebooks in {out_dir}")
+    invocations = _history(out_dir / "timing.json")
+    current = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "notebooks": []}
+    invocations.append(current)
+    try:
+        for nb in notebooks():
+            if args.only and not any(nb.name.startswith(p) for p in args.only):
+                continue
+            print(f"== {nb.name} (profile {args.profile})", flush=True)
+            try:
+                rec = run_notebook(nb, args.profile, args.kernel, out_dir)
+            finally:
+                if nb.name in _LAST:
+                    current["notebooks"].append(_LAST.pop(nb.name))
+            print(f"== {nb.name}: {rec['wall_s']} s, peak RSS {rec['peak_rss_mb']} MB", flush=True)
+    finally:  # a failed or interrupted notebook still counts towards the run's time
+        summary = write_timing(out_dir, args.profile, invocations)
+    print(f"done: {summary['total_wall_s']} s over {len(invocations)} invocation(s); executed notebooks in {out_dir}")
     return 0
 
 

@@ -424,10 +424,11 @@ def fit(model: Any, examples: Sequence[dict], plan: list[list[list[int]]], confi
             total += loss.item()
             tokens += sum(len(examples[i]["input_ids"]) for i in mb)
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+        lr = sched.get_last_lr()[0]  # the rate this step uses (after `sched.step()` it is the next step's)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rows.append({"step": step + 1, "loss": total / n_trained, "lr": sched.get_last_lr()[0], "tokens": tokens,
+        rows.append({"step": step + 1, "loss": total / n_trained, "lr": lr, "tokens": tokens,
                      "seconds": round(time.perf_counter() - t0, 3)})
         if on_step is not None:
             on_step(rows)

@@ -204,27 +204,37 @@ def plot_loss_curves(logs: dict[str, Sequence[float]], path: str | Path, title: 
 
 
 def plot_accuracy_bars(df: Any, path: str | Path, title: str = "") -> Any:
-    """Grouped bars, method x benchmark, with CI error bars (columns: method, benchmark, score, ci_low,
-    ci_high, n)."""
+    """Small multiples, one panel per benchmark (averages last): a horizontal bar per method with its CI
+    whisker (columns: method, benchmark, score, ci_low, ci_high, n). Methods keep their order of first
+    appearance, so pass the table sorted the way the reader should compare them."""
     import numpy as np
     from matplotlib.figure import Figure
 
     benches = list(dict.fromkeys(df["benchmark"]))
     methods = list(dict.fromkeys(df["method"]))
-    fig = Figure(figsize=(max(5, 1.3 * len(benches) * max(1, len(methods)) ** 0.5), 3.8))
-    ax = fig.subplots()
-    width = 0.8 / max(1, len(methods))
-    x = np.arange(len(benches))
-    for k, m in enumerate(methods):
-        sub = df[df["method"] == m].set_index("benchmark").reindex(benches)
+    ncols = min(len(benches), 5)
+    nrows = -(-len(benches) // ncols)
+    fig = Figure(figsize=(2.6 * ncols + 1.6, 0.28 * len(methods) * nrows + 0.9 * nrows + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    y = np.arange(len(methods))[::-1]
+    colors = [f"C{k % 10}" for k in range(len(methods))]
+    for ax, bench in zip(axes, benches, strict=False):
+        sub = df[df["benchmark"] == bench].set_index("method").reindex(methods)
         score = sub["score"].to_numpy(float)
         err = np.vstack([score - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - score])
-        ax.bar(x + (k - (len(methods) - 1) / 2) * width, score, width, yerr=np.nan_to_num(err), capsize=2, label=m)
-    n = df.groupby("benchmark", sort=False)["n"].max()
-    ax.set_xticks(x, [f"{b}\n(n={int(n[b])})" for b in benches], fontsize=8)
-    ax.set(ylabel="score", title=title)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, ncols=2)
+        ax.barh(y, np.nan_to_num(score), xerr=np.nan_to_num(err), color=colors, capsize=2, height=0.7)
+        ax.set_title(f"{bench} (n={int(sub['n'].max())})", fontsize=9)
+        ax.set_xlim(0, 100)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[len(benches):]:
+        ax.set_visible(False)
+    axes[0].set_yticks(y, methods)
+    for ax in axes:
+        ax.tick_params(labelsize=8)
+    for ax in axes[-ncols:]:
+        ax.set_xlabel("score (%)", fontsize=8)
+    if title:
+        fig.suptitle(title)
     return _save(fig, path)
 
 

@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--sag-questions", type=int, default=4)
     ap.add_argument("--profile", default="cpu", help="run profile giving the student's settings")
     ap.add_argument("--max-tokens", type=int, default=None, help="override the profile's student_max_tokens")
+    ap.add_argument("--only", choices=("batched", "sag"), default=None, help="run one of the two comparisons")
     args = ap.parse_args()
     prof = get_profile(args.profile)
     max_tokens = args.max_tokens or prof.student_max_tokens
@@ -58,6 +59,16 @@ def main() -> None:
     run_agent(model, examples[:1], AgentConfig(**base, batch_size=1), retriever=retriever, progress=False)  # warm-up
 
     rows = []
+    if args.only != "sag":
+        rows += batched_vs_one(model, examples, base, retriever)
+    if args.only != "batched":
+        rows += sag_n8_vs_n1(model, examples[: args.sag_questions], base, prof, retriever)
+    write_rows("bench_agent" + (f"_{args.only}" if args.only else ""), rows)
+
+
+def batched_vs_one(model, examples, base: dict, retriever) -> list[dict]:
+    """Bar: batched stepping over the questions >= 5x the tokens/s of one question at a time."""
+    rows = []
     wall_b, recs_b, tok_b = timed_run(model, examples, AgentConfig(**base, batch_size=16), retriever)
     wall_1, recs_1, tok_1 = timed_run(model, examples, AgentConfig(**base, batch_size=1), retriever)
     steps_b, steps_1 = (sum(len(r["steps"]) for r in recs) for recs in (recs_b, recs_1))
@@ -68,8 +79,12 @@ def main() -> None:
                     ">= 5x one at a time", tps_b >= 5 * tps_1))
     rows.append(row("batched_stepping_steps_per_s", steps_b / wall_b, "steps/s", "one_at_a_time", steps_1 / wall_1,
                     "(informational)", None))
+    return rows
 
-    sag_ex = examples[: args.sag_questions]
+
+def sag_n8_vs_n1(model, sag_ex, base: dict, prof, retriever) -> list[dict]:
+    """Bar: a SAG step with N=8 candidates (generation and execution) <= 2.5x the wall of an N=1 step."""
+    rows = []
     sampling = dict(temperature=prof.sag_temperature, top_p=prof.sag_top_p, batch_size=1)
     wall_s1, recs_s1, _ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=1), retriever)
     wall_s8, recs_s8, _ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=8), retriever)
@@ -83,7 +98,7 @@ def main() -> None:
     med = [statistics.median(s["duration_s"] for r in recs for s in r["steps"]) for recs in (recs_s1, recs_s8)]
     rows.append(row("sag_n8_step_median_gen_exec", med[1], "s/step", "n1_step_median_gen_exec", med[0],
                     "(informational: median, robust to load spikes on a shared machine)", None))
-    write_rows("bench_agent", rows)
+    return rows
 
 
 if __name__ == "__main__":

@@ -39,3 +39,31 @@ def test_agent_methods_batch_all_benchmarks(tmp_path):
     assert len(model.calls) == 1 and len(model.calls[0]["conversations"]) == 2  # one batch, both benchmarks
     again = pipeline.evaluate_method(get_profile("smoke"), "untuned_agent", model, None, sets, tmp_path, progress=False)
     assert again == recs and len(model.calls) == 1  # resumed from untuned_agent__all.jsonl
+
+
+def test_training_question_ids_are_unique_across_sets():
+    # cpu and paper draw MATH training questions from two files that both number rows from 0
+    for name in ("cpu", "paper"):
+        p = get_profile(name)
+        sets = pipeline.training_sets(p)
+        ids = [ex.id for exs in sets.values() for ex in exs]
+        assert len(ids) == len(set(ids)) == sum(count for *_, count in p.train_factual + p.train_math)
+    cpu = pipeline.training_sets(get_profile("cpu"))["math"]
+    assert [ex.id for ex in cpu] == ["0", "1", "2", "math/0"]  # the first set keeps its ids (published runs resume)
+    assert cpu[0].question != cpu[3].question
+
+
+def test_results_table_rows_follow_the_papers_method_order():
+    from agentlib.data import Example
+
+    sets = {"math500": [Example("0", "q", "1", domain="math")], "hotpotqa": [Example("a", "q", "x"), Example("b", "q", "y")]}
+    recs = [{"method": m, "benchmark": b, "score": s, "prediction": "x", "gold": "x"}
+            for m in ("zz_custom", "agent_distill", "untuned_cot")
+            for b, s in (("hotpotqa", 1.0), ("hotpotqa", 0.0), ("math500", 1.0))]  # fmt: skip
+    t = pipeline.results_table(recs, get_profile("smoke"), sets)
+    per_bench = t[~t.benchmark.str.endswith("_avg")]
+    assert list(per_bench.method) == ["untuned_cot"] * 2 + ["agent_distill"] * 2 + ["zz_custom"] * 2
+    assert list(per_bench.benchmark[:2]) == ["math500", "hotpotqa"]  # the profile's benchmark order
+    overall = t[t.benchmark == "overall_avg"].set_index("method")
+    assert list(overall.index) == ["untuned_cot", "agent_distill", "zz_custom"]
+    assert overall.score["agent_distill"] == 75.0 and overall.n["agent_distill"] == 3  # mean of 50 and 100

@@ -39,7 +39,7 @@ def test_table_rows_follow_method_order_with_intervals_and_paper(figs):
     agent = next(i for i, ln in enumerate(lines) if ln.startswith("| `agent_distill`"))
     assert cot < agent  # pipeline.METHODS order, not the CSV's
     assert "| 40.0 [30.0, 50.0] |" in lines[agent] and lines[agent].endswith("| 19.24 |")
-    assert "Wall time (written by the run; 15.0 min in all)" in md
+    assert "Wall time (written by the run; 15.0 min in all;" in md
 
 
 def test_readme_block_is_replaced_and_missing_files_fail(figs, tmp_path):
@@ -52,3 +52,29 @@ def test_readme_block_is_replaced_and_missing_files_fail(figs, tmp_path):
     (figs / "results_cpu.csv").unlink()
     with pytest.raises(FileNotFoundError, match="make reproduce"):
         report.results_markdown("cpu")
+
+
+def test_timing_sums_every_invocation_of_a_run(figs, tmp_path, monkeypatch):
+    from agentlib import reproduce
+
+    monkeypatch.setattr(reproduce, "figures_dir", lambda: tmp_path)
+    # an old-format timing.json (one invocation), then a resumed invocation with an interrupted notebook
+    (tmp_path / "timing.json").write_text('{"notebooks": [{"notebook": "01.ipynb", "wall_s": 100.0, "peak_rss_mb": 900}]}')
+    later = {"started": "t", "notebooks": [
+        {"notebook": "01.ipynb", "wall_s": 5.5, "peak_rss_mb": 700, "status": "ok"},
+        {"notebook": "02.ipynb", "wall_s": 30.0, "peak_rss_mb": 2000, "status": "interrupted"}]}  # fmt: skip
+    summary = reproduce.write_timing(tmp_path, "cpu", reproduce._history(tmp_path / "timing.json") + [later])
+    assert summary["total_wall_s"] == 135.5
+    assert summary["notebooks"] == [{"notebook": "01.ipynb", "wall_s": 105.5, "peak_rss_mb": 900, "runs": 2},
+                                    {"notebook": "02.ipynb", "wall_s": 30.0, "peak_rss_mb": 2000, "runs": 1}]
+    assert len(reproduce._history(tmp_path / "timing.json")) == 2  # the history survives the rewrite
+    md = report.results_markdown("cpu")
+    assert "| 01.ipynb | 1.8 | 900 | 2 |" in md and "2.3 min in all" in md
+
+
+def test_zero_width_intervals_are_called_out(figs):
+    assert "zero-width" not in report.results_markdown("cpu")
+    rows = list(csv.DictReader((figs / "results_cpu.csv").open()))
+    rows[0].update(score=0, ci_low=0, ci_high=0, n=3)  # 0 of 3 correct: every resample is 0
+    _write(figs / "results_cpu.csv", rows)
+    assert "1 of 10 cells have a zero-width interval: within every benchmark" in report.results_markdown("cpu")

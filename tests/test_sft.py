@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -229,6 +230,9 @@ def test_qlora_steps_on_cpu(tiny, tmp_path):
     changed = train(SFTConfig(**{**cfg.__dict__, "max_steps": 1}), records, tiny, tmp_path / "adapter",
                     progress=False)
     assert not changed.skipped and len(changed.losses) == 1
+    # the logged rate is the one the step used: a one-step run trains at the full rate (warmup of 1 step)
+    with (tmp_path / "adapter" / "loss.csv").open() as f:
+        assert [float(r["lr"]) for r in csv.DictReader(f)] == [pytest.approx(1e-3)]
 
 
 def test_config_from_profile():

@@ -113,9 +113,11 @@ def test_plots_write_png(tmp_path):
     })  # fmt: skip
     fig = viz.plot_accuracy_bars(df, tmp_path / "bars.png")
     _png(tmp_path / "bars.png")
-    heights = sorted(round(p.get_height(), 3) for p in fig.axes[0].patches)
-    assert heights == [0.2, 0.3, 0.35, 0.4]
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["hotpotqa\n(n=40)", "math500\n(n=30)"]
+    # one panel per benchmark; in each, one bar per method, top to bottom in the table's order
+    assert [ax.get_title() for ax in fig.axes] == ["hotpotqa (n=40)", "math500 (n=30)"]
+    widths = [[round(b.get_width(), 3) for b in sorted(ax.patches, key=lambda b: -b.get_y())] for ax in fig.axes]
+    assert widths == [[0.2, 0.35], [0.3, 0.4]]
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["cot", "agent"]  # the first method on top
 
     fig = viz.plot_sweep([1, 2, 4, 8], [0.2, 0.25, 0.3, 0.31], [(0.1, 0.3)] * 4, tmp_path / "sweep.png",
                          "SAG N", "EM")
