@@ -305,11 +305,12 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
     by = {}
     for r in records:
         by.setdefault((r["method"], r["benchmark"]), []).append(r)
-    order = {m: i for i, m in enumerate(METHODS)}  # the paper's row order; other methods after, by name
-    bench_order = {b: i for i, b in enumerate(sets)}
+    def rank(names: Sequence[str], name: str) -> tuple[int, str]:  # listed names first, in their order
+        return (names.index(name) if name in names else len(names), name)
+
+    benches = list(sets)
     rows = []
-    for (method, bench), recs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], len(order)), kv[0][0],
-                                                                    bench_order.get(kv[0][1], len(sets)), kv[0][1])):
+    for (method, bench), recs in sorted(by.items(), key=lambda kv: (rank(METHODS, kv[0][0]), rank(benches, kv[0][1]))):
         scores = [float(r["score"]) for r in recs]
         mean, lo, hi = bootstrap_ci(scores)
         row = {"method": method, "benchmark": bench, "score": 100 * mean, "ci_low": 100 * lo, "ci_high": 100 * hi,
@@ -317,7 +318,7 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
         if domain.get(bench) == "factual":
             row["f1"] = 100 * sum(f1(r.get("prediction"), [r["gold"]]) for r in recs) / len(recs)
         rows.append(row)
-    for method in sorted({m for m, _ in by}, key=lambda m: (order.get(m, len(order)), m)):
+    for method in sorted({m for m, _ in by}, key=lambda m: rank(METHODS, m)):  # the paper's row order
         for avg, keep in (("factual_avg", {"factual"}), ("math_avg", {"math"}), ("overall_avg", {"factual", "math"})):
             groups = [[float(r["score"]) for r in by[(method, b)]] for b in sets if (method, b) in by and domain[b] in keep]
             if not groups:

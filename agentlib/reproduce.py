@@ -29,9 +29,10 @@ def notebooks(pattern: str = "0*.ipynb") -> list[Path]:
     return sorted((ROOT / "notebooks").glob(pattern))
 
 
-def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, **params) -> dict:
-    """Execute one notebook with papermill; return its timing record (re-raises a failing cell or an
-    interrupt after recording it in ``record["status"]``; see `main`)."""
+def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, log: list[dict] | None = None,
+                 **params) -> dict:
+    """Execute one notebook with papermill; return its timing record. The record is also appended to ``log``
+    when given, even when a cell fails or the run is interrupted (``status`` says which; the error propagates)."""
     import papermill as pm
 
     out = out_dir / path.name
@@ -48,12 +49,11 @@ def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, **params)
         raise
     finally:
         peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        _LAST[path.name] = {"notebook": path.name, "wall_s": round(time.time() - t0, 1),
-                            "peak_rss_mb": round(peak_kb / 1024), "status": status}  # fmt: skip
-    return _LAST[path.name]
-
-
-_LAST: dict[str, dict] = {}  # the latest record per notebook, kept when a notebook raises
+        record = {"notebook": path.name, "wall_s": round(time.time() - t0, 1), "peak_rss_mb": round(peak_kb / 1024),
+                  "status": status}  # fmt: skip
+        if log is not None:
+            log.append(record)
+    return record
 
 
 def totals(invocations: list[dict]) -> list[dict]:
@@ -112,11 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and not any(nb.name.startswith(p) for p in args.only):
                 continue
             print(f"== {nb.name} (profile {args.profile})", flush=True)
-            try:
-                rec = run_notebook(nb, args.profile, args.kernel, out_dir)
-            finally:
-                if nb.name in _LAST:
-                    current["notebooks"].append(_LAST.pop(nb.name))
+            rec = run_notebook(nb, args.profile, args.kernel, out_dir, log=current["notebooks"])
             print(f"== {nb.name}: {rec['wall_s']} s, peak RSS {rec['peak_rss_mb']} MB", flush=True)
     finally:  # a failed or interrupted notebook still counts towards the run's time
         summary = write_timing(out_dir, args.profile, invocations)

@@ -215,7 +215,7 @@ def plot_accuracy_bars(df: Any, path: str | Path, title: str = "") -> Any:
     ncols = min(len(benches), 5)
     nrows = -(-len(benches) // ncols)
     fig = Figure(figsize=(2.6 * ncols + 1.6, 0.28 * len(methods) * nrows + 0.9 * nrows + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)).ravel()
+    axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
     y = np.arange(len(methods))[::-1]
     colors = [f"C{k % 10}" for k in range(len(methods))]
     for ax, bench in zip(axes, benches, strict=False):

@@ -3,8 +3,8 @@
 Trajectories are built from real data in the cpu profile's shape: HotpotQA questions with 1-5 search
 steps whose observations are 3 real mini-corpus passages cut to 600 characters (``Doc i (Title: ...)``),
 and math questions whose observations are short printed values, under the student's short system prompt,
-truncated at the cpu profile's agent max length. The same LoRA model (SmolLM2-135M, r=16; bf16 where the CPU has it, else fp32) trains the
-same examples in each mode; tokens/s counts real (unpadded) tokens through forward + backward + step.
+truncated at the cpu profile's agent max length. The same LoRA model (SmolLM2-135M, r=16; bf16 where the CPU
+has it, else fp32) trains the same examples in each mode; tokens/s counts real (unpadded) tokens through forward + backward + step.
 References: naive padding of every example to max_length (the bar: >= 1.5x), and dynamic padding to the
 longest example of a random micro-batch (reported for information).
 
