@@ -486,6 +486,8 @@ def run_agent(
     done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
     queue = deque(ex for ex in examples if str(ex.id) not in done)
     writer = JsonlWriter(out_path) if out_path else None
+    if queue and hasattr(model, "prime"):  # every trajectory opens with the same system prompt
+        model.prime([{"role": "system", "content": system}])
     bar = _progress(len(queue), progress)
     active: list[_Trajectory] = []
     try:
@@ -554,7 +556,13 @@ def make_prefixes(
         chunk = examples[i : i + batch_size]
         convs = [[{"role": "system", "content": p["ftp_system"]},
                   {"role": "user", "content": render(p["ftp_user"], question=ex.question)}] for ex in chunk]
-        texts = model.chat_batch(convs, n=1, temperature=temperature, max_tokens=max_tokens)
+        # only the first paragraph is kept, so generation stops at the first blank line (unless it opens with one)
+        texts = model.chat_batch(convs, n=1, temperature=temperature, max_tokens=max_tokens, stop=["\n\n"])
+        empty = [i for i, t in enumerate(texts) if not t[0].strip()]
+        if empty:
+            again = model.chat_batch([convs[i] for i in empty], n=1, temperature=temperature, max_tokens=max_tokens)
+            for i, t in zip(empty, again, strict=True):
+                texts[i] = t
         for ex, t in zip(chunk, texts, strict=True):
             if prefix := first_thought_prefix(t[0]):
                 out[str(ex.id)] = prefix

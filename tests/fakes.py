@@ -47,6 +47,10 @@ class ScriptedModel:
         self.calls: list[dict] = []
         self.usage = Usage()
         self.fail_on_call = fail_on_call
+        self.primed: list[list[dict]] = []
+
+    def prime(self, messages: list[dict]) -> None:
+        self.primed.append(list(messages))
 
     def chat(self, messages: list[dict], n: int = 1, prefix: str | None = None, **kw: Any) -> list[str]:
         return self.chat_batch([messages], n=n, prefixes=[prefix], **kw)[0]

@@ -179,6 +179,25 @@ def test_first_thought_prefix():
     assert len(first_thought_prefix(long, max_chars=100)) <= 100 and first_thought_prefix(long).endswith(".")
 
 
+def test_run_primes_the_shared_system_prompt_once_and_not_when_all_done(tmp_path):
+    model = ScriptedModel(lambda conv, prefix, i: turn("done", "final_answer('x')"))
+    examples = [Ex(str(i), f"Question {i}?", "x") for i in range(3)]
+    run(model, examples, out_path=tmp_path / "t.jsonl")
+    assert model.primed == [[model.calls[0]["conversations"][0][0]]]  # the system message, once
+    assert model.primed[0][0]["role"] == "system"
+    run(model, examples, out_path=tmp_path / "t.jsonl")  # resumed: nothing left to run, nothing primed
+    assert len(model.primed) == 1
+
+
+def test_make_prefixes_stops_at_the_blank_line_and_retries_a_leading_one():
+    model = ScriptedModel(lambda conv, prefix, i: "\n\nLate start.\n\nrest" if "Bob" in conv[-1]["content"]
+                          else "Plan: look it up.\n\nrest")
+    prefixes = make_prefixes(model, [Ex("1", "When was Ada born?", "1815"), Ex("2", "Who is Bob?", "b")])
+    assert prefixes == {"1": "Plan: look it up.", "2": "Late start."}
+    assert model.calls[0]["stop"] == ["\n\n"] and model.calls[1]["stop"] is None
+    assert len(model.calls[1]["conversations"]) == 1  # only the empty one is asked again
+
+
 def test_ftp_prefix_forced_in_first_turn_only():
     para = "I need the birth year of Ada Lovelace."
     cot = ScriptedModel(lambda conv, prefix, i: f"{para}\n\nShe was born in 1815.\n<answer>1815</answer>")

@@ -374,3 +374,28 @@ def test_pool_two_real_servers_spread_and_kill_one(two_servers):
     assert stats[b.base_url]["errors"] >= 1
     # every request answered exactly once: 8 warm-up + 24 successful responses in all
     assert stats[a.base_url]["requests"] + stats[b.base_url]["requests"] == 32
+
+
+@pytest.mark.slow
+def test_prime_puts_the_shared_prefix_in_the_prompt_cache(two_servers):
+    """Four conversations that start together each prefill a shared system prompt; after `prime`, one of
+    them (the one on the primed slot) takes it from the cache. llama.cpp keeps the cache per slot."""
+
+    def system(tag: str) -> list[dict[str, str]]:
+        text = " ".join(f"Rule {i} of the {tag} handbook: answer briefly and cite the page." for i in range(40))
+        return [{"role": "system", "content": text}]
+
+    def cached(model: OpenAIModel, tag: str, primed: bool) -> tuple[int, int]:
+        convs = [[*system(tag), {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(4)]
+        if primed:
+            model.prime(system(tag))
+        model.usage.reset()
+        model.chat_batch(convs, max_tokens=4)
+        return model.usage.cached_tokens, model.usage.prompt_tokens // 4
+
+    with OpenAIModel(two_servers[0].base_url, max_concurrency=4) as m:
+        cold, per_conv = cached(m, "plain", primed=False)
+        warm, _ = cached(m, "primed", primed=True)
+    assert per_conv > 500
+    assert cold < 50, cold  # nothing cached for a new prompt (at most the template's first tokens)
+    assert per_conv - 30 <= warm < 2 * per_conv, (warm, per_conv)  # one conversation reused ~all of it
