@@ -260,6 +260,32 @@ def _zygote(preload: tuple[str, ...]) -> _Zygote:
         return z
 
 
+_DIR_PREFIX = "agentlib-sandbox-"  # + "<pid of the owning process>-" + random: see `sweep_stale_dirs`
+_SWEPT = False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_dirs(tmp: str | os.PathLike | None = None) -> int:
+    """Remove sandbox directories whose owning process is gone (killed before `Sandbox.close` ran: a
+    SIGKILLed kernel, a stopped run). Returns how many were removed. Runs once per process by itself."""
+    removed = 0
+    for path in Path(tmp or tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        pid = path.name[len(_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += not path.exists()
+    return removed
+
+
 @atexit.register
 def _close_zygotes() -> None:
     for z in _ZYGOTES.values():
@@ -303,7 +329,11 @@ class Sandbox:
         self.max_parallel = max(1, max_parallel or os.cpu_count() or 1)
         self._preload = tuple(preload)
         self._root = os.geteuid() == 0
-        self._base = tempfile.mkdtemp(prefix="agentlib-sandbox-")
+        global _SWEPT
+        if not _SWEPT:
+            _SWEPT = True
+            sweep_stale_dirs()
+        self._base = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         self._cfg = {
             "memory_mb": int(memory_mb), "max_output_chars": int(max_output_chars),
             "max_answer_chars": int(max_answer_chars), "file_size_mb": int(file_size_mb),

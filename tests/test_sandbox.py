@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agentlib.sandbox import ExecResult, Sandbox, SandboxError, _zygote
+from agentlib.sandbox import ExecResult, Sandbox, SandboxError, _zygote, sweep_stale_dirs
 
 
 @pytest.fixture
@@ -244,3 +244,25 @@ def test_nothing_outlives_close_across_200_sandboxes():
     assert _descendants() == procs
     assert _open_fds() == fds
     assert _temp_dirs() == dirs
+
+
+def test_sweep_removes_only_dirs_of_dead_owners(tmp_path):
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid is free now
+    dead = tmp_path / f"agentlib-sandbox-{gone.pid}-abc"
+    live = tmp_path / f"agentlib-sandbox-{os.getppid()}-def"
+    legacy = tmp_path / "agentlib-sandbox-xyz"  # no owner recorded: left alone
+    for d in (dead, live, legacy):
+        (d / "work1").mkdir(parents=True)
+    assert sweep_stale_dirs(tmp_path) == 1
+    assert not dead.exists() and live.exists() and legacy.exists()
+
+
+def test_sandbox_dir_names_its_owner_and_is_removed_on_close():
+    with Sandbox() as box:
+        base = box._base
+        assert os.path.basename(base).startswith(f"agentlib-sandbox-{os.getpid()}-")
+        assert os.path.isdir(base)
+    assert not os.path.exists(base)
