@@ -108,7 +108,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
-        expected_wall="~114 min on 2 AVX2 cores (measured 2026-12-01; the target is <= 90)",
+        expected_wall="~103 min on 2 AVX2 cores (measured 2026-12-01, one invocation; the target is <= 90)",
         teacher="qwen2.5-coder-1.5b",
         teacher_backend="llamacpp",
         teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops
