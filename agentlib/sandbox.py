@@ -18,6 +18,7 @@ outside the working directory. ``run_candidates`` forks the worker once per cand
 from __future__ import annotations
 
 import atexit
+import functools
 import io
 import os
 import pickle
@@ -261,7 +262,6 @@ def _zygote(preload: tuple[str, ...]) -> _Zygote:
 
 
 _DIR_PREFIX = "agentlib-sandbox-"  # + "<pid of the owning process>-" + random: see `sweep_stale_dirs`
-_SWEPT = False
 
 
 def _alive(pid: int) -> bool:
@@ -269,8 +269,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, owned by someone else
+        pass
     return True
 
 
@@ -280,10 +280,13 @@ def sweep_stale_dirs(tmp: str | os.PathLike | None = None) -> int:
     removed = 0
     for path in Path(tmp or tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
         pid = path.name[len(_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+        if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed += not path.exists()
     return removed
+
+
+_sweep_once = functools.cache(sweep_stale_dirs)
 
 
 @atexit.register
@@ -329,10 +332,7 @@ class Sandbox:
         self.max_parallel = max(1, max_parallel or os.cpu_count() or 1)
         self._preload = tuple(preload)
         self._root = os.geteuid() == 0
-        global _SWEPT
-        if not _SWEPT:
-            _SWEPT = True
-            sweep_stale_dirs()
+        _sweep_once()
         self._base = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
         self._cfg = {
             "memory_mb": int(memory_mb), "max_output_chars": int(max_output_chars),
