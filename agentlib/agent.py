@@ -5,6 +5,9 @@ each step the model writes ``Thought: ... Code: ```py ... ```<end_code>``; the c
 question's own :class:`agentlib.sandbox.Sandbox`; the observation (stdout, error) is the next user
 turn, starting with ``Observation:``. At most ``max_steps`` steps; then the model is asked once more for
 a final answer and the record is marked ``hit_step_limit``. Parse failures become observations.
+With ``stop_on_repeat`` (a departure from the paper, on in the CPU profiles), a step that repeats the
+previous one -- the same code (or unparseable text) and the same observation -- ends the loop the same
+way: the model is asked once for a final answer and the record is marked ``stopped_on_repeat``.
 
 Batched stepping: up to ``batch_size`` unfinished questions advance together, one ``chat_batch`` call
 per step; a finished question's slot is refilled from the queue.
@@ -19,7 +22,7 @@ error becomes the observation.
 Record (one JSON line per question): id, benchmark, question, gold, method, messages (OpenAI chat
 format), steps [{thought, code, observation, error, parse_error, duration_s, gen_s, exec_s,
 prompt_tokens, completion_tokens, candidates [{code, outcome, error, votes, chosen}]}], prediction,
-score, parse_errors, hit_step_limit, used_prefix, prefix, sag_n. Per-step token counts and generation
+score, parse_errors, hit_step_limit, stopped_on_repeat, used_prefix, prefix, sag_n. Per-step token counts and generation
 time are the batch call's totals shared out by characters (prompt, completion) and evenly (time).
 """
 
@@ -180,6 +183,7 @@ class AgentConfig:
     exec_timeout_s: float = 10.0
     memory_mb: int = 1024
     method: str = "agent"
+    stop_on_repeat: bool = False  # end a loop that repeats its previous step (not in the paper)
 
     @classmethod
     def teacher(cls, **kw: Any) -> AgentConfig:
@@ -362,6 +366,7 @@ class _Trajectory:
         self.prediction: str | None = None
         self.parse_errors = 0
         self.hit_step_limit = False
+        self.stopped_on_repeat = False
         self.final_round = False
         self.done = False
 
@@ -413,7 +418,21 @@ def _apply(t: _Trajectory, action: Action, config: AgentConfig) -> dict:
     elif len(t.steps) >= config.max_steps:
         t.hit_step_limit = t.final_round = True  # ask once more, in the same user turn (roles alternate)
         t.messages[-1]["content"] += "\n\n" + prompts("codeact")["max_steps"]
+    elif config.stop_on_repeat and repeats_previous(t.steps):
+        t.stopped_on_repeat = t.final_round = True
+        t.messages[-1]["content"] += "\n\n" + prompts("codeact")["repeated_step"]
     return step
+
+
+def repeats_previous(steps: Sequence[dict]) -> bool:
+    """Whether the last step repeats the one before: same code (or, unparsed, same text), same observation."""
+    if len(steps) < 2:
+        return False
+
+    def key(s: dict) -> tuple:
+        return (s.get("code") or s.get("thought") or "").strip(), s.get("observation")
+
+    return key(steps[-1]) == key(steps[-2])
 
 
 def _record(t: _Trajectory, config: AgentConfig, score_fn: Callable) -> dict:
@@ -430,6 +449,7 @@ def _record(t: _Trajectory, config: AgentConfig, score_fn: Callable) -> dict:
         "score": float(score_fn(t.prediction, ex)),
         "parse_errors": t.parse_errors,
         "hit_step_limit": t.hit_step_limit,
+        "stopped_on_repeat": t.stopped_on_repeat,
         "used_prefix": t.prefix is not None,
         "prefix": t.prefix,
         "sag_n": config.n_samples,

@@ -118,14 +118,16 @@ def _batch(backend: str, n_samples: int = 1) -> int:
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
                 max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars,
-                batch_size=_batch(p.teacher_backend), method="teacher", short_prompt=p.teacher_short_prompt)  # fmt: skip
+                batch_size=_batch(p.teacher_backend), method="teacher", short_prompt=p.teacher_short_prompt,
+                stop_on_repeat=p.stop_on_repeat)  # fmt: skip
     return AgentConfig.teacher(**{**base, **kw})
 
 
 def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
     n_samples = kw.get("n_samples", p.sag_n) if sag else 1
     base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k,
-                search_chars=p.passage_chars, batch_size=_batch(p.student_backend, n_samples))  # fmt: skip
+                search_chars=p.passage_chars, batch_size=_batch(p.student_backend, n_samples),
+                stop_on_repeat=p.stop_on_repeat)  # fmt: skip
     if sag:
         base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)
         return AgentConfig.sag(**{**base, **kw})
@@ -209,6 +211,7 @@ def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
             "questions_with_kept": len(solved), "yield_pct": 100 * len(solved) / max(1, len(questions)),
             "parse_error_rate": 100 * s.get("parse_error_rate", 0.0),
             "step_limit_rate": 100 * s.get("step_limit_rate", 0.0),
+            "repeat_stop_rate": 100 * s.get("repeat_stop_rate", 0.0),
             "mean_steps": s.get("mean_steps", 0.0), "mean_search_calls": s.get("mean_search_calls", 0.0),
             "tokens_per_s": s.get("tokens_per_s"),
         })  # fmt: skip

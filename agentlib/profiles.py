@@ -60,6 +60,7 @@ class Profile:
     teacher_short_prompt: bool = False  # the student's short system prompt (319 tokens, not 1.8k) for the teacher
     sft_max_steps: int | None = None  # cap on optimizer steps (smoke runs)
     train_unfiltered_if_empty: bool = False  # smoke: exercise SFT even when the tiny teacher solves nothing
+    stop_on_repeat: bool = False  # end an agent loop at a step that repeats the previous one (not in the paper)
     # ablations
     sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
     k_sweep: tuple[int, ...] = (1, 3, 5)
@@ -102,6 +103,7 @@ PROFILES: dict[str, Profile] = {
                           load_in_4bit=False),  # fmt: skip
         sft_max_steps=3,
         train_unfiltered_if_empty=True,
+        stop_on_repeat=True,
         sag_sweep=(1, 2),
         k_sweep=(1, 2),
     ),
@@ -135,6 +137,9 @@ PROFILES: dict[str, Profile] = {
         answerable_only=True,
         lora=LoRASettings(r=16, alpha=32, epochs=1, grad_accum=2, max_length_agent=1024, max_length_cot=768,
                           load_in_4bit=False),  # fmt: skip
+        # In the previous run 8 of 18 teacher and 28 of 40 student agent trajectories repeated a step (same
+        # code, same observation) and ran on into the step limit; the steps after the repeat took ~25 of 103 min.
+        stop_on_repeat=True,
         sft_max_steps=2,  # <= 4 trajectories per student: fp32 LoRA trains ~31 tokens/s on 2 AVX2 cores
         # The teacher keeps its few-shot prompt: on the short zero-shot prompt the 1.5B wrote its own
         # `search` with `requests` and read made-up files. Its 1.9k tokens are prefilled once per server

@@ -58,10 +58,11 @@ def results_markdown(profile: str = "cpu") -> str:
     if summary.exists():
         rows = [r for r in _rows(summary) if r["method"] in methods and float(r.get("mean_steps") or 0) > 0]
         out += ["", "Student behaviour (agent methods, all benchmarks pooled; rates in %):", "",
-                _md(["method", "parse-error rate", "step-limit rate", "mean steps", "mean search calls",
-                     "decode tokens/s"],
+                _md(["method", "parse-error rate", "step-limit rate", "repeat-stop rate", "mean steps",
+                     "mean search calls", "decode tokens/s"],
                     [[f"`{r['method']}`", f"{100 * float(r['parse_error_rate']):.0f}",
-                      f"{100 * float(r['step_limit_rate']):.0f}", f"{float(r['mean_steps']):.2f}",
+                      f"{100 * float(r['step_limit_rate']):.0f}",
+                      f"{100 * float(r.get('repeat_stop_rate') or 0):.0f}", f"{float(r['mean_steps']):.2f}",
                       f"{float(r['mean_search_calls']):.2f}",
                       f"{float(r['tokens_per_s']):.1f}" if r.get("tokens_per_s") else ""]
                      for r in sorted(rows, key=lambda r: methods.index(r["method"]))])]  # fmt: skip
@@ -70,9 +71,11 @@ def results_markdown(profile: str = "cpu") -> str:
         out += ["", "Teacher (training questions; accuracy of the greedy sample, yield = questions with ≥ 1 kept "
                 "trajectory over all samples):", "",
                 _md(["run", "questions", "trajectories", "greedy accuracy %", "kept", "yield %",
-                     "parse-error %", "mean steps", "mean search calls", "decode tokens/s"],
+                     "parse-error %", "step-limit %", "repeat-stop %", "mean steps", "mean search calls",
+                     "decode tokens/s"],
                     [[r["run"], r["questions"], r["trajectories"], f"{float(r['accuracy_greedy']):.1f}", r["kept"],
                       f"{float(r['yield_pct']):.1f}", f"{float(r['parse_error_rate']):.0f}",
+                      f"{float(r.get('step_limit_rate') or 0):.0f}", f"{float(r.get('repeat_stop_rate') or 0):.0f}",
                       f"{float(r['mean_steps']):.2f}", f"{float(r['mean_search_calls']):.2f}",
                       f"{float(r['tokens_per_s']):.1f}" if r.get("tokens_per_s") else ""]
                      for r in _rows(teacher)])]  # fmt: skip

@@ -2,7 +2,8 @@
 
 ``python -m agentlib.reproduce --profile cpu`` (what ``make reproduce`` calls) executes
 ``notebooks/0*.ipynb`` into ``runs/<profile>/`` (executed copies, never committed) with the
-``profile`` parameter, and writes the wall time and peak memory of each notebook to
+``profile`` parameter, and writes the wall time and peak memory of each notebook (the peak of the
+summed RSS of the processes it started -- kernel, model servers, sandboxes -- sampled every 0.5 s) to
 ``runs/<profile>/timing.json`` and ``figures/timing_<profile>.csv``. The notebooks themselves
 resume (trajectory JSONL files skip finished ids; trained adapters are kept), so a run that
 stops midway picks up where it left off when started again. Timing accumulates over the
@@ -17,8 +18,8 @@ import csv
 import json
 import os
 import platform
-import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,6 +28,49 @@ from agentlib.paths import ROOT, figures_dir, runs_dir
 
 def notebooks(pattern: str = "0*.ipynb") -> list[Path]:
     return sorted((ROOT / "notebooks").glob(pattern))
+
+
+class PeakTreeRSS:
+    """Samples the summed resident memory of this process's descendants every ``interval`` seconds.
+
+    ``getrusage(RUSAGE_CHILDREN)`` cannot tell notebooks apart: it is the largest child of the whole
+    process so far, so a training notebook's peak showed up again in every notebook after it.
+    """
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self) -> int:
+        import psutil
+
+        total = 0
+        for p in psutil.Process().children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:  # exited between listing and reading
+                pass
+        self.peak_bytes = max(self.peak_bytes, total)
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self) -> PeakTreeRSS:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def peak_mb(self) -> int:
+        return round(self.peak_bytes / 2**20)
 
 
 def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, log: list[dict] | None = None,
@@ -38,18 +82,19 @@ def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, log: list
     out = out_dir / path.name
     t0 = time.time()
     status = "interrupted"
+    memory = PeakTreeRSS()
     try:
-        pm.execute_notebook(
-            str(path), str(out), parameters={"profile": profile, **params}, kernel_name=kernel,
-            cwd=str(path.parent), progress_bar=False, log_output=True, request_save_on_cell_execute=True,
-        )  # fmt: skip
+        with memory:
+            pm.execute_notebook(
+                str(path), str(out), parameters={"profile": profile, **params}, kernel_name=kernel,
+                cwd=str(path.parent), progress_bar=False, log_output=True, request_save_on_cell_execute=True,
+            )  # fmt: skip
         status = "ok"
     except Exception:
         status = "failed"
         raise
     finally:
-        peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        record = {"notebook": path.name, "wall_s": round(time.time() - t0, 1), "peak_rss_mb": round(peak_kb / 1024),
+        record = {"notebook": path.name, "wall_s": round(time.time() - t0, 1), "peak_rss_mb": memory.peak_mb,
                   "status": status}  # fmt: skip
         if log is not None:
             log.append(record)

@@ -65,10 +65,11 @@ class JsonlWriter:
 
 
 def filter_trajectories(records: Iterable[dict]) -> list[dict]:
-    """Training data: correct answer, no code-parsing error, step limit not hit.
+    """Training data: correct answer, no code-parsing error, step limit not hit, no repeated step.
 
     Execution errors that the model recovered from (it still answered correctly) are kept, as in the
-    paper. Unlike the paper's code, the step-limit check is real: ``hit_step_limit`` records are dropped.
+    paper. Unlike the paper's code, the step-limit check is real: ``hit_step_limit`` records are dropped,
+    and so are ``stopped_on_repeat`` ones (a loop that was cut short instead of running into the limit).
     """
     return [
         r
@@ -77,6 +78,7 @@ def filter_trajectories(records: Iterable[dict]) -> list[dict]:
         and float(r.get("score", 0.0)) >= 1.0
         and int(r.get("parse_errors", 0)) == 0
         and not r.get("hit_step_limit", False)
+        and not r.get("stopped_on_repeat", False)
     ]
 
 
@@ -86,7 +88,7 @@ def search_calls(record: dict) -> int:
 
 
 def summarize(records: list[dict]) -> dict:
-    """Accuracy, parse-error rate (share of trajectories with >= 1), step-limit rate, mean steps,
+    """Accuracy, parse-error rate (share of trajectories with >= 1), step-limit rate, repeat-stop rate, mean steps,
     mean search calls, execution-error rate (share of steps) and generation throughput."""
     n = len(records)
     if n == 0:
@@ -99,6 +101,7 @@ def summarize(records: list[dict]) -> dict:
         "accuracy": sum(float(r.get("score", 0.0)) for r in records) / n,
         "parse_error_rate": sum(int(r.get("parse_errors", 0)) > 0 for r in records) / n,
         "step_limit_rate": sum(bool(r.get("hit_step_limit")) for r in records) / n,
+        "repeat_stop_rate": sum(bool(r.get("stopped_on_repeat")) for r in records) / n,
         "mean_steps": len(steps) / n,
         "mean_search_calls": sum(search_calls(r) for r in records) / n,
         "exec_error_rate": (sum(s.get("error") is not None for s in steps) / len(steps)) if steps else 0.0,

@@ -93,6 +93,8 @@ def render_trajectory(record: dict) -> str:
     flags = []
     if record.get("hit_step_limit"):
         flags.append("hit the step limit")
+    if record.get("stopped_on_repeat"):
+        flags.append("stopped on a repeated step")
     if record.get("parse_errors"):
         flags.append(f"{record['parse_errors']} parse error(s)")
     foot = (

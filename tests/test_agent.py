@@ -18,6 +18,7 @@ from agentlib.agent import (
     make_prefixes,
     observation,
     parse_step,
+    repeats_previous,
     run_agent,
     run_cot,
     select_action,
@@ -157,6 +158,38 @@ def test_step_limit_free_text_answer():
         "Final answer: Paris" if "maximum number of steps" in conv[-1]["content"] else turn("t", "print(1)")))
     (r,) = run(model, [Ex("1", "q", "Paris")], AgentConfig(max_steps=1))
     assert r["prediction"] == "Paris" and r["hit_step_limit"] and r["parse_errors"] == 1
+
+
+def test_repeated_step_stops_the_loop_when_asked():
+    def reply(conv, prefix, i):
+        if "repeated the previous one" in conv[-1]["content"]:
+            return turn("done", "final_answer('late')")
+        return turn("again", "print(search('x'))")
+
+    (r,) = run(ScriptedModel(reply), [Ex("1", "q", "late")], AgentConfig(max_steps=5, stop_on_repeat=True))
+    assert r["stopped_on_repeat"] and not r["hit_step_limit"]
+    assert r["prediction"] == "late" and len(r["steps"]) == 3  # two identical steps, then the answer
+    assert r["messages"][-2]["content"].startswith("Observation:")
+    assert r["messages"][-2]["content"].endswith("calls final_answer(...).")
+    assert filter_trajectories([r]) == []  # correct, but looped
+    (off,) = run(ScriptedModel(reply), [Ex("1", "q", "late")], AgentConfig(max_steps=5))
+    assert not off["stopped_on_repeat"] and off["hit_step_limit"] and len(off["steps"]) == 6
+
+
+def test_same_code_with_a_new_observation_is_not_a_repeat():
+    code = "try:\n    n += 1\nexcept NameError:\n    n = 1\nprint(n)"
+    model = ScriptedModel(lambda conv, prefix, i: turn("count", code) if len(conv) < 7 else turn("t", "final_answer(n)"))
+    (r,) = run(model, [Ex("1", "q", "3")], AgentConfig(stop_on_repeat=True))
+    assert [s["observation"].split() for s in r["steps"][:3]] == [["Execution", "logs:", str(i)] for i in (1, 2, 3)]
+    assert r["prediction"] == "3" and not r["stopped_on_repeat"] and len(r["steps"]) == 4
+
+
+def test_repeats_previous_compares_code_or_unparsed_text_and_observation():
+    a = {"code": "print(1)", "thought": "x", "observation": "1"}
+    assert repeats_previous([a, {**a, "thought": "other words"}])
+    assert not repeats_previous([a]) and not repeats_previous([a, {**a, "observation": "2"}])
+    bad = {"code": None, "thought": "no code here", "observation": "Error in code parsing"}
+    assert repeats_previous([bad, dict(bad)]) and not repeats_previous([bad, {**bad, "thought": "other"}])
 
 
 def test_batch_size_refills_slots():
@@ -313,23 +346,26 @@ def test_jsonl_writer_fsyncs_each_record(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- filtering and summary
 
-def _rec(score=1.0, parse_errors=0, hit=False, errors=(None,), prediction="x"):
+def _rec(score=1.0, parse_errors=0, hit=False, errors=(None,), prediction="x", repeat=False):
     steps = [{"code": "print(search('a'))", "error": e, "completion_tokens": 10, "gen_s": 1.0} for e in errors]
     return {"id": "r", "score": score, "parse_errors": parse_errors, "hit_step_limit": hit, "steps": steps,
-            "prediction": prediction}
+            "prediction": prediction, "stopped_on_repeat": repeat}
 
 
 def test_filter_trajectories():
     keep = _rec(errors=("NameError: x", None))  # recovered execution error: kept
-    recs = [keep, _rec(score=0.0), _rec(parse_errors=1), _rec(hit=True), _rec(prediction=None), _rec()]
+    recs = [keep, _rec(score=0.0), _rec(parse_errors=1), _rec(hit=True), _rec(prediction=None), _rec(repeat=True),
+            _rec()]
     assert filter_trajectories(recs) == [keep, recs[-1]]
 
 
 def test_summarize():
-    s = summarize([_rec(errors=("E", None)), _rec(score=0.0, parse_errors=2, hit=True)])
-    assert s["accuracy"] == 0.5 and s["parse_error_rate"] == 0.5 and s["step_limit_rate"] == 0.5
-    assert s["mean_steps"] == 1.5 and s["mean_search_calls"] == 1.5
-    assert s["exec_error_rate"] == pytest.approx(1 / 3) and s["tokens_per_s"] == 10.0
+    s = summarize([_rec(errors=("E", None)), _rec(score=0.0, parse_errors=2, hit=True), _rec(repeat=True, score=0.0),
+                   _rec(score=0.0, errors=())])
+    assert s["accuracy"] == 0.25 and s["parse_error_rate"] == 0.25 and s["step_limit_rate"] == 0.25
+    assert s["repeat_stop_rate"] == 0.25
+    assert s["mean_steps"] == 1.0 and s["mean_search_calls"] == 1.0
+    assert s["exec_error_rate"] == 0.25 and s["tokens_per_s"] == 10.0
 
 
 # ----------------------------------------------------------------------------- CoT

@@ -78,3 +78,21 @@ def test_zero_width_intervals_are_called_out(figs):
     rows[0].update(score=0, ci_low=0, ci_high=0, n=3)  # 0 of 3 correct: every resample is 0
     _write(figs / "results_cpu.csv", rows)
     assert "1 of 10 cells have a zero-width interval: within every benchmark" in report.results_markdown("cpu")
+
+
+def test_peak_memory_is_per_notebook_and_counts_the_whole_process_tree():
+    import subprocess
+    import sys
+
+    from agentlib.reproduce import PeakTreeRSS
+
+    # a child that holds ~300 MB and a grandchild that holds ~200 MB, both resident at once
+    code = ("import subprocess, sys, time; x = bytearray(300 * 2**20); "
+            "g = subprocess.Popen([sys.executable, '-c', 'import time; y = bytearray(200 * 2**20); time.sleep(3)']); "
+            "time.sleep(3); g.wait()")  # fmt: skip
+    with PeakTreeRSS(interval=0.1) as big:
+        subprocess.run([sys.executable, "-c", code], check=True)
+    assert 500 <= big.peak_mb < 1500
+    with PeakTreeRSS(interval=0.1) as small:  # the next notebook does not inherit the earlier peak
+        subprocess.run([sys.executable, "-c", "x = bytearray(50 * 2**20)"], check=True)
+    assert small.peak_mb < 300
