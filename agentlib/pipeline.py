@@ -233,22 +233,43 @@ def _student_system_prompt() -> str:
     return system_prompt(["search"], short=True)
 
 
+UNTRAINED = "untrained.json"  # in a student's folder: no trajectory survived filtering, no adapter
+
+
 def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train the three students (CoT-, agent-, agent+FTP-distilled); adapters under ``out_dir/<name>``."""
-    from agentlib.sft import train
+    """Train the three students (CoT-, agent-, agent+FTP-distilled); adapters under ``out_dir/<name>``.
+
+    A student whose dataset is empty (the teacher solved none of its questions) is not trained: its folder
+    gets an ``untrained.json`` marker, :func:`adapter_dirs` maps it to ``None``, and evaluation runs the
+    untuned model under that student's method names. The stage never fails for lack of data, so a run
+    whose small teacher was unlucky still ends with a table that says so.
+    """
+    from agentlib.sft import TrainResult, train
 
     results = {}
     for name in ("cot", "agent", "agent_ftp"):
         records = datasets[name]
+        folder = out_dir / name
+        marker = folder / UNTRAINED
         if not records:
-            raise RuntimeError(f"no {name} training trajectories survived filtering: nothing to train on")
+            print(f"WARNING: no {name} training trajectory survived filtering; the {name} student stays untuned "
+                  "(its methods are evaluated with the base model)")  # fmt: skip
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in ("adapter_config.json", "adapter_model.safetensors", "sft_run.json", "loss.csv"):
+                (folder / stale).unlink(missing_ok=True)
+            marker.write_text(json.dumps({"reason": "no trajectory survived filtering", "examples": 0}))
+            results[name] = TrainResult(folder, [], 0, 0, 0, 0.0, False, skipped=False)
+            continue
+        marker.unlink(missing_ok=True)
         kind = "cot" if name == "cot" else "agent"
-        results[name] = train(sft_config(p, kind), records, p.student, out_dir / name, progress=progress)
+        results[name] = train(sft_config(p, kind), records, p.student, folder, progress=progress)
     return results
 
 
-def adapter_dirs(out_dir: Path) -> dict[str, Path]:
-    return {name: out_dir / name for name in ("cot", "agent", "agent_ftp")}
+def adapter_dirs(out_dir: Path) -> dict[str, Path | None]:
+    """Each student's adapter folder, or ``None`` for a student that was not trained (see :func:`sft_stage`)."""
+    return {name: None if (out_dir / name / UNTRAINED).exists() else out_dir / name
+            for name in ("cot", "agent", "agent_ftp")}  # fmt: skip
 
 
 # ------------------------------------------------------------------ 03: evaluation

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from agentlib.paths import ROOT, figures_dir
-from agentlib.pipeline import METHODS, PAPER_05B
+from agentlib.pipeline import METHODS, PAPER_05B, method_plan
 
 AVERAGES = ("factual_avg", "math_avg", "overall_avg")
 
@@ -54,6 +54,12 @@ def results_markdown(profile: str = "cpu") -> str:
                 "covers, all of its answers were scored the same (or there was one), so resampling questions cannot "
                 "show the uncertainty. Such an interval says nothing; for scale, a 95% Wilson interval is [0, 56] "
                 "for 0 of 3 correct and [21, 100] for 1 of 1."]
+    teacher = fig / f"teacher_{profile}.csv"
+    untrained = [r["run"] for r in _rows(teacher) if int(r["kept"]) == 0] if teacher.exists() else []
+    for run in untrained:
+        same = [f"`{m}`" for m in methods if method_plan(m).get("adapter") == run]
+        out += ["", f"**The `{run}` student was not trained**: none of the teacher's `{run}` trajectories survived "
+                f"the filter, so {', '.join(same)} ran the untuned model."]
     summary = fig / f"run_summary_{profile}.csv"
     if summary.exists():
         rows = [r for r in _rows(summary) if r["method"] in methods and float(r.get("mean_steps") or 0) > 0]
@@ -66,7 +72,6 @@ def results_markdown(profile: str = "cpu") -> str:
                       f"{float(r['mean_search_calls']):.2f}",
                       f"{float(r['tokens_per_s']):.1f}" if r.get("tokens_per_s") else ""]
                      for r in sorted(rows, key=lambda r: methods.index(r["method"]))])]  # fmt: skip
-    teacher = fig / f"teacher_{profile}.csv"
     if teacher.exists():
         out += ["", "Teacher (training questions; accuracy of the greedy sample, yield = questions with ≥ 1 kept "
                 "trajectory over all samples):", "",

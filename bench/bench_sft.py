@@ -1,8 +1,9 @@
 """SFT throughput: packing and length-grouping vs naive padding, on agent-shaped trajectories.
 
 Trajectories are built from real data in the cpu profile's shape: HotpotQA questions with 1-5 search
-steps whose observations are 3 real mini-corpus passages cut to 600 characters (``Doc i (Title: ...)``),
-and math questions whose observations are short printed values, under the student's short system prompt,
+steps whose observations are 3 real mini-corpus passages cut to the profile's ``passage_chars``
+(``Doc i (Title: ...)``), and math questions whose observations are short printed values, mixed in the
+profile's ratio of factual to math training questions, under the student's short system prompt,
 truncated at the cpu profile's agent max length. The same LoRA model (SmolLM2-135M, r=16; bf16 where the CPU
 has it, else fp32) trains the same examples in each mode; tokens/s counts real (unpadded) tokens through forward + backward + step.
 References: naive padding of every example to max_length (the bar: >= 1.5x), and dynamic padding to the
@@ -37,7 +38,7 @@ from agentlib.sft import (  # noqa: E402
 )
 
 
-def passages(rng: random.Random, corpus: list[dict], k: int = 3, chars: int = 600) -> str:
+def passages(rng: random.Random, corpus: list[dict], k: int = 3, chars: int = PROFILES["cpu"].passage_chars) -> str:
     docs = rng.sample(corpus, k)
     return "\n".join(f"Doc {i} (Title: {d['title']}) {d['text'][:chars]}" for i, d in enumerate(docs, 1))
 
@@ -72,6 +73,9 @@ def math_record(rng: random.Random, question: str, answer: str) -> dict:
 
 
 def build_records(n: int, seed: int = 0) -> list[dict]:
+    prof = PROFILES["cpu"]
+    n_factual = sum(count for _, _, count in prof.train_factual)
+    share = n_factual / (n_factual + sum(count for _, _, count in prof.train_math))
     rng = random.Random(seed)
     with open(paths.corpus_path()) as f:
         corpus = [json.loads(line) for line in f]
@@ -79,7 +83,7 @@ def build_records(n: int, seed: int = 0) -> list[dict]:
     math = data.load_benchmark("math_medium", split="train", limit=200)
     out = []
     for i in range(n):
-        if i % 5 < 3:  # the cpu profile trains on 100 factual and 60 math questions
+        if int((i + 1) * share) > int(i * share):  # the profile's factual share, spread evenly
             ex = rng.choice(hotpot)
             out.append(factual_record(rng, ex.question, ex.answer, corpus))
         else:

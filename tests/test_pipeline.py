@@ -67,3 +67,16 @@ def test_results_table_rows_follow_the_papers_method_order():
     overall = t[t.benchmark == "overall_avg"].set_index("method")
     assert list(overall.index) == ["untuned_cot", "agent_distill", "zz_custom"]
     assert overall.score["agent_distill"] == 75.0 and overall.n["agent_distill"] == 3  # mean of 50 and 100
+
+
+def test_a_student_without_data_stays_untuned_instead_of_failing(tmp_path, capsys):
+    stale = tmp_path / "agent"
+    stale.mkdir()
+    (stale / "adapter_config.json").write_text("{}")  # an adapter left by an earlier run with data
+    results = pipeline.sft_stage(get_profile("smoke"), {"cot": [], "agent": [], "agent_ftp": []}, tmp_path)
+    assert all(r.n_examples == 0 and r.losses == [] for r in results.values())
+    assert pipeline.adapter_dirs(tmp_path) == {"cot": None, "agent": None, "agent_ftp": None}
+    assert not (stale / "adapter_config.json").exists()
+    assert "no agent training trajectory survived filtering" in capsys.readouterr().out
+    (tmp_path / "cot" / pipeline.UNTRAINED).unlink()  # what training with data does first
+    assert pipeline.adapter_dirs(tmp_path)["cot"] == tmp_path / "cot"

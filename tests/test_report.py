@@ -96,3 +96,15 @@ def test_peak_memory_is_per_notebook_and_counts_the_whole_process_tree():
     with PeakTreeRSS(interval=0.1) as small:  # the next notebook does not inherit the earlier peak
         subprocess.run([sys.executable, "-c", "x = bytearray(50 * 2**20)"], check=True)
     assert small.peak_mb < 300
+
+
+def test_untrained_students_are_called_out(figs):
+    rows = [{"run": run, "questions": 9, "trajectories": 9, "accuracy_greedy": acc, "kept": kept,
+             "questions_with_kept": kept, "yield_pct": 0, "parse_error_rate": 0, "step_limit_rate": 0,
+             "repeat_stop_rate": 0, "mean_steps": 1, "mean_search_calls": 0, "tokens_per_s": 9}
+            for run, acc, kept in (("cot", 0.0, 0), ("agent", 11.1, 1), ("agent_ftp", 22.2, 2))]  # fmt: skip
+    _write(figs / "teacher_cpu.csv", rows)
+    md = report.results_markdown("cpu")
+    assert "**The `cot` student was not trained**" in md and "so `cot_distill` ran the untuned model." in md
+    assert "`agent` student was not trained" not in md
+    assert "| agent | 9 | 9 | 11.1 | 1 |" in md
