@@ -165,11 +165,11 @@ def _vote_cases() -> list[Case]:
 
 
 def _record(score: float = 1.0, parse_errors: int = 0, hit: bool = False, pred: str | None = "x",
-            error: bool = False) -> dict:  # fmt: skip
+            error: bool = False, repeat: bool = False) -> dict:  # fmt: skip
     steps = [{"code": "print(y)", "error": "NameError: name 'y' is not defined" if error else None},
              {"code": f"final_answer({pred!r})", "error": None}]  # fmt: skip
     return {"id": "q1", "prediction": pred, "score": score, "parse_errors": parse_errors, "hit_step_limit": hit,
-            "steps": steps}  # fmt: skip
+            "stopped_on_repeat": repeat, "steps": steps}  # fmt: skip
 
 
 def _keep_cases() -> list[Case]:
@@ -179,6 +179,7 @@ def _keep_cases() -> list[Case]:
         (_record(score=0.5), "a partly right answer (score 0.5) is not correct"),
         (_record(parse_errors=1), "a step whose code could not be parsed"),
         (_record(hit=True), "the step limit was hit"),
+        (_record(repeat=True), "the loop was stopped at a repeated step"),
         (_record(pred=None), "no prediction"),
         (_record(error=True), "an execution error the agent recovered from: keep"),
     ]
@@ -337,9 +338,9 @@ EXERCISES: dict[str, Exercise] = {
     "keep": Exercise(
         "keep", "Which trajectories become training data?", 10, _keep_ref, _keep_cases,
         stub="def keep(record: dict) -> bool:\n    # your code here\n    raise NotImplementedError\n",
-        goal="A record has `prediction`, `score` (1.0 = correct), `parse_errors`, `hit_step_limit` and `steps` "
-             "(each with an `error`). Keep it only if it has a prediction, is correct, had no parse error and "
-             "did not hit the step limit.",
+        goal="A record has `prediction`, `score` (1.0 = correct), `parse_errors`, `hit_step_limit`, "
+             "`stopped_on_repeat` and `steps` (each with an `error`). Keep it only if it has a prediction, is "
+             "correct, had no parse error, did not hit the step limit and was not stopped at a repeated step.",
         reveal=_refs("trajectory.filter_trajectories"), context=((_NB01, ("Then it **filters**",)),),
     ),
     "assistant_labels": Exercise(

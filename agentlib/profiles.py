@@ -110,7 +110,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
-        expected_wall="~103 min on 2 AVX2 cores (measured 2026-12-01, one invocation; the target is <= 90)",
+        expected_wall="~81 min on 2 AVX2 cores (measured 2026-12-02, one invocation: 77 min of notebooks + set-up)",
         teacher="qwen2.5-coder-1.5b",
         teacher_backend="llamacpp",
         teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops
@@ -138,7 +138,7 @@ PROFILES: dict[str, Profile] = {
         lora=LoRASettings(r=16, alpha=32, epochs=1, grad_accum=2, max_length_agent=1024, max_length_cot=768,
                           load_in_4bit=False),  # fmt: skip
         # In the previous run 8 of 18 teacher and 28 of 40 student agent trajectories repeated a step (same
-        # code, same observation) and ran on into the step limit; the steps after the repeat took ~25 of 103 min.
+        # code, same observation) and ran on into the step limit; stopping there took the run from 103 to 77 min.
         stop_on_repeat=True,
         sft_max_steps=2,  # <= 4 trajectories per student: fp32 LoRA trains ~31 tokens/s on 2 AVX2 cores
         # The teacher keeps its few-shot prompt: on the short zero-shot prompt the 1.5B wrote its own
