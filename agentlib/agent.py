@@ -416,12 +416,18 @@ def _apply(t: _Trajectory, action: Action, config: AgentConfig) -> dict:
     if finished:
         t.done = True
     elif len(t.steps) >= config.max_steps:
-        t.hit_step_limit = t.final_round = True  # ask once more, in the same user turn (roles alternate)
-        t.messages[-1]["content"] += "\n\n" + prompts("codeact")["max_steps"]
+        t.hit_step_limit = True
+        _ask_for_final_answer(t, "max_steps")
     elif config.stop_on_repeat and repeats_previous(t.steps):
-        t.stopped_on_repeat = t.final_round = True
-        t.messages[-1]["content"] += "\n\n" + prompts("codeact")["repeated_step"]
+        t.stopped_on_repeat = True
+        _ask_for_final_answer(t, "repeated_step")
     return step
+
+
+def _ask_for_final_answer(t: _Trajectory, prompt: str) -> None:
+    """One last turn: the request goes into the same user turn as the observation (roles alternate)."""
+    t.final_round = True
+    t.messages[-1]["content"] += "\n\n" + prompts("codeact")[prompt]
 
 
 def repeats_previous(steps: Sequence[dict]) -> bool:

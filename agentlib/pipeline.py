@@ -9,6 +9,7 @@ outputs under ``runs/<profile>/`` and resumes from them.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -254,9 +255,8 @@ def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bo
         if not records:
             print(f"WARNING: no {name} training trajectory survived filtering; the {name} student stays untuned "
                   "(its methods are evaluated with the base model)")  # fmt: skip
-            folder.mkdir(parents=True, exist_ok=True)
-            for stale in ("adapter_config.json", "adapter_model.safetensors", "sft_run.json", "loss.csv"):
-                (folder / stale).unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # an adapter of an earlier run must not be evaluated
+            folder.mkdir(parents=True)
             marker.write_text(json.dumps({"reason": "no trajectory survived filtering", "examples": 0}))
             results[name] = TrainResult(folder, [], 0, 0, 0, 0.0, False, skipped=False)
             continue

@@ -59,8 +59,7 @@ def results_markdown(profile: str = "cpu") -> str:
     for run in untrained:
         same = [f"`{m}`" for m in methods if method_plan(m).get("adapter") == run]
         out += ["", f"**The `{run}` student was not trained**: none of the teacher's `{run}` trajectories survived "
-                f"the filter, so {' and '.join([', '.join(same[:-1]), same[-1]] if len(same) > 1 else same)} ran the untuned "
-                "model."]
+                f"the filter, so {' and '.join(same)} ran the untuned model."]
     summary = fig / f"run_summary_{profile}.csv"
     if summary.exists():
         rows = [r for r in _rows(summary) if r["method"] in methods and float(r.get("mean_steps") or 0) > 0]
