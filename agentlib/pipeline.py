@@ -110,16 +110,24 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
             close()
 
 
-def _batch(backend: str, n_samples: int = 1) -> int:
+@contextmanager
+def open_teacher(p: Profile) -> Iterator[Any]:
+    """The profile's teacher; a llama.cpp teacher gets ``p.teacher_slots`` slots."""
+    kw = {"n_parallel": p.teacher_slots} if p.teacher_backend == "llamacpp" else {}
+    with open_model(p.teacher, p.teacher_backend, **kw) as model:
+        yield model
+
+
+def _batch(backend: str, n_samples: int = 1, slots: int = SLOTS) -> int:
     """Trajectories advanced together: one per llama.cpp slot (a SAG step takes ``n_samples`` slots); 16
     elsewhere (vLLM batches any number)."""
-    return max(1, SLOTS // n_samples) if backend == "llamacpp" else 16
+    return max(1, slots // n_samples) if backend == "llamacpp" else 16
 
 
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
                 max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars,
-                batch_size=_batch(p.teacher_backend), method="teacher", short_prompt=p.teacher_short_prompt,
+                batch_size=_batch(p.teacher_backend, slots=p.teacher_slots), method="teacher", short_prompt=p.teacher_short_prompt,
                 stop_on_repeat=p.stop_on_repeat)  # fmt: skip
     return AgentConfig.teacher(**{**base, **kw})
 

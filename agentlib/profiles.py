@@ -61,6 +61,7 @@ class Profile:
     sft_max_steps: int | None = None  # cap on optimizer steps (smoke runs)
     train_unfiltered_if_empty: bool = False  # smoke: exercise SFT even when the tiny teacher solves nothing
     stop_on_repeat: bool = False  # end an agent loop at a step that repeats the previous one (not in the paper)
+    teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
     # ablations
     sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
     k_sweep: tuple[int, ...] = (1, 3, 5)
@@ -140,6 +141,10 @@ PROFILES: dict[str, Profile] = {
         # In the previous run 8 of 18 teacher and 28 of 40 student agent trajectories repeated a step (same
         # code, same observation) and ran on into the step limit; stopping there took the run from 103 to 77 min.
         stop_on_repeat=True,
+        # One teacher trajectory at a time (bench/bench_teacher_slots.py, 6 training questions, greedy): 537 s
+        # with 1 slot vs 962 s with 6. On 2 cores 6 slots decode no faster than one, each slot prefills the
+        # 1.9k-token prompt, and the batch waits for its slowest step; one slot keeps each conversation cached.
+        teacher_slots=1,
         sft_max_steps=2,  # <= 4 trajectories per student: fp32 LoRA trains ~31 tokens/s on 2 AVX2 cores
         # The teacher keeps its few-shot prompt: on the short zero-shot prompt the 1.5B wrote its own
         # `search` with `requests` and read made-up files. Its 1.9k tokens are prefilled once per server

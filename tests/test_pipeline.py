@@ -9,7 +9,8 @@ from agentlib.profiles import get_profile
 def test_one_trajectory_per_llamacpp_slot():
     cpu = get_profile("cpu")  # teacher and student on local llama.cpp servers
     assert cpu.teacher_backend == cpu.student_backend == "llamacpp"
-    assert pipeline.teacher_config(cpu).batch_size == pipeline.SLOTS
+    assert pipeline.teacher_config(cpu).batch_size == cpu.teacher_slots == 1  # one trajectory at a time
+    assert pipeline.teacher_config(get_profile("cpu", teacher_slots=4)).batch_size == 4
     assert pipeline.student_config(cpu).batch_size == pipeline.SLOTS
     # a SAG step asks for N samples, each taking a slot
     assert pipeline.student_config(cpu, sag=True).batch_size == max(1, pipeline.SLOTS // cpu.sag_n)
