@@ -127,8 +127,8 @@ def _batch(backend: str, n_samples: int = 1, slots: int = SLOTS) -> int:
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
                 max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars,
-                batch_size=_batch(p.teacher_backend, slots=p.teacher_slots), method="teacher", short_prompt=p.teacher_short_prompt,
-                stop_on_repeat=p.stop_on_repeat)  # fmt: skip
+                batch_size=_batch(p.teacher_backend, slots=p.teacher_slots), method="teacher",
+                short_prompt=p.teacher_short_prompt, stop_on_repeat=p.stop_on_repeat)  # fmt: skip
     return AgentConfig.teacher(**{**base, **kw})
 
 

@@ -7,8 +7,8 @@ on the first training questions (4 factual + 2 math by default) in three arms, e
 - ``lockstep1``: 1 slot, 6 trajectories in lockstep: the slot switches conversation at every request;
 - ``parallel``: 6 slots, 6 trajectories in lockstep (the setting before `Profile.teacher_slots`).
 
-Wall time includes retrieval and sandbox execution; prompt (prefilled) and generated tokens come from the
-server's own log. The reference is ``parallel``; the decision bar: ``seq`` is faster per generated token.
+Wall time includes retrieval and sandbox execution; prefilled tokens (prompt tokens less those the server
+took from its prompt cache) and generated tokens come from the model's usage counters. The reference is ``parallel``; the decision bar: ``seq`` is faster per generated token.
 About 45 min on 2 cores (``--arms seq,parallel`` for ~25).
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_teacher_slots.py [--factual 4 --math 2]
@@ -17,7 +17,6 @@ About 45 min on 2 cores (``--arms seq,parallel`` for ~25).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from dataclasses import replace
@@ -25,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, row, write_rows  # noqa: E402
+from _common import row, write_rows  # noqa: E402
 
 from agentlib import pipeline  # noqa: E402
 from agentlib.agent import run_agent  # noqa: E402
@@ -34,24 +33,15 @@ from agentlib.profiles import get_profile  # noqa: E402
 ARMS = {"seq": (1, 1), "lockstep1": (1, 6), "parallel": (6, 6)}  # name -> (slots, trajectories together)
 
 
-def server_tokens(log: Path) -> tuple[int, int]:
-    """(prompt tokens prefilled, tokens generated), summed over the server log's per-request timings."""
-    text = log.read_text()
-    prompt = sum(int(x) for x in re.findall(r"prompt eval time =\s+[\d.]+ ms /\s+(\d+) tokens", text))
-    gen = sum(int(x) for x in re.findall(r"\s eval time =\s+[\d.]+ ms /\s+(\d+) tokens", text))
-    return prompt, gen
-
-
 def run_arm(p, questions, retriever, slots: int, together: int) -> dict:
     cfg = replace(pipeline.teacher_config(p, method="teacher_agent"), temperature=0.0, batch_size=together)
-    logs = ROOT / "runs" / "servers"
-    before = set(logs.glob("*.log"))
     with pipeline.open_model(p.teacher, "llamacpp", n_parallel=slots, n_ctx=max(slots, together) * pipeline.SLOT_CTX) as m:
         t0 = time.perf_counter()
         recs = run_agent(m, questions, cfg, retriever=retriever, progress=False)
         wall = time.perf_counter() - t0
-    prompt, gen = server_tokens(max(set(logs.glob("*.log")) - before, key=lambda f: f.stat().st_mtime))
-    return {"wall_s": wall, "prompt_tokens": prompt, "gen_tokens": gen, "correct": sum(r["score"] for r in recs)}
+        u = m.usage
+    return {"wall_s": wall, "prompt_tokens": u.prompt_tokens - u.cached_tokens, "gen_tokens": u.completion_tokens,
+            "correct": sum(r["score"] for r in recs)}
 
 
 def main() -> None:
