@@ -224,7 +224,8 @@ def make_builtins(allowed: frozenset) -> dict:
         bad = bad or any(not isinstance(f, str) or f.startswith("_") for f in fromlist or ())
         if bad:
             raise ImportError(
-                f"import of '{name}' is not allowed in the sandbox; allowed modules: {', '.join(sorted(allowed))}"
+                f"import of '{name}' is not allowed in the sandbox; allowed modules: {', '.join(sorted(allowed))}."
+                " The tools (such as search) are already defined as functions here: call them without importing"
             )
         return real_import(name, globals, locals, fromlist, 0)
 

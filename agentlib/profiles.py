@@ -131,7 +131,7 @@ PROFILES: dict[str, Profile] = {
         # Sized for 2 AVX2 cores (no native bf16): llama.cpp prefills the 1.5B at ~34 tokens/s there, fp32 LoRA
         # trains the 0.5B at ~31 tokens/s. Training questions have their evidence in the mini-corpus and are in
         # no test set; eval subsets are each set's first answerable rows.
-        train_factual=(("extra", "hotpotqa_dev300", 4), ("extra", "hotpotqa_train100", 2)),
+        train_factual=(("extra", "hotpotqa_dev300", 6), ("extra", "hotpotqa_train100", 3)),
         train_math=(("train", "math_medium", 2), ("train", "math", 1)),
         eval_sets=(("test", "hotpotqa", 3), ("extra", "musique_train100", 1), ("test", "math500", 1),
                    ("test", "gsm_hard", 1), ("test", "aime", 1), ("test", "olymath", 1)),  # fmt: skip
