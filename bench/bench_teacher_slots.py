@@ -8,7 +8,8 @@ on the first training questions (4 factual + 2 math by default) in three arms, e
 - ``parallel``: 6 slots, 6 trajectories in lockstep (the setting before `Profile.teacher_slots`).
 
 Wall time includes retrieval and sandbox execution; prefilled tokens (prompt tokens less those the server
-took from its prompt cache) and generated tokens come from the model's usage counters. The reference is ``parallel``; the decision bar: ``seq`` is faster per generated token.
+took from its prompt cache) and generated tokens come from the model's usage counters. The reference is
+``parallel``; the decision bar: ``seq`` is faster per generated token.
 About 45 min on 2 cores (``--arms seq,parallel`` for ~25).
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_teacher_slots.py [--factual 4 --math 2]
