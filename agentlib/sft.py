@@ -467,6 +467,10 @@ def train(
     examples, dropped = encode_all(chats, tokenizer, config.max_length)
     if not examples:
         raise ValueError(f"no usable example out of {len(chats)} (all masks empty or too long)")
+    if n_cut := sum(e["truncated"] for e in examples):
+        warnings.warn(f"{n_cut} of {len(examples)} examples are longer than max_length={config.max_length}: each is "
+                      "cut after its last whole assistant turn, so its later turns (the final answer among them) "
+                      "are not trained; raise max_length if they matter", stacklevel=2)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = make_plan([len(e["input_ids"]) for e in examples], config)
     out.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,18 @@ def test_qlora_steps_on_cpu(tiny, tmp_path):
         assert [float(r["lr"]) for r in csv.DictReader(f)] == [pytest.approx(1e-3)]
 
 
+def test_train_warns_when_examples_lose_their_final_turn(tiny, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    full = len(encode_chat(trajectory_to_chat(record(), None), tok)["input_ids"])
+    cfg = SFTConfig(lora_r=8, lora_alpha=16, load_in_4bit=False, batch_size=2, max_length=full - 4, max_steps=1,
+                    device="cpu")
+    with pytest.warns(UserWarning, match=r"2 of 2 examples are longer than max_length"):
+        res = train(cfg, [record(), record()], tiny, tmp_path / "cut", progress=False)
+    assert res.n_truncated == 2
+
+
 def test_config_from_profile():
     from agentlib.profiles import PROFILES
 
