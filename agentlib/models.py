@@ -636,6 +636,10 @@ def load_model(name_or_path: str | os.PathLike, backend: str = "hf", **kwargs: A
 
             server_kw["lora"] = lora_to_gguf(adapter, gguf_file(name_or_path))
         server = start_llamacpp(name_or_path, **server_kw)
+        # No more requests in flight than slots: the rest wait here in order, not in the server's queue, where
+        # their order (and so which slot's prompt cache each one meets) would vary from run to run and change
+        # greedy outputs (the teacher's CoT answers differed between two runs with 12 requests on one slot).
+        kwargs.setdefault("max_concurrency", server.n_parallel)
         model = OpenAIModel(endpoints=[server.base_url], model=str(name_or_path), **kwargs)
         model._on_close.append(server.stop)
         return model

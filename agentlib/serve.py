@@ -144,7 +144,9 @@ def start_llamacpp(model: str | os.PathLike, port: int | None = None, host: str 
     path = gguf_file(model)
     port = port or free_port(host)
     cmd = llamacpp_command(path, port, host, n_ctx, n_parallel, threads, seed, lora)
-    return ServerProcess(cmd, port, host, name=f"llamacpp-{path.stem}").wait_ready(ready_timeout_s)
+    server = ServerProcess(cmd, port, host, name=f"llamacpp-{path.stem}")
+    server.n_parallel = n_parallel
+    return server.wait_ready(ready_timeout_s)
 
 
 def run_llamacpp(model: str, host: str, port: int, n_ctx: int, n_parallel: int, threads: int | None,

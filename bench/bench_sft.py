@@ -1,22 +1,18 @@
-"""SFT throughput: packing and length-grouping vs naive padding, on agent-shaped trajectories.
+"""SFT throughput: packing and length-grouping vs naive padding, on the cpu profile's own trajectories.
 
-Trajectories are built from real data in the cpu profile's shape: HotpotQA questions with 1-5 search
-steps whose observations are 3 real mini-corpus passages cut to the profile's ``passage_chars``
-(``Doc i (Title: ...)``), and math questions whose observations are short printed values, mixed in the
-profile's ratio of factual to math training questions, under the student's short system prompt,
-truncated at the cpu profile's agent max length. The same LoRA model (SmolLM2-135M, r=16; bf16 where the CPU
-has it, else fp32) trains the same examples in each mode; tokens/s counts real (unpadded) tokens through forward + backward + step.
-References: naive padding of every example to max_length (the bar: >= 1.5x), and dynamic padding to the
-longest example of a random micro-batch (reported for information).
+The data are the published cpu teacher's agent trajectories (``data/teacher_trajectories_cpu.jsonl.gz``, the
+agent runs with and without FTP, correct or not), under the student's short system prompt, cut at the cpu
+profile's agent max length. The same LoRA model (SmolLM2-135M, r=16; bf16 where the CPU has it, else fp32)
+trains the same examples in each mode, with the paper's effective batch of 8; tokens/s counts real (unpadded)
+tokens through forward + backward + step. References: naive padding of every example to max_length (the bar:
+>= 1.5x), and dynamic padding to the longest example of a random micro-batch (reported for information).
 
-    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_sft.py [--n 32] [--model smollm2-135m]
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_sft.py [--micro 4] [--model smollm2-135m]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -25,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import row, write_rows  # noqa: E402
 
-from agentlib import agent, data, paths  # noqa: E402
+from agentlib import agent, lab  # noqa: E402
 from agentlib.profiles import PROFILES  # noqa: E402
 from agentlib.sft import (  # noqa: E402
     SFTConfig,
@@ -38,72 +34,19 @@ from agentlib.sft import (  # noqa: E402
 )
 
 
-def passages(rng: random.Random, corpus: list[dict], k: int = 3, chars: int = PROFILES["cpu"].passage_chars) -> str:
-    docs = rng.sample(corpus, k)
-    return "\n".join(f"Doc {i} (Title: {d['title']}) {d['text'][:chars]}" for i, d in enumerate(docs, 1))
-
-
-def factual_record(rng: random.Random, question: str, answer: str, corpus: list[dict]) -> dict:
-    msgs = [{"role": "system", "content": "teacher prompt"}, {"role": "user", "content": question}]
-    n_steps = rng.choice([1, 1, 2, 2, 2, 3, 3, 4, 5])
-    for s in range(n_steps - 1):
-        topic = rng.choice(corpus)["title"]
-        thought = f"Thought: I need to find out more about {topic} to answer: {question[: rng.randint(20, 90)]}"
-        code = f'results = search("{topic} {question[:40]}")\nprint(results)'
-        if s % 2:
-            code = f'for q in ["{topic}", "{question[:30]}"]:\n    print(search(q))'
-        msgs += [{"role": "assistant", "content": f"{thought}\n```python\n{code}\n```"},
-                 {"role": "user", "content": "Observation:\n" + passages(rng, corpus)}]
-    msgs.append({"role": "assistant",
-                 "content": f"Thought: The passages say the answer is {answer}.\n```python\nfinal_answer({answer!r})\n```"})
-    return {"messages": msgs}
-
-
-def math_record(rng: random.Random, question: str, answer: str) -> dict:
-    msgs = [{"role": "system", "content": "teacher prompt"}, {"role": "user", "content": question}]
-    for _ in range(rng.choice([1, 2, 2, 3])):
-        last = rng.randint(2, 11)
-        lines = "\n".join(f"x{j} = sympy.Rational({rng.randint(1, 99)}, {rng.randint(2, 9)}) * x{j - 1}"
-                          for j in range(1, last + 1))
-        msgs += [{"role": "assistant",
-                  "content": f"Thought: Let me compute the quantities step by step.\n```python\nimport sympy\nx0 = 1\n{lines}\nprint(x{last})\n```"},
-                 {"role": "user", "content": f"Observation:\n{rng.randint(1, 10**6)}/{rng.randint(2, 999)}"}]
-    msgs.append({"role": "assistant", "content": f"Thought: Done.\n```python\nfinal_answer({answer!r})\n```"})
-    return {"messages": msgs}
-
-
-def build_records(n: int, seed: int = 0) -> list[dict]:
-    prof = PROFILES["cpu"]
-    n_factual = sum(count for _, _, count in prof.train_factual)
-    share = n_factual / (n_factual + sum(count for _, _, count in prof.train_math))
-    rng = random.Random(seed)
-    with open(paths.corpus_path()) as f:
-        corpus = [json.loads(line) for line in f]
-    hotpot = data.load_extra("hotpotqa_train100")
-    math = data.load_benchmark("math_medium", split="train", limit=200)
-    out = []
-    for i in range(n):
-        if int((i + 1) * share) > int(i * share):  # the profile's factual share, spread evenly
-            ex = rng.choice(hotpot)
-            out.append(factual_record(rng, ex.question, ex.answer, corpus))
-        else:
-            ex = rng.choice(math)
-            out.append(math_record(rng, ex.question, ex.answer))
-    return out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--n", type=int, default=8, help="trajectories (one optimizer step of each mode)")
+    ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the paper's effective batch)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size of the padded modes")
     args = ap.parse_args()
 
     prof = PROFILES["cpu"]
     base = SFTConfig.from_profile(prof, "agent", lora_r=16, lora_alpha=32, num_epochs=1, max_steps=None,
-                                  micro_batch_size=args.micro, device="cpu",
-                                  gradient_checkpointing=True)  # 4 x 2048 padded tokens need it in 24 GB
-    chats = [trajectory_to_chat(r, agent.system_prompt(["search"], short=True)) for r in build_records(args.n)]
+                                  batch_size=args.batch, micro_batch_size=args.micro, device="cpu",
+                                  gradient_checkpointing=True)  # 4 x 3072 padded tokens need it in 24 GB
+    records = lab.published_trajectories("published", "cpu")
+    chats = [trajectory_to_chat(r, agent.system_prompt(["search"], short=True)) for r in records]
     model, tok = load_for_training(resolve_model_path(args.model), base, "cpu")
     examples, dropped = encode_all(chats, tok, base.max_length)
     lengths = [len(e["input_ids"]) for e in examples]

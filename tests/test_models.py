@@ -399,3 +399,17 @@ def test_prime_puts_the_shared_prefix_in_the_prompt_cache(two_servers):
     assert per_conv > 500
     assert cold < 50, cold  # nothing cached for a new prompt (at most the template's first tokens)
     assert per_conv - 30 <= warm < 2 * per_conv, (warm, per_conv)  # one conversation reused ~all of it
+
+
+@pytest.mark.slow
+def test_llamacpp_model_sends_no_more_requests_than_slots():
+    """A one-slot server gets one request at a time, in list order: the same batch gives the same greedy text."""
+    from agentlib.models import load_model
+
+    system = [{"role": "system", "content": " ".join(f"Rule {i}: answer in one short sentence." for i in range(30))}]
+    convs = [[*system, {"role": "user", "content": f"Name a colour and the number {i}."}] for i in range(6)]
+    with load_model("smollm2-135m", backend="llamacpp", n_parallel=1, n_ctx=2048, threads=2) as m:
+        assert m.max_concurrency == 1
+        first = m.chat_batch(convs, max_tokens=24)
+        again = m.chat_batch(convs, max_tokens=24)
+    assert first == again and len({t[0] for t in first}) > 1
