@@ -7,7 +7,9 @@ trains the same examples in each mode, with the paper's effective batch of 8; to
 tokens through forward + backward + step. References: naive padding of every example to max_length (the bar:
 >= 1.5x), and dynamic padding to the longest example of a random micro-batch (reported for information).
 
-    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_sft.py [--micro 4] [--model smollm2-135m]
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_sft.py [--n 8] [--batch 8] [--micro 4]
+
+The reference pads every trajectory to max_length (3072), which is slow on 2 cores: --n/--batch shorten the run.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from agentlib.sft import (  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--n", type=int, default=8, help="trajectories: the file's first n")
     ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the paper's effective batch)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size of the padded modes")
     args = ap.parse_args()
@@ -45,7 +48,7 @@ def main() -> None:
     base = SFTConfig.from_profile(prof, "agent", lora_r=16, lora_alpha=32, num_epochs=1, max_steps=None,
                                   batch_size=args.batch, micro_batch_size=args.micro, device="cpu",
                                   gradient_checkpointing=True)  # 4 x 3072 padded tokens need it in 24 GB
-    records = lab.published_trajectories("published", "cpu")
+    records = lab.published_trajectories("published", "cpu")[: args.n]
     chats = [trajectory_to_chat(r, agent.system_prompt(["search"], short=True)) for r in records]
     model, tok = load_for_training(resolve_model_path(args.model), base, "cpu")
     examples, dropped = encode_all(chats, tok, base.max_length)
