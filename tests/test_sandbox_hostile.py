@@ -39,10 +39,25 @@ def find(target):
 OUTSIDE = os.path.join(tempfile.gettempdir(), "agentlib-sandbox-hostile-marker")
 
 
+def _hostile_sandbox(timeout_s: float):
+    box = Sandbox(tools={"echo": lambda x: x}, timeout_s=timeout_s, memory_mb=512)
+    assert box.run(FIND + "\nsentinel = 41").error is None
+    return box
+
+
 @pytest.fixture
 def sb():
-    with Sandbox(tools={"echo": lambda x: x}, timeout_s=1.5, memory_mb=512) as box:
-        assert box.run(FIND + "\nsentinel = 41").error is None
+    """For code that must be stopped by something other than the clock: a generous timeout, because on a
+    loaded CI machine zeroing 512 MB page by page took over 1.5 s and ended in a TimeoutError, not the
+    MemoryError the case asserts."""
+    with _hostile_sandbox(timeout_s=30) as box:
+        yield box
+
+
+@pytest.fixture
+def sb_quick():
+    """For code that runs forever: a short timeout keeps these cases fast."""
+    with _hostile_sandbox(timeout_s=1.5) as box:
         yield box
 
 
@@ -71,7 +86,8 @@ def _last(r) -> str:
     "s = find('signal')\ns.signal(s.SIGTERM, s.SIG_IGN)\ns.signal(s.SIGALRM, s.SIG_IGN)\nwhile True:\n    pass",
     "try:\n    find('os').setsid()\nexcept OSError:\n    pass\nwhile True:\n    pass",  # tries to leave its group
 ])
-def test_runaway_code_is_killed_from_outside(sb, code):
+def test_runaway_code_is_killed_from_outside(sb_quick, code):
+    sb = sb_quick
     old = sb.pid
     r = sb.run(code)
     assert r.timed_out and r.restarted and r.error.startswith("TimeoutError") and "restarted" in r.error
@@ -232,7 +248,8 @@ def test_exit_attempts_keep_the_worker(sb, code):
     "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\\xff' * 64)\n    except OSError:\n        pass\nwhile True:\n    pass",
     "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\\x00\\x00\\x00\\xff\\xff\\xff\\xff\\xff')\n    except OSError:\n        pass",
 ])
-def test_killing_or_corrupting_the_channel_restarts(sb, code):
+def test_killing_or_corrupting_the_channel_restarts(sb_quick, code):
+    sb = sb_quick
     r = sb.run(code)
     assert r.restarted and r.error.startswith(("SandboxError", "TimeoutError")), r.error
     _still_works(sb, state_kept=False)
@@ -254,7 +271,8 @@ def test_huge_and_unpicklable_return_values(sb):
     _still_works(sb, state_kept=True)
 
 
-def test_hostile_candidates_do_not_affect_the_state(sb):
+def test_hostile_candidates_do_not_affect_the_state(sb_quick):
+    sb = sb_quick
     results = sb.run_candidates(["sentinel = 0\nfind('os')._exit(1)", "while True:\n    pass",
                                  "x = bytearray(8 * 1024**3)", "final_answer(sentinel)"])
     assert results[0].error.startswith("SandboxError") and results[1].timed_out
