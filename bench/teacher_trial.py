@@ -1,0 +1,97 @@
+"""Teacher trial: the cpu profile's teacher with and without first-thought prefix on 30 + 30 questions.
+
+Runs the teacher stage of notebook 01 exactly as the cpu profile does (Qwen2.5-Coder-1.5B on a local
+llama.cpp server, its few-shot prompt, greedy, 256 tokens per step, 5 steps) on more training questions:
+the first 30 HotpotQA dev rows (rows 0-99 have their evidence in the mini-corpus; none is in a test set)
+and 30 MATH training questions (15 from ``math_medium``, 15 from ``math``). Reports, per run (CoT, agent,
+agent + FTP) and domain: accuracy (exact match on HotpotQA, equivalence on MATH), token F1 on HotpotQA (the
+teacher often answers in a sentence, which exact match scores 0), parse-error rate, step-limit rate, mean steps, mean search calls and
+tokens/s, to ``figures/teacher_trial_cpu.csv`` and stdout; the trajectories are published (with a manifest)
+in ``data/teacher_trial_cpu.jsonl.gz``.
+
+Resumable: trajectories go to ``runs/cpu/teacher_trial/`` as they finish; a second call picks up where the
+first stopped. About 95 min on 2 AVX2 cores (the teacher decoding at ~12 tokens/s).
+
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py [--factual 30 --math 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+from agentlib import pipeline
+from agentlib.metrics import f1
+from agentlib.paths import ROOT, figures_dir, runs_dir
+from agentlib.pipeline import base_id
+from agentlib.profiles import get_profile
+from agentlib.trajectory import read_records, summarize
+
+COLUMNS = ["run", "domain", "n", "accuracy", "f1", "parse_error_rate", "step_limit_rate", "repeat_stop_rate",
+           "mean_steps", "mean_search_calls", "tokens_per_s"]  # fmt: skip
+
+
+def trial_rows(runs: dict[str, list], domains: dict[str, str]) -> list[dict]:
+    """One row per (run, domain) and per run over all questions; rates in percent."""
+    rows = []
+    for name, records in runs.items():
+        for domain in ("factual", "math", "all"):
+            subset = [r for r in records if domain == "all" or domains[base_id(r["id"])] == domain]
+            s = summarize(subset)
+            pct = lambda k, s=s: round(100 * s.get(k, 0.0), 1)  # noqa: E731
+            rows.append({
+                "run": name, "domain": domain, "n": s["n"], "accuracy": pct("accuracy"),
+                "f1": round(100 * sum(f1(r.get("prediction"), r["gold"]) for r in subset) / len(subset), 1)
+                if domain == "factual" and subset else None,
+                "parse_error_rate": pct("parse_error_rate"), "step_limit_rate": pct("step_limit_rate"),
+                "repeat_stop_rate": pct("repeat_stop_rate"), "mean_steps": round(s.get("mean_steps", 0.0), 2),
+                "mean_search_calls": round(s.get("mean_search_calls", 0.0), 2),
+                "tokens_per_s": None if s.get("tokens_per_s") is None else round(s["tokens_per_s"], 1),
+            })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--factual", type=int, default=30, help="HotpotQA dev questions (first rows)")
+    ap.add_argument("--math", type=int, default=30, help="MATH training questions, half from each file")
+    ap.add_argument(
+        "--out", type=Path, default=None, help="trajectory folder (default runs/cpu/teacher_trial)"
+    )
+    ap.add_argument("--report", action="store_true", help="only tabulate the trajectories already in --out")
+    args = ap.parse_args(argv)
+    half = args.math // 2
+    p = get_profile("cpu", train_factual=(("extra", "hotpotqa_dev300", args.factual),),
+                    train_math=(("train", "math_medium", args.math - half), ("train", "math", half)))  # fmt: skip
+    out_dir = args.out or runs_dir("cpu", "teacher_trial")
+    sets = pipeline.training_sets(p)
+    domains = {ex.id: domain for domain, exs in sets.items() for ex in exs}
+    t0 = time.perf_counter()
+    if args.report:
+        runs = {name: read_records(out_dir / f"{name}.jsonl") for name in ("cot", "agent", "agent_ftp")}
+    else:
+        retriever = pipeline.open_retriever(p)
+        with pipeline.open_teacher(p) as teacher:
+            runs = pipeline.teacher_stage(p, teacher, retriever, out_dir)
+    wall = time.perf_counter() - t0
+    published = pipeline.publish_teacher(p, runs, dest=ROOT / "data" / "teacher_trial_cpu.jsonl.gz")
+    rows = trial_rows(runs, domains)
+    path = figures_dir() / "teacher_trial_cpu.csv"
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    print(f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}")
+    for r in rows:
+        print("| " + " | ".join("" if r[c] is None else str(r[c]) for c in COLUMNS) + " |")
+    print(
+        f"\n{path}, {published}; wall {wall:.0f} s this call (resumed trajectories are not re-run); trajectories in {out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
