@@ -7,14 +7,16 @@ trains the same examples in each mode, with the paper's effective batch of 8; to
 tokens through forward + backward + step. References: naive padding of every example to max_length (the bar:
 >= 1.5x), and dynamic padding to the longest example of a random micro-batch (reported for information).
 
-    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_sft.py [--n 8] [--batch 8] [--micro 4]
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_sft.py [--n 8] [--batch 8] [--micro 4] [--repeat 3]
 
 The reference pads every trajectory to max_length (3072), which is slow on 2 cores: --n/--batch shorten the run.
+Each mode runs --repeat times, the modes interleaved round by round; the rows are medians.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=8, help="trajectories: the file's first n")
     ap.add_argument("--batch", type=int, default=8, help="examples per optimizer step (the paper's effective batch)")
     ap.add_argument("--micro", type=int, default=4, help="micro-batch size of the padded modes")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds over the four modes (interleaved); medians")
     args = ap.parse_args()
 
     prof = PROFILES["cpu"]
@@ -74,12 +77,20 @@ def main() -> None:
 
     warm = SFTConfig(**{**base.__dict__, "max_steps": 1})
     fit(model, examples, make_plan(lengths, warm), warm, tok.pad_token_id, "cpu", progress=False)
-    naive = run(f"pad to max_length {base.max_length}", "pad", padded_max)
-    dynamic = run("dynamic padding", "pad", examples)
-    group = run("length-grouped", "group", examples)
-    pack = run("packed", "pack", examples)
-    ref = f"naive padding to max_length={base.max_length} (micro-batch {args.micro})"
-    ref2 = f"dynamic padding, random order (micro-batch {args.micro})"
+    arms = {"naive": (f"pad to max_length {base.max_length}", "pad", padded_max),
+            "dynamic": ("dynamic padding", "pad", examples), "group": ("length-grouped", "group", examples),
+            "pack": ("packed", "pack", examples)}  # fmt: skip
+    rounds: dict[str, list[float]] = {k: [] for k in arms}
+    for r in range(args.repeat):  # interleaved, so a machine that slows down mid-run slows every mode alike
+        print(f"round {r + 1}/{args.repeat}", flush=True)
+        for key, arm in arms.items():
+            rounds[key].append(run(*arm))
+    naive, dynamic, group, pack = (statistics.median(rounds[k]) for k in arms)
+    print("medians (real tok/s): " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in rounds.items())
+          + f"; ratios vs naive: group {group / naive:.2f}x, pack {pack / naive:.2f}x", flush=True)
+    med = f", median of {args.repeat}" if args.repeat > 1 else ""
+    ref = f"naive padding to max_length={base.max_length} (micro-batch {args.micro}{med})"
+    ref2 = f"dynamic padding, random order (micro-batch {args.micro}{med})"
     write_rows("bench_sft", [
         row("sft tokens/s, length-grouped", group, "tok/s", ref, naive, ">= 1.5x", group / naive >= 1.5),
         row("sft tokens/s, packed", pack, "tok/s", ref, naive, ">= 1.5x", pack / naive >= 1.5),
