@@ -25,7 +25,8 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _md(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table: one header row, then one row per list of cell texts."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
@@ -44,7 +45,7 @@ def results_markdown(profile: str = "cpu") -> str:
         r = cell.get((m, b))
         return "" if r is None else f"{float(r['score']):.1f} [{float(r['ci_low']):.1f}, {float(r['ci_high']):.1f}]"
 
-    table = _md(["method"] + [f"{b} (n={n[b]})" for b in benches] + ["paper 0.5B (avg)"],
+    table = md_table(["method"] + [f"{b} (n={n[b]})" for b in benches] + ["paper 0.5B (avg)"],
                 [[f"`{m}`"] + [fmt(m, b) for b in benches] + [f"{PAPER_05B[m]:.2f}" if m in PAPER_05B else ""]
                  for m in methods])  # fmt: skip
     out = [table]
@@ -64,7 +65,7 @@ def results_markdown(profile: str = "cpu") -> str:
     if summary.exists():
         rows = [r for r in _rows(summary) if r["method"] in methods and float(r.get("mean_steps") or 0) > 0]
         out += ["", "Student behaviour (agent methods, all benchmarks pooled; rates in %):", "",
-                _md(["method", "parse-error rate", "step-limit rate", "repeat-stop rate", "mean steps",
+                md_table(["method", "parse-error rate", "step-limit rate", "repeat-stop rate", "mean steps",
                      "mean search calls", "decode tokens/s"],
                     [[f"`{r['method']}`", f"{100 * float(r['parse_error_rate']):.0f}",
                       f"{100 * float(r['step_limit_rate']):.0f}",
@@ -75,7 +76,7 @@ def results_markdown(profile: str = "cpu") -> str:
     if teacher.exists():
         out += ["", "Teacher (training questions; accuracy of the greedy sample, yield = questions with ≥ 1 kept "
                 "trajectory over all samples):", "",
-                _md(["run", "questions", "trajectories", "greedy accuracy %", "kept", "yield %",
+                md_table(["run", "questions", "trajectories", "greedy accuracy %", "kept", "yield %",
                      "parse-error %", "step-limit %", "repeat-stop %", "mean steps", "mean search calls",
                      "decode tokens/s"],
                     [[r["run"], r["questions"], r["trajectories"], f"{float(r['accuracy_greedy']):.1f}", r["kept"],
@@ -90,7 +91,7 @@ def results_markdown(profile: str = "cpu") -> str:
         total = sum(float(r["wall_s"]) for r in rows)
         out += ["", f"Wall time (written by the run; {total / 60:.1f} min in all; a notebook's time sums all of its "
                 "executions, resumed or interrupted ones included):", "",
-                _md(["notebook", "wall (min)", "peak RSS (MB)", "executions"],
+                md_table(["notebook", "wall (min)", "peak RSS (MB)", "executions"],
                     [[r["notebook"], f"{float(r['wall_s']) / 60:.1f}", r["peak_rss_mb"], r.get("runs") or "1"]
                      for r in rows])]  # fmt: skip
     return "\n".join(out)

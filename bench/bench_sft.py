@@ -85,8 +85,9 @@ def main() -> None:
         print(f"round {r + 1}/{args.repeat}", flush=True)
         for key, arm in arms.items():
             rounds[key].append(run(*arm))
-    naive, dynamic, group, pack = (statistics.median(rounds[k]) for k in arms)
-    print("medians (real tok/s): " + ", ".join(f"{k} {statistics.median(v):.1f}" for k, v in rounds.items())
+    medians = {k: statistics.median(v) for k, v in rounds.items()}
+    naive, dynamic, group, pack = medians.values()
+    print("medians (real tok/s): " + ", ".join(f"{k} {v:.1f}" for k, v in medians.items())
           + f"; ratios vs naive: group {group / naive:.2f}x, pack {pack / naive:.2f}x", flush=True)
     med = f", median of {args.repeat}" if args.repeat > 1 else ""
     ref = f"naive padding to max_length={base.max_length} (micro-batch {args.micro}{med})"

@@ -5,12 +5,12 @@ llama.cpp server, its few-shot prompt, greedy, 256 tokens per step, 5 steps) on 
 the first 30 HotpotQA dev rows (rows 0-99 have their evidence in the mini-corpus; none is in a test set)
 and 30 MATH training questions (15 from ``math_medium``, 15 from ``math``). Reports, per run (CoT, agent,
 agent + FTP) and domain: accuracy (exact match on HotpotQA, equivalence on MATH), token F1 on HotpotQA (the
-teacher often answers in a sentence, which exact match scores 0), parse-error rate, step-limit rate, mean steps, mean search calls and
-tokens/s, to ``figures/teacher_trial_cpu.csv`` and stdout; the trajectories are published (with a manifest)
+teacher often answers in a sentence, which exact match scores 0), parse-error rate, step-limit rate, mean
+steps, mean search calls and tokens/s, to ``figures/teacher_trial_cpu.csv`` and stdout; the trajectories are published (with a manifest)
 in ``data/teacher_trial_cpu.jsonl.gz``.
 
 Resumable: trajectories go to ``runs/cpu/teacher_trial/`` as they finish; a second call picks up where the
-first stopped. About 95 min on 2 AVX2 cores (the teacher decoding at ~12 tokens/s).
+first stopped. 106 min on 2 AVX2 cores (measured 2026-12-02, the teacher decoding at ~12 tokens/s).
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py [--factual 30 --math 30]
 """
@@ -28,6 +28,7 @@ from agentlib.metrics import f1
 from agentlib.paths import ROOT, figures_dir, runs_dir
 from agentlib.pipeline import base_id
 from agentlib.profiles import get_profile
+from agentlib.report import md_table
 from agentlib.trajectory import read_records, summarize
 
 COLUMNS = ["run", "domain", "n", "accuracy", "f1", "parse_error_rate", "step_limit_rate", "repeat_stop_rate",
@@ -70,23 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     sets = pipeline.training_sets(p)
     domains = {ex.id: domain for domain, exs in sets.items() for ex in exs}
     t0 = time.perf_counter()
-    if args.report:
+    published = ROOT / "data" / "teacher_trial_cpu.jsonl.gz"
+    if args.report:  # the published file and its manifest (commit, date) stay those of the run that made them
         runs = {name: read_records(out_dir / f"{name}.jsonl") for name in ("cot", "agent", "agent_ftp")}
     else:
         retriever = pipeline.open_retriever(p)
         with pipeline.open_teacher(p) as teacher:
             runs = pipeline.teacher_stage(p, teacher, retriever, out_dir)
+        pipeline.publish_teacher(p, runs, dest=published)
     wall = time.perf_counter() - t0
-    published = pipeline.publish_teacher(p, runs, dest=ROOT / "data" / "teacher_trial_cpu.jsonl.gz")
     rows = trial_rows(runs, domains)
     path = figures_dir() / "teacher_trial_cpu.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    print(f"| {' | '.join(COLUMNS)} |\n|{'---|' * len(COLUMNS)}")
-    for r in rows:
-        print("| " + " | ".join("" if r[c] is None else str(r[c]) for c in COLUMNS) + " |")
+    print(md_table(COLUMNS, [["" if r[c] is None else str(r[c]) for c in COLUMNS] for r in rows]))
     print(
         f"\n{path}, {published}; wall {wall:.0f} s this call (resumed trajectories are not re-run); trajectories in {out_dir}"
     )
