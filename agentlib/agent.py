@@ -326,9 +326,13 @@ def _usage(model: Any) -> tuple[float, float]:
     return float(get("prompt_tokens", 0) or 0), float(get("completion_tokens", 0) or 0)
 
 
-def _shares(total: float, weights: Sequence[float]) -> list[int]:
-    s = sum(weights)
-    return [round(total * w / s) if s else 0 for w in weights]
+def _shares(total: float, weights: Sequence[float], floors: Sequence[int] | None = None) -> list[int]:
+    """Split a batch's token count by weight, each part first getting its floor (when the total covers them)."""
+    floors = list(floors or [0] * len(weights))
+    if total < sum(floors):
+        floors = [0] * len(weights)
+    rest, s = total - sum(floors), sum(weights)
+    return [f + (round(rest * w / s) if s else 0) for f, w in zip(floors, weights, strict=True)]
 
 
 def _default_sandbox(config: AgentConfig) -> Callable[[dict], Any]:
@@ -474,7 +478,8 @@ def _advance(model: Any, active: list[_Trajectory], config: AgentConfig) -> None
     gen_s = time.perf_counter() - t0
     p1, c1 = _usage(model)
     prompt_tok = _shares(p1 - p0, [sum(len(m["content"]) for m in t.messages) for t in active])
-    compl_tok = _shares(c1 - c0, [sum(len(c) for c in cands) for cands in outs])
+    # every completion cost at least one token (the EOS or stop token that ended it), even an empty one
+    compl_tok = _shares(c1 - c0, [sum(len(c) for c in cands) for cands in outs], [len(cands) for cands in outs])
     for i, (t, cands) in enumerate(zip(active, outs, strict=True)):
         texts = [(prefixes[i] or "") + c for c in cands]
         step = _apply(t, select_action(texts, t.sb), config)

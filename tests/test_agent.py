@@ -202,6 +202,24 @@ def test_batch_size_refills_slots():
     assert sum(len(c["conversations"]) for c in model.calls) == sum(len(r["steps"]) for r in recs)
 
 
+def test_batch_token_counts_give_every_completion_at_least_one_token():
+    """A batch's completion tokens are split by text length, but an empty completion still cost its EOS token
+    (the 135M model in test_agent_real samples EOS first now and then)."""
+
+    class EosCountingModel(ScriptedModel):  # counts the EOS token as real backends do
+        def chat_batch(self, conversations, n=1, **kw):
+            out = super().chat_batch(conversations, n=n, **kw)
+            self.usage.completion_tokens += len(conversations) * n
+            return out
+
+    long = turn("a long thought " * 20, "final_answer(1)")
+    model = EosCountingModel(by_question({"q1": [""], "q2": [long]}))
+    recs = run(model, [Ex("1", "q1", "1"), Ex("2", "q2", "1")], AgentConfig.sag(n_samples=2, max_steps=1))
+    firsts = [r["steps"][0]["completion_tokens"] for r in recs]
+    assert firsts[0] >= 2 and firsts[1] > firsts[0]
+    assert sum(firsts) == 2 * len(long.split()) + 4
+
+
 # ----------------------------------------------------------------------------- FTP
 
 def test_first_thought_prefix():
