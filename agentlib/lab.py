@@ -12,7 +12,6 @@ agentlib: when the student's function raises, only the student's own lines are s
 from __future__ import annotations
 
 import copy
-import gzip
 import inspect
 import json
 import re
@@ -594,12 +593,6 @@ EXAMPLE_TRAJECTORY = {
 }  # fmt: skip
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def published_trajectories(teacher: str = "published", profile: str = "cpu") -> list[dict]:
     """Teacher trajectory records to start the lab from, with a printed note on where they came from.
 
@@ -609,6 +602,7 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
     small built-in example trajectory, so the lab's last section always runs.
     """
     from agentlib.paths import ROOT
+    from agentlib.trajectory import read_records
 
     data = ROOT / "data"
     if teacher == "published":
@@ -617,14 +611,14 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
             if not path.exists():
                 continue
             # the agent runs (± FTP); the file also holds the CoT run
-            if records := [r for r in _read_jsonl(path) if r.get("messages") and r.get("run") != "cot"]:
+            if records := [r for r in read_records(path) if r.get("messages") and r.get("run") != "cot"]:
                 print(f"published teacher trajectories: {path.relative_to(ROOT)} ({len(records)} records)")
                 return records
         print(f"no published teacher trajectories yet (data/teacher_trajectories_{profile}.jsonl.gz)", end="; ")
     for name in dict.fromkeys([profile if teacher == "published" else teacher, "smoke"]):
         folder = ROOT / "runs" / name / "teacher"
         records = [r for run in ("agent_ftp", "agent") if (folder / f"{run}.jsonl").exists()
-                   for r in _read_jsonl(folder / f"{run}.jsonl") if r.get("messages")]  # fmt: skip
+                   for r in read_records(folder / f"{run}.jsonl") if r.get("messages")]  # fmt: skip
         if records:
             print(f"using the teacher run in {folder.relative_to(ROOT)} ({len(records)} records)")
             return records

@@ -355,13 +355,13 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
             groups = [[float(r["score"]) for r in by[(method, b)]] for b in sets if (method, b) in by and domain[b] in keep]
             if not groups:
                 continue
-            mean, lo, hi = _stratified_ci(groups)
+            mean, lo, hi = stratified_ci(groups)
             rows.append({"method": method, "benchmark": avg, "score": 100 * mean, "ci_low": 100 * lo,
                          "ci_high": 100 * hi, "n": sum(map(len, groups)), "domain": "", "closed_book": False})  # fmt: skip
     return pd.DataFrame(rows)
 
 
-def _stratified_ci(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def stratified_ci(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Mean of per-benchmark means, with a bootstrap that resamples questions within each benchmark."""
     import random
 

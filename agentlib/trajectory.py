@@ -7,6 +7,7 @@ flight; rerunning with the same ``out_path`` skips the ids already written (0 lo
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -17,12 +18,13 @@ _SEARCH_CALL = re.compile(r"\bsearch\s*\(")
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """All complete records of a JSONL file (a torn last line from a crash is ignored)."""
+    """All complete records of a JSONL file, gzipped when it ends in ``.gz`` (a torn last line from a crash
+    is ignored)."""
     path = Path(path)
     if not path.exists():
         return []
     records = []
-    with path.open("rb") as f:
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
         for line in f:
             if not line.endswith(b"\n"):
                 break  # torn write: the record was never completed

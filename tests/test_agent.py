@@ -350,6 +350,15 @@ def test_resume_after_crash_no_loss_no_duplicates(tmp_path):
     assert run(idle, exs, out_path=out) == recs and idle.calls == []
 
 
+def test_read_records_reads_gzipped_files_and_skips_a_torn_line(tmp_path):
+    import gzip
+
+    path = tmp_path / "t.jsonl.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(b'{"id": "1", "q": "caf\xc3\xa9"}\n{"id": "2"}\n{"id": "to')
+    assert read_records(path) == [{"id": "1", "q": "café"}, {"id": "2"}]
+
+
 def test_jsonl_writer_fsyncs_each_record(tmp_path, monkeypatch):
     import os
 

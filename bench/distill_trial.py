@@ -1,0 +1,110 @@
+"""Distillation trial: students trained on the 60-question teacher trial, scored on 40 factual questions.
+
+The published `cpu` run fits the whole pipeline in 90 minutes, so its students see one or two trajectories
+and its table has 4 factual questions. This trial asks the question the paper rests on, agent-distilled vs
+CoT-distilled on factual questions, with more data on both ends:
+- training: the kept (correct) trajectories of `bench/teacher_trial.py` (30 HotpotQA dev + 30 MATH training
+  questions, the cpu teacher), read from ``runs/cpu/teacher_trial/`` or else from the published
+  ``data/teacher_trial_cpu.jsonl.gz``; the CoT student on the kept CoT answers, the agent student on the kept
+  agent trajectories without FTP; the cpu profile's LoRA settings, one epoch over all of them (the cpu run caps
+  it at 2 optimizer steps);
+- evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
+  exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
+- output: ``figures/distill_trial_cpu.csv`` (the result table's columns) and, on stdout, that table, the
+  paired difference agent - CoT with its stratified bootstrap interval, and each method's behaviour.
+
+Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
+
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/distill_trial.py [--hotpotqa 30 --musique 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from agentlib import pipeline
+from agentlib.paths import ROOT, figures_dir, runs_dir
+from agentlib.profiles import get_profile
+from agentlib.trajectory import read_records
+
+RUNS = ("cot", "agent", "agent_ftp")
+
+
+def teacher_runs(trial_dir: Path) -> dict[str, list]:
+    """The trial's trajectories by run: the local run if complete, else the published file."""
+    if all((trial_dir / f"{name}.jsonl").exists() for name in RUNS):
+        return {name: read_records(trial_dir / f"{name}.jsonl") for name in RUNS}
+    published = read_records(ROOT / "data" / "teacher_trial_cpu.jsonl.gz")
+    return {name: [r for r in published if r.get("run") == name] for name in RUNS}
+
+
+def paired_difference(records: list[dict], a: str, b: str, benches: list[str]) -> tuple[float, float, float, int]:
+    """Mean of per-benchmark mean score differences a - b over the questions both answered, in points, with
+    the stratified bootstrap interval (questions resampled within benchmarks, pairs kept together)."""
+    score = {(r["method"], r["benchmark"], r["id"].split("/", 1)[-1]): float(r["score"]) for r in records}
+    groups = []
+    for bench in benches:
+        ids = sorted({k[2] for k in score if k[:2] == (a, bench)} & {k[2] for k in score if k[:2] == (b, bench)})
+        if ids:
+            groups.append([score[(a, bench, i)] - score[(b, bench, i)] for i in ids])
+    mean, lo, hi = pipeline.stratified_ci(groups)
+    return 100 * mean, 100 * lo, 100 * hi, sum(map(len, groups))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hotpotqa", type=int, default=30, help="answerable HotpotQA test questions (first ones)")
+    ap.add_argument("--musique", type=int, default=10, help="MuSiQue train-100 questions (first ones)")
+    ap.add_argument("--methods", default="cot_distill,agent_distill,untuned_agent")
+    ap.add_argument("--out", type=Path, default=None, help="work folder (default runs/cpu/distill_trial)")
+    args = ap.parse_args(argv)
+    p = replace(get_profile("cpu", eval_sets=(("test", "hotpotqa", args.hotpotqa),
+                                              ("extra", "musique_train100", args.musique))), sft_max_steps=None)  # fmt: skip
+    out_dir = args.out or runs_dir("cpu", "distill_trial")
+    t0 = time.perf_counter()
+
+    runs = teacher_runs(runs_dir("cpu", "teacher_trial"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kept = pipeline.sft_datasets(runs, out_dir)
+    print("kept trajectories:", {name: len(recs) for name, recs in kept.items()})
+    from agentlib.sft import train
+
+    students = {}
+    for name in ("cot", "agent"):
+        kind = "cot" if name == "cot" else "agent"
+        res = train(pipeline.sft_config(p, kind), kept[name], p.student, out_dir / "students" / name)
+        students[name] = res.out_dir
+        print(f"{name} student: {res.n_examples} examples, {len(res.losses)} steps, losses "
+              f"{[round(x, 3) for x in res.losses]}, {res.tokens_per_s:.1f} tokens/s{' (resumed)' if res.skipped else ''}")
+    t_sft = time.perf_counter() - t0
+
+    sets = pipeline.eval_sets(p)
+    retriever = pipeline.open_retriever(p)
+    records = []
+    for method in args.methods.split(","):
+        plan = pipeline.method_plan(method)
+        adapter = students[plan["adapter"]] if plan["adapter"] else None
+        with pipeline.open_model(p.student, p.student_backend, adapter=adapter) as student:
+            records += pipeline.evaluate_method(p, method, student, retriever, sets, out_dir / "eval")
+    wall = time.perf_counter() - t0
+
+    table = pipeline.results_table(records, p, sets)
+    path = figures_dir() / "distill_trial_cpu.csv"
+    table[["method", "benchmark", "score", "ci_low", "ci_high", "n"]].to_csv(path, index=False)
+    print(pipeline.wide_table(table).to_string())
+    for a, b in (("agent_distill", "cot_distill"), ("agent_distill", "untuned_agent")):
+        if {a, b} <= {r["method"] for r in records}:
+            d, lo, hi, n = paired_difference(records, a, b, list(sets))
+            print(f"\nfactual, {a} - {b}: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n} paired questions")
+    print()
+    print(pipeline.run_summaries(records).round(3).to_string(index=False))
+    print(f"\n{path}; wall {wall:.0f} s this call (SFT {t_sft:.0f} s; resumed work is not redone); work in {out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
