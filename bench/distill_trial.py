@@ -74,9 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     from agentlib.sft import train
 
     students = {}
-    for name in ("cot", "agent"):
-        kind = "cot" if name == "cot" else "agent"
-        res = train(pipeline.sft_config(p, kind), kept[name], p.student, out_dir / "students" / name)
+    for name in ("cot", "agent"):  # the run's name is the SFT kind
+        res = train(pipeline.sft_config(p, name), kept[name], p.student, out_dir / "students" / name)
         students[name] = res.out_dir
         print(f"{name} student: {res.n_examples} examples, {len(res.losses)} steps, losses "
               f"{[round(x, 3) for x in res.losses]}, {res.tokens_per_s:.1f} tokens/s{' (resumed)' if res.skipped else ''}")
