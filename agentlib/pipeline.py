@@ -165,7 +165,7 @@ def teacher_stage(p: Profile, model: Any, retriever: Any, out_dir: Path, progres
     sets = training_sets(p)
     questions = sets["factual"] + sets["math"]
     runs: dict[str, list] = {}
-    runs["cot"] = run_cot(model, questions, max_tokens=p.teacher_max_tokens, out_path=out_dir / "cot.jsonl",
+    runs["cot"] = run_cot(model, questions, max_tokens=p.cot_tokens, out_path=out_dir / "cot.jsonl",
                           progress=progress)  # fmt: skip
     prefix_path = out_dir / "prefixes.json"
     if prefix_path.exists():
@@ -318,7 +318,7 @@ def evaluate_method(
     for bench, examples in sets.items():
         examples = [replace(ex, source=bench) for ex in examples]  # records carry the benchmark label
         path = out_dir / f"{method}__{bench}.jsonl"
-        recs = run_cot(model, examples, max_tokens=p.student_max_tokens * 2, out_path=path, progress=progress,
+        recs = run_cot(model, examples, max_tokens=p.cot_tokens, out_path=path, progress=progress,
                        rag_retriever=retriever if plan["rag"] else None, k=p.top_k,
                        passage_chars=p.passage_chars)  # fmt: skip
         records += [{**r, "benchmark": bench, "method": method} for r in recs]

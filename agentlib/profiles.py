@@ -62,10 +62,16 @@ class Profile:
     train_unfiltered_if_empty: bool = False  # smoke: exercise SFT even when the tiny teacher solves nothing
     stop_on_repeat: bool = False  # end an agent loop at a step that repeats the previous one (not in the paper)
     teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
+    cot_max_tokens: int | None = None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
     # ablations
     sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
     k_sweep: tuple[int, ...] = (1, 3, 5)
     seed: int = 0
+
+    @property
+    def cot_tokens(self) -> int:
+        """Token budget of one chain-of-thought answer (teacher CoT data and the student's CoT methods)."""
+        return self.cot_max_tokens or 2 * self.student_max_tokens
 
     @property
     def models(self) -> list[str]:
@@ -138,8 +144,14 @@ PROFILES: dict[str, Profile] = {
         answerable_only=True,
         # Agent trajectories of the 1.5B teacher run 0.8k-2.3k tokens (up to 5 steps of 3 passages of 400 chars):
         # at 1024, 10 of 12 were cut before their final answer. 3072 keeps them whole (fp32, 0.5B: 12 GB peak).
-        lora=LoRASettings(r=16, alpha=32, epochs=1, grad_accum=2, max_length_agent=3072, max_length_cot=768,
+        # Two epochs as in the paper (one step per 2 trajectories each): with 1-4 kept trajectories a student
+        # trained for one epoch capped at 2 steps saw one optimizer step and behaved as the untuned model.
+        lora=LoRASettings(r=16, alpha=32, epochs=2, grad_accum=2, max_length_agent=3072, max_length_cot=1024,
                           load_in_4bit=False),  # fmt: skip
+        # The teacher's greedy CoT on 5 MATH training questions (max 1,024 tokens) ran 277, 319, 387 and 618
+        # tokens, and one ran away to the limit: at 256 (the agent's step budget) 27 of 30 MATH answers of the
+        # teacher trial were cut off before their \boxed{} answer. Students' CoT methods get the same budget.
+        cot_max_tokens=640,
         # In the previous run 8 of 18 teacher and 28 of 40 student agent trajectories repeated a step (same
         # code, same observation) and ran on into the step limit; stopping there took the run from 103 to 77 min.
         stop_on_repeat=True,
@@ -147,7 +159,6 @@ PROFILES: dict[str, Profile] = {
         # with 1 slot vs 962 s with 6. On 2 cores 6 slots decode no faster than one, each slot prefills the
         # 1.9k-token prompt, and the batch waits for its slowest step; one slot keeps each conversation cached.
         teacher_slots=1,
-        sft_max_steps=2,  # <= 4 trajectories per student: fp32 LoRA trains ~31 tokens/s on 2 AVX2 cores
         # The teacher keeps its few-shot prompt: on the short zero-shot prompt the 1.5B wrote its own
         # `search` with `requests` and read made-up files. Its 1.9k tokens are prefilled once per server
         # slot (llama.cpp reuses each slot's prompt prefix), ~55 s per slot on 2 cores.

@@ -6,8 +6,8 @@ CoT-distilled on factual questions, with more data on both ends:
 - training: the kept (correct) trajectories of `bench/teacher_trial.py` (30 HotpotQA dev + 30 MATH training
   questions, the cpu teacher), read from ``runs/cpu/teacher_trial/`` or else from the published
   ``data/teacher_trial_cpu.jsonl.gz``; the CoT student on the kept CoT answers, the agent student on the kept
-  agent trajectories without FTP; the cpu profile's LoRA settings, one epoch over all of them (the cpu run caps
-  it at 2 optimizer steps);
+  agent trajectories without FTP; the cpu profile's LoRA settings, one epoch over all of them (the settings the
+  published trial was measured with: one epoch, CoT answers of <= 384 tokens, pinned here);
 - evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
   exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
 - output: ``figures/distill_trial_cpu.csv`` (the result table's columns) and, on stdout, that table, the
@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="cot_distill,agent_distill,untuned_agent")
     ap.add_argument("--out", type=Path, default=None, help="work folder (default runs/cpu/distill_trial)")
     args = ap.parse_args(argv)
-    p = replace(get_profile("cpu", eval_sets=(("test", "hotpotqa", args.hotpotqa),
-                                              ("extra", "musique_train100", args.musique))), sft_max_steps=None)  # fmt: skip
+    p = get_profile("cpu", eval_sets=(("test", "hotpotqa", args.hotpotqa), ("extra", "musique_train100", args.musique)),
+                    cot_max_tokens=384)  # fmt: skip
+    p = replace(p, lora=replace(p.lora, epochs=1))
     out_dir = args.out or runs_dir("cpu", "distill_trial")
     t0 = time.perf_counter()
 

@@ -62,7 +62,7 @@ class ScriptedModel:
             raise RuntimeError("simulated crash")
         prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
         self.calls.append({"conversations": [list(c) for c in conversations], "n": n, "prefixes": prefixes,
-                           "temperature": temperature, "top_p": top_p, "stop": stop})
+                           "temperature": temperature, "top_p": top_p, "stop": stop, "max_tokens": max_tokens})
         out = []
         for conv, prefix in zip(conversations, prefixes, strict=True):
             samples = []

@@ -42,6 +42,33 @@ def test_agent_methods_batch_all_benchmarks(tmp_path):
     assert again == recs and len(model.calls) == 1  # resumed from untuned_agent__all.jsonl
 
 
+def test_cot_answers_get_the_profiles_cot_budget_for_teacher_and_student(tmp_path, monkeypatch):
+    from fakes import ScriptedModel
+
+    from agentlib.data import Example
+
+    assert get_profile("smoke").cot_tokens == 2 * get_profile("smoke").student_max_tokens  # the default
+    p = get_profile("smoke", cot_max_tokens=123)
+    sets = {"math500": [Example("0", "1+1?", "2", domain="math")]}
+    model = ScriptedModel(lambda conv, prefix, i: "1+1 = 2, so \\boxed{2}")
+    recs = pipeline.evaluate_method(p, "untuned_cot", model, None, sets, tmp_path, progress=False)
+    assert recs[0]["score"] == 1.0 and [c["max_tokens"] for c in model.calls] == [123]
+
+    seen = {}
+
+    def fake_run_cot(model, questions, **kw):
+        seen.update(kw)
+        raise StopIteration  # the teacher's CoT is the stage's first call; nothing after it matters here
+
+    monkeypatch.setattr(pipeline, "run_cot", fake_run_cot)
+    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": [], "math": sets["math500"]})
+    try:
+        pipeline.teacher_stage(p, model, None, tmp_path / "teacher", progress=False)
+    except StopIteration:
+        pass
+    assert seen["max_tokens"] == 123
+
+
 def test_training_question_ids_are_unique_across_sets():
     # cpu and paper draw MATH training questions from two files that both number rows from 0
     for name in ("cpu", "paper"):
