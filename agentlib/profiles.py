@@ -117,7 +117,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
-        expected_wall="~53-76 min on 2 AVX2 cores (measured 2026-12-02, one invocation each: 50 min of notebooks + set-up, 73 on a slower machine of the same kind)",
+        expected_wall="~48-76 min on 2 AVX2 cores (measured 2026-12-02, one invocation each: 45.5 min of notebooks + 2.5 set-up; the previous settings took 73 on a slower machine of the same kind)",
         teacher="qwen2.5-coder-1.5b",
         teacher_backend="llamacpp",
         teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops

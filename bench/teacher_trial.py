@@ -1,7 +1,8 @@
 """Teacher trial: the cpu profile's teacher with and without first-thought prefix on 30 + 30 questions.
 
 Runs the teacher stage of notebook 01 exactly as the cpu profile does (Qwen2.5-Coder-1.5B on a local
-llama.cpp server, its few-shot prompt, greedy, 256 tokens per step, 5 steps) on more training questions:
+llama.cpp server, its few-shot prompt, greedy, 256 tokens per step, 5 steps; the published trial ran before
+the profile's longer CoT budget and gave CoT 256 tokens too: ``--cot-max-tokens 256``) on more training questions:
 the first 30 HotpotQA dev rows (rows 0-99 have their evidence in the mini-corpus; none is in a test set)
 and 30 MATH training questions (15 from ``math_medium``, 15 from ``math``). Reports, per run (CoT, agent,
 agent + FTP) and domain: accuracy (exact match on HotpotQA, equivalence on MATH), token F1 on HotpotQA (the
@@ -62,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", type=Path, default=None, help="trajectory folder (default runs/cpu/teacher_trial)"
     )
+    ap.add_argument("--cot-max-tokens", type=int, default=None,
+                    help="the CoT answers' token budget (default: the cpu profile's; the published trial: 256)")  # fmt: skip
     ap.add_argument("--report", action="store_true", help="only tabulate the trajectories already in --out")
     args = ap.parse_args(argv)
     half = args.math // 2
     p = get_profile("cpu", train_factual=(("extra", "hotpotqa_dev300", args.factual),),
-                    train_math=(("train", "math_medium", args.math - half), ("train", "math", half)))  # fmt: skip
+                    train_math=(("train", "math_medium", args.math - half), ("train", "math", half)),
+                    cot_max_tokens=args.cot_max_tokens)  # fmt: skip
     out_dir = args.out or runs_dir("cpu", "teacher_trial")
     sets = pipeline.training_sets(p)
     domains = {ex.id: domain for domain, exs in sets.items() for ex in exs}
