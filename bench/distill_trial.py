@@ -15,7 +15,7 @@ CoT-distilled on factual questions, with more data on both ends:
 
 Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
 
-    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/distill_trial.py [--hotpotqa 30 --musique 10]
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/distill_trial.py [--hotpotqa 30 --musique 10 --epochs 1]
 """
 
 from __future__ import annotations
@@ -60,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hotpotqa", type=int, default=30, help="answerable HotpotQA test questions (first ones)")
     ap.add_argument("--musique", type=int, default=10, help="MuSiQue train-100 questions (first ones)")
     ap.add_argument("--methods", default="cot_distill,agent_distill,untuned_agent")
-    ap.add_argument("--out", type=Path, default=None, help="work folder (default runs/cpu/distill_trial)")
+    ap.add_argument("--epochs", type=float, default=1.0, help="SFT epochs (the published trial: 1)")
+    ap.add_argument("--out", type=Path, default=None, help="work folder (default runs/cpu/distill_trial[_e<N>])")
     args = ap.parse_args(argv)
     p = get_profile("cpu", eval_sets=(("test", "hotpotqa", args.hotpotqa), ("extra", "musique_train100", args.musique)),
                     cot_max_tokens=384)  # fmt: skip
-    p = replace(p, lora=replace(p.lora, epochs=1))
-    out_dir = args.out or runs_dir("cpu", "distill_trial")
+    p = replace(p, lora=replace(p.lora, epochs=args.epochs))
+    tag = "" if args.epochs == 1 else f"_e{args.epochs:g}"
+    out_dir = args.out or runs_dir("cpu", f"distill_trial{tag}")
     t0 = time.perf_counter()
 
     runs = teacher_runs(runs_dir("cpu", "teacher_trial"))
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - t0
 
     table = pipeline.results_table(records, p, sets)
-    path = figures_dir() / "distill_trial_cpu.csv"
+    path = figures_dir() / f"distill_trial_cpu{tag}.csv"
     table[["method", "benchmark", "score", "ci_low", "ci_high", "n"]].to_csv(path, index=False)
     print(pipeline.wide_table(table).to_string())
     for a, b in (("agent_distill", "cot_distill"), ("agent_distill", "untuned_agent")):
