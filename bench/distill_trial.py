@@ -6,8 +6,9 @@ CoT-distilled on factual questions, with more data on both ends:
 - training: the kept (correct) trajectories of `bench/teacher_trial.py` (30 HotpotQA dev + 30 MATH training
   questions, the cpu teacher), read from ``runs/cpu/teacher_trial/`` or else from the published
   ``data/teacher_trial_cpu.jsonl.gz``; the CoT student on the kept CoT answers, the agent student on the kept
-  agent trajectories without FTP; the cpu profile's LoRA settings, one epoch over all of them (the settings the
-  published trial was measured with: one epoch, CoT answers of <= 384 tokens, pinned here);
+  agent trajectories without FTP; the cpu profile's LoRA settings with CoT answers of <= 384 tokens and one
+  epoch, as the published trial was measured (``--epochs N`` writes to ``runs/cpu/distill_trial_eN/`` and
+  ``figures/distill_trial_cpu_eN.csv``);
 - evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
   exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
 - output: ``figures/distill_trial_cpu.csv`` (the result table's columns) and, on stdout, that table, the
