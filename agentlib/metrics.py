@@ -169,6 +169,40 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, alpha: float = 0.0
     return (sum(vals) / n, lo, hi)
 
 
+def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (95% with the default ``z``), as fractions in [0, 1].
+
+    Unlike a bootstrap over questions, it has width when every answer was scored the same (0 of 3: [0, 0.56])."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / d
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def questions_to_separate(p_high: float, p_low: float, z: float = 1.96, n_max: int = 1_000_000) -> int | None:
+    """The smallest number of questions per arm at which the Wilson intervals of two accuracies, ``p_high``
+    and ``p_low`` (fractions, observed at those rates), no longer overlap; None if not within ``n_max``."""
+    if p_high <= p_low:
+        return None
+
+    def apart(n: int) -> bool:
+        return wilson_interval(round(p_high * n), n, z)[0] > wilson_interval(round(p_low * n), n, z)[1]
+
+    n = 1
+    while n <= n_max and not apart(n):  # doubling, then a bisection (apart() is monotone up to rounding)
+        n *= 2
+    if n > n_max:
+        return None
+    lo, hi = n // 2, n
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if apart(mid) else (mid, hi)
+    return hi
+
+
 # ---------------------------------------------------------------- optional LLM judge
 JUDGE_PROMPT = (
     "You are grading an answer to a question.\nQuestion: {question}\nGold answer: {gold}\n"

@@ -153,28 +153,43 @@ def base_id(record_id: str) -> str:
     return record_id.split("#", 1)[0]
 
 
-def teacher_stage(p: Profile, model: Any, retriever: Any, out_dir: Path, progress: bool = True) -> dict[str, list]:
+TEACHER_RUNS = ("cot", "agent", "agent_ftp")
+
+
+def teacher_stage(
+    p: Profile, model: Any, retriever: Any, out_dir: Path, progress: bool = True, runs: Sequence[str] = TEACHER_RUNS
+) -> dict[str, list]:
     """Run the teacher on the training questions; return all trajectory records by run name.
 
     - ``cot``: chain-of-thought answers (CoT-distillation data);
     - ``agent``: CodeAct agent without FTP, sample 0 greedy (the paper) plus ``teacher_samples - 1``
       samples at the profile's temperature (rejection sampling: a documented departure);
     - ``agent_ftp``: the same with the first-thought prefix from the teacher's own CoT.
+
+    ``runs`` names the runs to make (all three by default; the notebook makes all three).
     """
+    unknown = set(runs) - set(TEACHER_RUNS)
+    if unknown:
+        raise ValueError(f"unknown teacher runs {sorted(unknown)}; choose from {TEACHER_RUNS}")
     out_dir.mkdir(parents=True, exist_ok=True)
     sets = training_sets(p)
     questions = sets["factual"] + sets["math"]
-    runs: dict[str, list] = {}
-    runs["cot"] = run_cot(model, questions, max_tokens=p.cot_tokens, out_path=out_dir / "cot.jsonl",
-                          progress=progress)  # fmt: skip
+    out: dict[str, list] = {}
+    if "cot" in runs:
+        out["cot"] = run_cot(model, questions, max_tokens=p.cot_tokens, out_path=out_dir / "cot.jsonl",
+                             progress=progress)  # fmt: skip
     prefix_path = out_dir / "prefixes.json"
-    if prefix_path.exists():
+    if "agent_ftp" not in runs:
+        prefixes = {}
+    elif prefix_path.exists():
         prefixes = json.loads(prefix_path.read_text())
     else:
         # only the first paragraph is kept, so a short generation suffices
         prefixes = make_prefixes(model, questions, max_tokens=min(p.teacher_max_tokens, 160))
         prefix_path.write_text(json.dumps(prefixes, indent=1))
     for name, use_ftp in (("agent", False), ("agent_ftp", True)):
+        if name not in runs:
+            continue
         records = []
         for j in range(p.teacher_samples):
             cfg = teacher_config(p, method=f"teacher_{name}")
@@ -184,8 +199,8 @@ def teacher_stage(p: Profile, model: Any, retriever: Any, out_dir: Path, progres
             pre = {f"{qid}#s{j}": text for qid, text in prefixes.items()} if use_ftp else None
             records += run_agent(model, copies, cfg, out_path=out_dir / f"{name}.jsonl", retriever=retriever,
                                  prefixes=pre, progress=progress)  # fmt: skip
-        runs[name] = records
-    return runs
+        out[name] = records
+    return out
 
 
 def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool = False) -> dict[str, list]:

@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from agentlib.metrics import wilson_interval
 from agentlib.paths import ROOT, figures_dir
 from agentlib.pipeline import METHODS, PAPER_05B, method_plan
 
@@ -23,6 +24,10 @@ def _rows(path: Path) -> list[dict]:
         raise FileNotFoundError(f"{path} is missing: run `make reproduce PROFILE=...` first")
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+def _pct(interval: tuple[float, float]) -> str:
+    return f"[{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -53,8 +58,8 @@ def results_markdown(profile: str = "cpu") -> str:
     if flat:
         out += ["", f"{len(flat)} of {len(res)} cells have a zero-width interval: within every benchmark such a cell "
                 "covers, all of its answers were scored the same (or there was one), so resampling questions cannot "
-                "show the uncertainty. Such an interval says nothing; for scale, a 95% Wilson interval is [0, 56] "
-                "for 0 of 3 correct and [21, 100] for 1 of 1."]
+                f"show the uncertainty. Such an interval says nothing; for scale, a 95% Wilson interval is "
+                f"{_pct(wilson_interval(0, 3))} for 0 of 3 correct and {_pct(wilson_interval(1, 1))} for 1 of 1."]
     teacher = fig / f"teacher_{profile}.csv"
     untrained = [r["run"] for r in _rows(teacher) if int(r["kept"]) == 0] if teacher.exists() else []
     for run in untrained:

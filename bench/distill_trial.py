@@ -8,7 +8,8 @@ CoT-distilled on factual questions, with more data on both ends:
   ``data/teacher_trial_cpu.jsonl.gz``; the CoT student on the kept CoT answers, the agent student on the kept
   agent trajectories without FTP; the cpu profile's LoRA settings with CoT answers of <= 384 tokens and one
   epoch, as the published trial was measured (``--epochs N`` writes to ``runs/cpu/distill_trial_eN/`` and
-  ``figures/distill_trial_cpu_eN.csv``);
+  ``figures/distill_trial_cpu_eN.csv``); ``--more-teachers NAME`` adds the trajectories of the tagged
+  teacher trial ``teacher_trial.py --tag NAME`` (output tagged ``_NAME``);
 - evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
   exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
 - output: ``figures/distill_trial_cpu.csv`` (the result table's columns) and, on stdout, that table, the
@@ -35,12 +36,29 @@ from agentlib.trajectory import read_records
 RUNS = ("cot", "agent", "agent_ftp")
 
 
-def teacher_runs(trial_dir: Path) -> dict[str, list]:
-    """The trial's trajectories by run: the local run if complete, else the published file."""
-    if all((trial_dir / f"{name}.jsonl").exists() for name in RUNS):
-        return {name: read_records(trial_dir / f"{name}.jsonl") for name in RUNS}
-    published = read_records(ROOT / "data" / "teacher_trial_cpu.jsonl.gz")
-    return {name: [r for r in published if r.get("run") == name] for name in RUNS}
+def teacher_runs(tag: str = "") -> dict[str, list]:
+    """A teacher trial's trajectories by run: its published file (written when the trial completes), else
+    its local run. ``tag``: "" for the published trial, ``_<name>`` for ``teacher_trial.py --tag <name>``."""
+    published = ROOT / "data" / f"teacher_trial_cpu{tag}.jsonl.gz"
+    if published.exists():
+        by_run: dict[str, list] = {}
+        for r in read_records(published):
+            by_run.setdefault(r["run"], []).append(r)
+        return {name: by_run[name] for name in RUNS if name in by_run}
+    local = runs_dir("cpu", f"teacher_trial{tag}")
+    runs = {name: read_records(local / f"{name}.jsonl") for name in RUNS if (local / f"{name}.jsonl").exists()}
+    if not runs:
+        raise FileNotFoundError(f"no teacher trial {tag or '(published)'}: neither {published} nor {local}")
+    return runs
+
+
+def pooled_teacher_runs(tags: list[str]) -> dict[str, list]:
+    """The published trial's runs with those of the tagged trials appended, run by run."""
+    pooled: dict[str, list] = {}
+    for tag in ["", *tags]:
+        for name, records in teacher_runs(tag).items():
+            pooled.setdefault(name, []).extend(records)
+    return pooled
 
 
 def paired_difference(records: list[dict], a: str, b: str, benches: list[str]) -> tuple[float, float, float, int]:
@@ -62,16 +80,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--musique", type=int, default=10, help="MuSiQue train-100 questions (first ones)")
     ap.add_argument("--methods", default="cot_distill,agent_distill,untuned_agent")
     ap.add_argument("--epochs", type=float, default=1.0, help="SFT epochs (the published trial: 1)")
-    ap.add_argument("--out", type=Path, default=None, help="work folder (default runs/cpu/distill_trial[_e<N>])")
+    ap.add_argument("--more-teachers", default="", help="tags of more teacher trials (teacher_trial.py --tag) "
+                    "whose trajectories join the published trial's, e.g. train100")  # fmt: skip
+    ap.add_argument("--out", type=Path, default=None, help="work folder (default runs/cpu/distill_trial<tag>)")
     args = ap.parse_args(argv)
     p = get_profile("cpu", eval_sets=(("test", "hotpotqa", args.hotpotqa), ("extra", "musique_train100", args.musique)),
                     cot_max_tokens=384)  # fmt: skip
     p = replace(p, lora=replace(p.lora, epochs=args.epochs))
-    tag = "" if args.epochs == 1 else f"_e{args.epochs:g}"
+    more = [f"_{t}" for t in args.more_teachers.split(",") if t]
+    tag = ("" if args.epochs == 1 else f"_e{args.epochs:g}") + "".join(more)
     out_dir = args.out or runs_dir("cpu", f"distill_trial{tag}")
     t0 = time.perf_counter()
 
-    runs = teacher_runs(runs_dir("cpu", "teacher_trial"))
+    runs = pooled_teacher_runs(more)
     out_dir.mkdir(parents=True, exist_ok=True)
     kept = pipeline.sft_datasets(runs, out_dir)
     print("kept trajectories:", {name: len(recs) for name, recs in kept.items()})

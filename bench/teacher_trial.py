@@ -13,7 +13,13 @@ in ``data/teacher_trial_cpu.jsonl.gz``.
 Resumable: trajectories go to ``runs/cpu/teacher_trial/`` as they finish; a second call picks up where the
 first stopped. 106 min on 2 AVX2 cores (measured 2026-12-02, the teacher decoding at ~12 tokens/s).
 
+Other settings make a separate, tagged trial: ``--factual-set``, ``--factual``, ``--math`` and ``--runs``
+choose the questions and the teacher runs, and ``--tag NAME`` names its folder, CSV and published file
+(``..._<NAME>``). The second trial, more agent trajectories for ``bench/distill_trial.py --teachers``:
+
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py [--factual 30 --math 30]
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py --tag train100 \
+        --factual-set hotpotqa_train100 --factual 70 --math 0 --runs agent
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import time
 from pathlib import Path
 
 from agentlib import pipeline
-from agentlib.metrics import f1
+from agentlib.metrics import f1, questions_to_separate, wilson_interval
 from agentlib.paths import ROOT, figures_dir, runs_dir
 from agentlib.pipeline import base_id
 from agentlib.profiles import get_profile
@@ -56,41 +62,80 @@ def trial_rows(runs: dict[str, list], domains: dict[str, str]) -> list[dict]:
     return rows
 
 
+def separation(runs: dict[str, list], domains: dict[str, str], a: str = "agent", b: str = "cot") -> str | None:
+    """The teacher's own factual margin, ``a`` against ``b``, with 95% Wilson intervals, and the questions per arm
+    at which intervals that far apart stop overlapping: a bound on what a student trial can show."""
+    if not {a, b} <= runs.keys():
+        return None
+    k, n = {}, {}
+    for name in (a, b):
+        greedy = [r for r in runs[name] if "#" not in r["id"] or r["id"].endswith("#s0")]  # CoT ids have no "#s<j>"
+        recs = [r for r in greedy if domains[base_id(r["id"])] == "factual"]
+        k[name], n[name] = sum(float(r["score"]) for r in recs), len(recs)
+    if not n[a] or not n[b]:
+        return None
+    iv = {name: wilson_interval(round(k[name]), n[name]) for name in (a, b)}
+    need = questions_to_separate(k[a] / n[a], k[b] / n[b])
+    parts = [f"factual, teacher {name}: {k[name]:.0f} of {n[name]} [{100 * iv[name][0]:.1f}, {100 * iv[name][1]:.1f}]"
+             for name in (a, b)]  # fmt: skip
+    verdict = ("never (the first is not higher)" if need is None else f"{need} questions per arm")
+    return "; ".join(parts) + f". Wilson intervals this far apart stop overlapping at {verdict}."
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--factual", type=int, default=30, help="HotpotQA dev questions (first rows)")
+    ap.add_argument("--factual", type=int, default=30, help="HotpotQA questions (first rows)")
+    ap.add_argument("--factual-set", default="hotpotqa_dev300", choices=("hotpotqa_dev300", "hotpotqa_train100"),
+                    help="where the HotpotQA questions come from (both have their evidence in the mini-corpus)")  # fmt: skip
     ap.add_argument("--math", type=int, default=30, help="MATH training questions, half from each file")
+    ap.add_argument("--runs", default=",".join(pipeline.TEACHER_RUNS), help="teacher runs to make")
+    ap.add_argument("--tag", default="", help="name of a trial with other settings: runs/cpu/teacher_trial_<tag>/, "
+                    "figures/teacher_trial_cpu_<tag>.csv, data/teacher_trial_cpu_<tag>.jsonl.gz")  # fmt: skip
     ap.add_argument(
         "--out", type=Path, default=None, help="trajectory folder (default runs/cpu/teacher_trial)"
     )
     ap.add_argument("--cot-max-tokens", type=int, default=None,
                     help="the CoT answers' token budget (default: the cpu profile's; the published trial: 256)")  # fmt: skip
-    ap.add_argument("--report", action="store_true", help="only tabulate the trajectories already in --out")
+    ap.add_argument("--report", action="store_true",
+                    help="only tabulate the trajectories already in --out (else the published file)")  # fmt: skip
     args = ap.parse_args(argv)
+    names = tuple(args.runs.split(","))
+    published_settings = (args.factual, args.factual_set, args.math, names) == (30, "hotpotqa_dev300", 30,
+                                                                                  pipeline.TEACHER_RUNS)
+    if not args.tag and not published_settings:
+        ap.error("--tag is required with --factual, --factual-set, --math or --runs other than the published trial's")
+    tag = f"_{args.tag}" if args.tag else ""
     half = args.math // 2
-    p = get_profile("cpu", train_factual=(("extra", "hotpotqa_dev300", args.factual),),
+    p = get_profile("cpu", train_factual=(("extra", args.factual_set, args.factual),),
                     train_math=(("train", "math_medium", args.math - half), ("train", "math", half)),
                     cot_max_tokens=args.cot_max_tokens)  # fmt: skip
-    out_dir = args.out or runs_dir("cpu", "teacher_trial")
+    out_dir = args.out or runs_dir("cpu", f"teacher_trial{tag}")
     sets = pipeline.training_sets(p)
     domains = {ex.id: domain for domain, exs in sets.items() for ex in exs}
     t0 = time.perf_counter()
-    published = ROOT / "data" / "teacher_trial_cpu.jsonl.gz"
+    published = ROOT / "data" / f"teacher_trial_cpu{tag}.jsonl.gz"
     if args.report:  # the published file and its manifest (commit, date) stay those of the run that made them
-        runs = {name: read_records(out_dir / f"{name}.jsonl") for name in ("cot", "agent", "agent_ftp")}
+        if all((out_dir / f"{name}.jsonl").exists() for name in names):
+            runs = {name: read_records(out_dir / f"{name}.jsonl") for name in names}
+        else:  # no local run: tabulate the published trajectories
+            records = read_records(published)
+            runs = {name: [r for r in records if r.get("run") == name] for name in names}
     else:
         retriever = pipeline.open_retriever(p)
         with pipeline.open_teacher(p) as teacher:
-            runs = pipeline.teacher_stage(p, teacher, retriever, out_dir)
+            runs = pipeline.teacher_stage(p, teacher, retriever, out_dir, runs=names)
         pipeline.publish_teacher(p, runs, dest=published)
     wall = time.perf_counter() - t0
-    rows = trial_rows(runs, domains)
-    path = figures_dir() / "teacher_trial_cpu.csv"
+    rows = [r for r in trial_rows(runs, domains) if r["n"]]
+    path = figures_dir() / f"teacher_trial_cpu{tag}.csv"
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
     print(md_table(COLUMNS, [["" if r[c] is None else str(r[c]) for c in COLUMNS] for r in rows]))
+    note = separation(runs, domains)
+    if note:
+        print("\n" + note)
     print(
         f"\n{path}, {published}; wall {wall:.0f} s this call (resumed trajectories are not re-run); trajectories in {out_dir}"
     )

@@ -98,3 +98,31 @@ def test_bootstrap_ci_brackets_the_mean():
     mean, lo, hi = bootstrap_ci([1, 0, 1, 1, 0, 1, 0, 1, 1, 1])
     assert mean == pytest.approx(0.7) and lo < 0.7 < hi and 0 <= lo and hi <= 1
     assert bootstrap_ci([1, 1, 1]) == (1.0, 1.0, 1.0)
+
+
+def test_wilson_interval_has_width_where_the_bootstrap_has_none():
+    from agentlib.metrics import wilson_interval
+
+    lo, hi = wilson_interval(0, 3)
+    assert lo == 0.0 and round(hi, 2) == 0.56
+    lo, hi = wilson_interval(1, 1)
+    assert round(lo, 2) == 0.21 and hi == 1.0
+    lo, hi = wilson_interval(13, 30)  # quoted in the README's teacher trial
+    assert (round(100 * lo), round(100 * hi)) == (27, 61)
+    assert wilson_interval(50, 100)[0] < 0.5 < wilson_interval(50, 100)[1]
+    with pytest.raises(ValueError):
+        wilson_interval(0, 0)
+
+
+def test_questions_to_separate_is_the_first_n_where_the_intervals_part():
+    from agentlib.metrics import questions_to_separate, wilson_interval
+
+    n = questions_to_separate(0.6, 0.3)
+    assert n is not None and 20 < n < 100
+
+    def apart(m):
+        return wilson_interval(round(0.6 * m), m)[0] > wilson_interval(round(0.3 * m), m)[1]
+
+    assert apart(n) and not apart(n - 1)
+    assert questions_to_separate(0.3, 0.6) is None and questions_to_separate(0.5, 0.5) is None
+    assert questions_to_separate(0.134, 0.133, n_max=1000) is None

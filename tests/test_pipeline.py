@@ -69,6 +69,25 @@ def test_cot_answers_get_the_profiles_cot_budget_for_teacher_and_student(tmp_pat
     assert seen["max_tokens"] == 123
 
 
+def test_teacher_stage_makes_only_the_runs_asked_for(tmp_path, monkeypatch):
+    import pytest
+    from fakes import ScriptedModel, turn
+
+    from agentlib.data import Example
+
+    p = get_profile("smoke")
+    qs = [Example("0", "Capital of France?", "Paris"), Example("1", "Capital of Italy?", "Rome")]
+    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
+    model = ScriptedModel(lambda conv, prefix, i: turn("I know it.", "final_answer('Paris')"))
+    runs = pipeline.teacher_stage(p, model, None, tmp_path, progress=False, runs=("agent",))
+    assert list(runs) == ["agent"]
+    assert [(r["id"], r["score"]) for r in runs["agent"]] == [("0#s0", 1.0), ("1#s0", 0.0)]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["agent.jsonl"]  # no CoT answers, no prefixes
+    assert all(c["prefixes"] == [None] * len(c["conversations"]) for c in model.calls)
+    with pytest.raises(ValueError, match="unknown teacher runs"):
+        pipeline.teacher_stage(p, model, None, tmp_path, progress=False, runs=("agent", "ftp"))
+
+
 def test_training_question_ids_are_unique_across_sets():
     # cpu and paper draw MATH training questions from two files that both number rows from 0
     for name in ("cpu", "paper"):
