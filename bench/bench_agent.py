@@ -8,6 +8,11 @@ Settings come from a run profile (default ``cpu``, the student's: max tokens per
 and top-p; N is 8 as in the bar); ``--max-tokens`` overrides the profile's per-step budget.
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_agent.py [--model qwen2.5-coder-0.5b] [--profile cpu]
+
+The ratios depend on the CPU and dtype. On an AMD EPYC with AVX-512 BF16 (2026-12-03), bf16 decoding of one
+sequence was fast enough that batching gained less: batched stepping 3.2x (29.5 against 9.2 tok/s) and SAG
+N=8 3.7x an N=1 step (40.0 against 10.7 s), both short of the bars; ``--only sag --dtype float32`` gave 2.1x
+(49.5 against 23.3 s), within the bar but slower in absolute terms than bf16.
 """
 
 from __future__ import annotations
@@ -44,11 +49,15 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu", help="run profile giving the student's settings")
     ap.add_argument("--max-tokens", type=int, default=None, help="override the profile's student_max_tokens")
     ap.add_argument("--only", choices=("batched", "sag"), default=None, help="run one of the two comparisons")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                    help="model dtype (default: bf16 where the CPU has native bf16, else fp32)")  # fmt: skip
     args = ap.parse_args()
     prof = get_profile(args.profile)
     max_tokens = args.max_tokens or prof.student_max_tokens
 
-    model = load_model(args.model, backend="hf")
+    import torch
+
+    model = load_model(args.model, backend="hf", dtype=getattr(torch, args.dtype) if args.dtype else None)
     retriever = BM25Retriever.default()
     examples = load_benchmark("hotpotqa", "test", limit=args.questions)
     print(f"model={args.model} dtype={model.dtype} questions={len(examples)} profile={prof.name} "
@@ -63,7 +72,7 @@ def main() -> None:
         rows += batched_vs_one(model, examples, base, retriever)
     if args.only != "batched":
         rows += sag_n8_vs_n1(model, examples[: args.sag_questions], base, prof, retriever)
-    write_rows("bench_agent" + (f"_{args.only}" if args.only else ""), rows)
+    write_rows("bench_agent" + (f"_{args.only}" if args.only else "") + (f"_{args.dtype}" if args.dtype else ""), rows)
 
 
 def batched_vs_one(model, examples, base: dict, retriever) -> list[dict]:
