@@ -462,3 +462,11 @@ def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None)
     }  # fmt: skip
     dest.with_name(dest.name.replace(".jsonl.gz", ".manifest.json")).write_text(json.dumps(manifest, indent=2))
     return dest
+
+
+def read_published(path: Path) -> dict[str, list]:
+    """A file written by ``publish_teacher``, back as records by run name (in the file's order)."""
+    runs: dict[str, list] = {}
+    for r in read_records(path):
+        runs.setdefault(r["run"], []).append(r)
+    return runs

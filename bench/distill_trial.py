@@ -33,7 +33,7 @@ from agentlib.paths import ROOT, figures_dir, runs_dir
 from agentlib.profiles import get_profile
 from agentlib.trajectory import read_records
 
-RUNS = ("cot", "agent", "agent_ftp")
+RUNS = pipeline.TEACHER_RUNS
 
 
 def teacher_runs(tag: str = "") -> dict[str, list]:
@@ -41,9 +41,7 @@ def teacher_runs(tag: str = "") -> dict[str, list]:
     its local run. ``tag``: "" for the published trial, ``_<name>`` for ``teacher_trial.py --tag <name>``."""
     published = ROOT / "data" / f"teacher_trial_cpu{tag}.jsonl.gz"
     if published.exists():
-        by_run: dict[str, list] = {}
-        for r in read_records(published):
-            by_run.setdefault(r["run"], []).append(r)
+        by_run = pipeline.read_published(published)
         return {name: by_run[name] for name in RUNS if name in by_run}
     local = runs_dir("cpu", f"teacher_trial{tag}")
     runs = {name: read_records(local / f"{name}.jsonl") for name in RUNS if (local / f"{name}.jsonl").exists()}

@@ -15,7 +15,7 @@ first stopped. 106 min on 2 AVX2 cores (measured 2026-12-02, the teacher decodin
 
 Other settings make a separate, tagged trial: ``--factual-set``, ``--factual``, ``--math`` and ``--runs``
 choose the questions and the teacher runs, and ``--tag NAME`` names its folder, CSV and published file
-(``..._<NAME>``). The second trial, more agent trajectories for ``bench/distill_trial.py --teachers``:
+(``..._<NAME>``). The second trial, more agent trajectories for ``bench/distill_trial.py --more-teachers``:
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py [--factual 30 --math 30]
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py --tag train100 \
@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="only tabulate the trajectories already in --out (else the published file)")  # fmt: skip
     args = ap.parse_args(argv)
     names = tuple(args.runs.split(","))
-    published_settings = (args.factual, args.factual_set, args.math, names) == (30, "hotpotqa_dev300", 30,
-                                                                                  pipeline.TEACHER_RUNS)
-    if not args.tag and not published_settings:
-        ap.error("--tag is required with --factual, --factual-set, --math or --runs other than the published trial's")
+    changed = [f"--{o.replace('_', '-')}" for o in ("factual", "factual_set", "math", "runs")
+               if getattr(args, o) != ap.get_default(o)]  # fmt: skip
+    if changed and not args.tag:
+        ap.error(f"--tag is required with settings other than the published trial's ({', '.join(changed)})")
     tag = f"_{args.tag}" if args.tag else ""
     half = args.math // 2
     p = get_profile("cpu", train_factual=(("extra", args.factual_set, args.factual),),
@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         if all((out_dir / f"{name}.jsonl").exists() for name in names):
             runs = {name: read_records(out_dir / f"{name}.jsonl") for name in names}
         else:  # no local run: tabulate the published trajectories
-            records = read_records(published)
-            runs = {name: [r for r in records if r.get("run") == name] for name in names}
+            by_run = pipeline.read_published(published)
+            runs = {name: by_run.get(name, []) for name in names}
     else:
         retriever = pipeline.open_retriever(p)
         with pipeline.open_teacher(p) as teacher:
