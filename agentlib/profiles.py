@@ -117,7 +117,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
-        expected_wall="~48-76 min on 2 AVX2 cores (measured 2026-12-02, one invocation each: 45.5 min of notebooks + 2.5 set-up; the previous settings took 73 on a slower machine of the same kind)",
+        expected_wall="~46-76 min on 2 cores (measured in one invocation each: 45.5 min of notebooks + 2.5 set-up on AVX2, 2026-12-02; 43.3 + 2.3 with native bf16, 2026-12-03; the previous settings took 73 on a slower machine)",
         teacher="qwen2.5-coder-1.5b",
         teacher_backend="llamacpp",
         teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops

@@ -9,10 +9,16 @@ and top-p; N is 8 as in the bar); ``--max-tokens`` overrides the profile's per-s
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_agent.py [--model qwen2.5-coder-0.5b] [--profile cpu]
 
-The ratios depend on the CPU and dtype. On an AMD EPYC with AVX-512 BF16 (2026-12-03), bf16 decoding of one
-sequence was fast enough that batching gained less: batched stepping 3.2x (29.5 against 9.2 tok/s) and SAG
-N=8 3.7x an N=1 step (40.0 against 10.7 s), both short of the bars; ``--only sag --dtype float32`` gave 2.1x
-(49.5 against 23.3 s), within the bar but slower in absolute terms than bf16.
+The ratios depend on the CPU and dtype. On 2 cores of an AMD EPYC with AVX-512 BF16, bf16 (2026-12-03):
+- SAG N=8: 2.26x an N=1 step (25.3 against 11.2 s; median step 3.5x), within the bar. A run earlier that day without
+  ``models.PACKED_SDPA`` gave 3.0x (39.0 s): N copies of one prompt need no mask, and transformers then sent
+  grouped-query decoding to SDPA's ``enable_gqa`` kernel, 1.5x slower at 8 rows (148 against 100 ms).
+- Batched stepping: 3.6x (31.6 against 8.8 tok/s), short of the bar. The ceiling row explains it: encoding the
+  prompts (observations of 3 passages, ~560 tokens a call) is 9% of the one-at-a-time wall and gains nothing
+  from batching; the decode kernel is 11.9x faster per token at 16 rows, which caps batching at 6.1x; static
+  batching loses the rest, as every row of a call decodes until its longest row ends (192 tokens against a
+  mean of ~80). Closing that gap takes continuous batching (a finished row's slot refilled mid-call), as vLLM does.
+- Earlier, fp32 on the same CPU: ``--only sag --dtype float32`` 2.1x (49.5 against 23.3 s).
 """
 
 from __future__ import annotations
@@ -34,11 +40,37 @@ from agentlib.profiles import get_profile  # noqa: E402
 from agentlib.retrieval import BM25Retriever  # noqa: E402
 
 
-def timed_run(model, examples, config, retriever) -> tuple[float, list[dict], int]:
-    c0 = model.usage.completion_tokens
+def timed_run(model, examples, config, retriever) -> tuple[float, list[dict], int, dict]:
+    """Wall seconds, records, completion tokens, and the usage deltas (prefill seconds, prompt tokens, calls)."""
+    u = model.usage
+    before = (u.completion_tokens, u.prefill_seconds, u.prompt_tokens, u.calls)
     t0 = time.perf_counter()
     recs = run_agent(model, examples, config, retriever=retriever, progress=False)
-    return time.perf_counter() - t0, recs, model.usage.completion_tokens - c0
+    wall = time.perf_counter() - t0
+    tok, prefill, prompt, calls = (a - b for a, b in zip((u.completion_tokens, u.prefill_seconds, u.prompt_tokens,
+                                                          u.calls), before, strict=True))
+    return wall, recs, tok, {"prefill_s": prefill, "prompt_tokens": prompt, "calls": calls}
+
+
+def decode_step_seconds(model, ctx: int, batch: int, steps: int = 12) -> float:
+    """Median seconds of one decoding step (one new token for each of ``batch`` rows) after a ``ctx``-token
+    prompt, with an attention mask as ``generate`` passes one: the kernel cost, no sampling or stopping."""
+    import torch
+    from transformers import DynamicCache
+
+    lm = model.model
+    ids = torch.randint(1000, 20000, (batch, ctx), device=model.device)
+    mask = torch.ones(batch, ctx + steps, dtype=torch.long, device=model.device)
+    times = []
+    with torch.inference_mode():
+        cache = DynamicCache(config=lm.config)
+        lm(input_ids=ids, attention_mask=mask[:, :ctx], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        nxt = ids[:, -1:]
+        for i in range(steps):
+            t0 = time.perf_counter()
+            lm(input_ids=nxt, attention_mask=mask[:, : ctx + i + 1], past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[2:])
 
 
 def main() -> None:
@@ -78,8 +110,8 @@ def main() -> None:
 def batched_vs_one(model, examples, base: dict, retriever) -> list[dict]:
     """Bar: batched stepping over the questions >= 5x the tokens/s of one question at a time."""
     rows = []
-    wall_b, recs_b, tok_b = timed_run(model, examples, AgentConfig(**base, batch_size=16), retriever)
-    wall_1, recs_1, tok_1 = timed_run(model, examples, AgentConfig(**base, batch_size=1), retriever)
+    wall_b, recs_b, tok_b, _ = timed_run(model, examples, AgentConfig(**base, batch_size=16), retriever)
+    wall_1, recs_1, tok_1, use_1 = timed_run(model, examples, AgentConfig(**base, batch_size=1), retriever)
     steps_b, steps_1 = (sum(len(r["steps"]) for r in recs) for recs in (recs_b, recs_1))
     print(f"batched: {wall_b:.1f} s, {steps_b} steps, {tok_b} tokens; one at a time: {wall_1:.1f} s, "
           f"{steps_1} steps, {tok_1} tokens")
@@ -88,15 +120,34 @@ def batched_vs_one(model, examples, base: dict, retriever) -> list[dict]:
                     ">= 5x one at a time", tps_b >= 5 * tps_1))
     rows.append(row("batched_stepping_steps_per_s", steps_b / wall_b, "steps/s", "one_at_a_time", steps_1 / wall_1,
                     "(informational)", None))
+    rows += batching_ceiling(model, wall_1, use_1, batch=16)
     return rows
+
+
+def batching_ceiling(model, wall_1: float, use_1: dict, batch: int) -> list[dict]:
+    """What batching can give at most here (Amdahl): prompt encoding is compute-bound at batch 1 already, so
+    only the decode speeds up, by at most the kernel's gain at ``batch`` rows over one row."""
+    ctx = round(use_1["prompt_tokens"] / max(use_1["calls"], 1))
+    t1, tb = decode_step_seconds(model, ctx, 1), decode_step_seconds(model, ctx, batch)
+    gain = batch * t1 / tb
+    prefill = use_1["prefill_s"]
+    ceiling = wall_1 / (prefill + (wall_1 - prefill) / gain)
+    print(f"one at a time: {prefill:.1f} of {wall_1:.1f} s encoding prompts ({ctx} tokens per call on average); "
+          f"decode step at {ctx} tokens: {t1 * 1e3:.0f} ms for 1 row, {tb * 1e3:.0f} ms for {batch} rows")
+    return [
+        row("one_at_a_time_prefill_share", prefill / wall_1, "fraction", bar="(informational)"),
+        row(f"decode_step_tokens_per_s_b{batch}", batch / tb, "tok/s", "b1", 1 / t1, "(informational: kernel only)"),
+        row("batched_stepping_ceiling", ceiling, "x", bar="(informational: the most batching the decode can give "
+            "while prompt encoding stays as it is)"),
+    ]
 
 
 def sag_n8_vs_n1(model, sag_ex, base: dict, prof, retriever) -> list[dict]:
     """Bar: a SAG step with N=8 candidates (generation and execution) <= 2.5x the wall of an N=1 step."""
     rows = []
     sampling = dict(temperature=prof.sag_temperature, top_p=prof.sag_top_p, batch_size=1)
-    wall_s1, recs_s1, _ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=1), retriever)
-    wall_s8, recs_s8, _ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=8), retriever)
+    wall_s1, recs_s1, _, use_s1 = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=1), retriever)
+    wall_s8, recs_s8, *_ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=8), retriever)
     per_step_1 = wall_s1 / sum(len(r["steps"]) for r in recs_s1)
     per_step_8 = wall_s8 / sum(len(r["steps"]) for r in recs_s8)
     exec_8 = sum(s["exec_s"] for r in recs_s8 for s in r["steps"]) / sum(len(r["steps"]) for r in recs_s8)
@@ -107,6 +158,16 @@ def sag_n8_vs_n1(model, sag_ex, base: dict, prof, retriever) -> list[dict]:
     med = [statistics.median(s["duration_s"] for r in recs for s in r["steps"]) for recs in (recs_s1, recs_s8)]
     rows.append(row("sag_n8_step_median_gen_exec", med[1], "s/step", "n1_step_median_gen_exec", med[0],
                     "(informational: median, robust to load spikes on a shared machine)", None))
+    # The floor: the N=1 run with its decode steps costing what 8 rows cost; the rest of the gap is the long tail
+    # (a step lasts until the longest of its 8 samples ends).
+    ctx = round(use_s1["prompt_tokens"] / max(use_s1["calls"], 1))
+    t1, t8 = decode_step_seconds(model, ctx, 1), decode_step_seconds(model, ctx, 8)
+    prefill = use_s1["prefill_s"]
+    floor = (prefill + (wall_s1 - prefill) * t8 / t1) / wall_s1
+    print(f"SAG: N=1 spent {prefill:.1f} of {wall_s1:.1f} s encoding prompts; decode step at {ctx} tokens: "
+          f"{t1 * 1e3:.0f} ms for 1 row, {t8 * 1e3:.0f} ms for 8 rows")
+    rows.append(row("sag_n8_floor_same_lengths", floor, "x N=1", bar="(informational: N=8 over N=1 if all 8 "
+                    "samples were as long as the one)"))
     return rows
 
 

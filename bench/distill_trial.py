@@ -1,7 +1,7 @@
 """Distillation trial: students trained on the 60-question teacher trial, scored on 40 factual questions.
 
-The published `cpu` run fits the whole pipeline in 90 minutes, so its students see one or two trajectories
-and its table has 4 factual questions. This trial asks the question the paper rests on, agent-distilled vs
+The published `cpu` run fits the whole pipeline in 90 minutes, so its students see three CoT answers or one
+agent trajectory each and its table has 4 factual questions. This trial asks the question the paper rests on, agent-distilled vs
 CoT-distilled on factual questions, with more data on both ends:
 - training: the kept (correct) trajectories of `bench/teacher_trial.py` (30 HotpotQA dev + 30 MATH training
   questions, the cpu teacher), read from ``runs/cpu/teacher_trial/`` or else from the published
@@ -12,8 +12,9 @@ CoT-distilled on factual questions, with more data on both ends:
   teacher trial ``teacher_trial.py --tag NAME`` (output tagged ``_NAME``);
 - evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
   exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
-- output: ``figures/distill_trial_cpu.csv`` (the result table's columns) and, on stdout, that table, the
-  paired difference agent - CoT with its stratified bootstrap interval, and each method's behaviour.
+- output: ``figures/distill_trial_cpu.csv`` (the result table's columns), ``..._behaviour.csv`` (each method's
+  parse-error, step-limit and repeat-stop rates, steps, searches, token F1 in percent), and, on stdout, both tables and
+  the paired difference agent - CoT with its stratified bootstrap interval.
 
 Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
 
@@ -23,12 +24,14 @@ Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from agentlib import pipeline
+from agentlib.metrics import f1
 from agentlib.paths import ROOT, figures_dir, runs_dir
 from agentlib.profiles import get_profile
 from agentlib.trajectory import read_records
@@ -122,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
         if {a, b} <= {r["method"] for r in records}:
             d, lo, hi, n = paired_difference(records, a, b, list(sets))
             print(f"\nfactual, {a} - {b}: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n} paired questions")
+    behaviour = pipeline.run_summaries(records)
+    behaviour["f1"] = [100 * statistics.mean(f1(r.get("prediction"), [r["gold"]]) for r in records
+                                             if r["method"] == m) for m in behaviour["method"]]  # all factual here
+    behaviour = behaviour.round(3)
+    behaviour.to_csv(path.with_name(path.stem + "_behaviour.csv"), index=False)
     print()
-    print(pipeline.run_summaries(records).round(3).to_string(index=False))
-    print(f"\n{path}; wall {wall:.0f} s this call (SFT {t_sft:.0f} s; resumed work is not redone); work in {out_dir}")
+    print(behaviour.to_string(index=False))
+    print(f"\n{path} (+ _behaviour.csv); wall {wall:.0f} s this call (SFT {t_sft:.0f} s; resumed work is not redone); work in {out_dir}")
     return 0
 
 

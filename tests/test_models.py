@@ -32,10 +32,10 @@ def test_cut_at_stop_earliest_and_absent():
 
 
 def test_usage_tokens_per_s():
-    u = Usage(prompt_tokens=10, completion_tokens=50, seconds=2.0)
+    u = Usage(prompt_tokens=10, completion_tokens=50, seconds=2.0, prefill_seconds=0.5)
     assert u.tokens_per_s == 25.0
     u.reset()
-    assert (u.completion_tokens, u.tokens_per_s) == (0, 0.0)
+    assert (u.completion_tokens, u.tokens_per_s, u.prefill_seconds) == (0, 0.0, 0.0)
 
 
 def test_endpoints_from_env(monkeypatch):
@@ -151,6 +151,7 @@ def test_hf_stop_prefix_samples_usage(smol):
     assert smol.chat(CONVS[3], n=3, max_tokens=8) == [smol.chat(CONVS[3], max_tokens=8)[0]] * 3
     u = smol.usage
     assert u.calls >= 5 and u.prompt_tokens > 5 * 20 and u.completion_tokens > 20 and u.seconds > 0
+    assert 0 < u.prefill_seconds < u.seconds  # prompt encoding is timed apart, as part of the generation time
 
 
 @pytest.mark.slow
@@ -180,6 +181,51 @@ def test_hf_shared_prefill_matches_plain_generate(smol):
         smol.max_batch = 16
     assert [len(x) for x in sampled] == [5, 5, 5] and all(isinstance(t, str) for x in sampled for t in x)
     assert all(len(set(x)) > 1 for x in sampled)
+
+
+@pytest.mark.slow
+def test_hf_equal_rows_decode_on_packed_gqa_path(smol, monkeypatch):
+    """On CPU the model runs ``PACKED_SDPA``: a decoding step of rows that need no mask (N copies of one prompt)
+    gets an all-true mask, so it takes the packed grouped-query path instead of ``enable_gqa``; same logits as
+    plain SDPA (fp32)."""
+    import torch
+    from transformers import DynamicCache
+
+    from agentlib.models import PACKED_SDPA
+
+    assert smol.model.config._attn_implementation == PACKED_SDPA
+    ids = torch.tensor([smol.tokenizer(smol.render(FRANCE), add_special_tokens=False).input_ids] * 3)
+    seen: list[tuple] = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, attn_mask=None, **kw):
+        seen.append((tuple(query.shape), attn_mask, kw.get("enable_gqa", False)))
+        return real(query, key, value, attn_mask=attn_mask, **kw)
+
+    def decode_step(attn: str) -> torch.Tensor:
+        smol.model.set_attn_implementation(attn)
+        cache = DynamicCache(config=smol.model.config)
+        with torch.inference_mode():
+            smol.model(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            seen.clear()
+            with monkeypatch.context() as mp:
+                mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+                return smol.model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+
+    try:
+        plain = decode_step("sdpa")
+        plain_calls = list(seen)
+        packed = decode_step(PACKED_SDPA)
+    finally:
+        smol.model.set_attn_implementation(PACKED_SDPA)
+    cfg = smol.model.config
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    assert groups > 1 and len(plain_calls) == len(seen) == cfg.num_hidden_layers
+    assert all(shape[2] == 1 and mask is None and gqa for shape, mask, gqa in plain_calls)
+    assert all(shape == (3, cfg.num_key_value_heads, groups, shape[3]) and not gqa and mask.dtype == torch.bool
+               and bool(mask.all()) and tuple(mask.shape) == (3, 1, 1, ids.shape[1]) for shape, mask, gqa in seen)
+    assert torch.allclose(plain, packed, atol=1e-4)
+    assert plain.argmax(-1).tolist() == packed.argmax(-1).tolist()
 
 
 # ------------------------------------------------------------------------------------------ fake servers
