@@ -24,6 +24,7 @@ The ratios depend on the CPU and dtype. On 2 cores of an AMD EPYC with AVX-512 B
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -41,15 +42,23 @@ from agentlib.retrieval import BM25Retriever  # noqa: E402
 
 
 def timed_run(model, examples, config, retriever) -> tuple[float, list[dict], int, dict]:
-    """Wall seconds, records, completion tokens, and the usage deltas (prefill seconds, prompt tokens, calls)."""
-    u = model.usage
-    before = (u.completion_tokens, u.prefill_seconds, u.prompt_tokens, u.calls)
+    """Wall seconds, records, completion tokens, and the run's prefill seconds and mean prompt tokens per call."""
+    before = copy.copy(model.usage)
     t0 = time.perf_counter()
     recs = run_agent(model, examples, config, retriever=retriever, progress=False)
-    wall = time.perf_counter() - t0
-    tok, prefill, prompt, calls = (a - b for a, b in zip((u.completion_tokens, u.prefill_seconds, u.prompt_tokens,
-                                                          u.calls), before, strict=True))
-    return wall, recs, tok, {"prefill_s": prefill, "prompt_tokens": prompt, "calls": calls}
+    wall, u = time.perf_counter() - t0, model.usage
+    prompt = round((u.prompt_tokens - before.prompt_tokens) / max(u.calls - before.calls, 1))
+    use = {"prefill_s": u.prefill_seconds - before.prefill_seconds, "prompt_tokens_per_call": prompt}
+    return wall, recs, u.completion_tokens - before.completion_tokens, use
+
+
+def decode_costs(model, use: dict, batch: int) -> tuple[float, float]:
+    """(1-row, ``batch``-row) decode step seconds at the run's mean prompt length, and a line saying so."""
+    ctx = use["prompt_tokens_per_call"]
+    t1, tb = decode_step_seconds(model, ctx, 1), decode_step_seconds(model, ctx, batch)
+    print(f"{use['prefill_s']:.1f} s encoding prompts ({ctx} tokens per call on average); decode step at {ctx} "
+          f"tokens: {t1 * 1e3:.0f} ms for 1 row, {tb * 1e3:.0f} ms for {batch} rows")
+    return t1, tb
 
 
 def decode_step_seconds(model, ctx: int, batch: int, steps: int = 12) -> float:
@@ -127,13 +136,10 @@ def batched_vs_one(model, examples, base: dict, retriever) -> list[dict]:
 def batching_ceiling(model, wall_1: float, use_1: dict, batch: int) -> list[dict]:
     """What batching can give at most here (Amdahl): prompt encoding is compute-bound at batch 1 already, so
     only the decode speeds up, by at most the kernel's gain at ``batch`` rows over one row."""
-    ctx = round(use_1["prompt_tokens"] / max(use_1["calls"], 1))
-    t1, tb = decode_step_seconds(model, ctx, 1), decode_step_seconds(model, ctx, batch)
-    gain = batch * t1 / tb
+    print(f"one at a time ({wall_1:.1f} s): ", end="")
+    t1, tb = decode_costs(model, use_1, batch)
     prefill = use_1["prefill_s"]
-    ceiling = wall_1 / (prefill + (wall_1 - prefill) / gain)
-    print(f"one at a time: {prefill:.1f} of {wall_1:.1f} s encoding prompts ({ctx} tokens per call on average); "
-          f"decode step at {ctx} tokens: {t1 * 1e3:.0f} ms for 1 row, {tb * 1e3:.0f} ms for {batch} rows")
+    ceiling = wall_1 / (prefill + (wall_1 - prefill) * tb / (batch * t1))
     return [
         row("one_at_a_time_prefill_share", prefill / wall_1, "fraction", bar="(informational)"),
         row(f"decode_step_tokens_per_s_b{batch}", batch / tb, "tok/s", "b1", 1 / t1, "(informational: kernel only)"),
@@ -160,12 +166,10 @@ def sag_n8_vs_n1(model, sag_ex, base: dict, prof, retriever) -> list[dict]:
                     "(informational: median, robust to load spikes on a shared machine)", None))
     # The floor: the N=1 run with its decode steps costing what 8 rows cost; the rest of the gap is the long tail
     # (a step lasts until the longest of its 8 samples ends).
-    ctx = round(use_s1["prompt_tokens"] / max(use_s1["calls"], 1))
-    t1, t8 = decode_step_seconds(model, ctx, 1), decode_step_seconds(model, ctx, 8)
+    print(f"SAG N=1 ({wall_s1:.1f} s): ", end="")
+    t1, t8 = decode_costs(model, use_s1, 8)
     prefill = use_s1["prefill_s"]
     floor = (prefill + (wall_s1 - prefill) * t8 / t1) / wall_s1
-    print(f"SAG: N=1 spent {prefill:.1f} of {wall_s1:.1f} s encoding prompts; decode step at {ctx} tokens: "
-          f"{t1 * 1e3:.0f} ms for 1 row, {t8 * 1e3:.0f} ms for 8 rows")
     rows.append(row("sag_n8_floor_same_lengths", floor, "x N=1", bar="(informational: N=8 over N=1 if all 8 "
                     "samples were as long as the one)"))
     return rows

@@ -1,8 +1,8 @@
 """Distillation trial: students trained on the 60-question teacher trial, scored on 40 factual questions.
 
 The published `cpu` run fits the whole pipeline in 90 minutes, so its students see three CoT answers or one
-agent trajectory each and its table has 4 factual questions. This trial asks the question the paper rests on, agent-distilled vs
-CoT-distilled on factual questions, with more data on both ends:
+agent trajectory each and its table has 4 factual questions. This trial asks the question the paper rests on,
+agent-distilled vs CoT-distilled on factual questions, with more data on both ends:
 - training: the kept (correct) trajectories of `bench/teacher_trial.py` (30 HotpotQA dev + 30 MATH training
   questions, the cpu teacher), read from ``runs/cpu/teacher_trial/`` or else from the published
   ``data/teacher_trial_cpu.jsonl.gz``; the CoT student on the kept CoT answers, the agent student on the kept
@@ -13,8 +13,8 @@ CoT-distilled on factual questions, with more data on both ends:
 - evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
   exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
 - output: ``figures/distill_trial_cpu.csv`` (the result table's columns), ``..._behaviour.csv`` (each method's
-  parse-error, step-limit and repeat-stop rates, steps, searches, token F1 in percent), and, on stdout, both tables and
-  the paired difference agent - CoT with its stratified bootstrap interval.
+  parse-error, step-limit and repeat-stop rates, steps, searches, token F1 in percent), and, on stdout, both
+  tables and the paired difference agent - CoT with its stratified bootstrap interval.
 
 Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
 
@@ -24,14 +24,12 @@ Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from agentlib import pipeline
-from agentlib.metrics import f1
 from agentlib.paths import ROOT, figures_dir, runs_dir
 from agentlib.profiles import get_profile
 from agentlib.trajectory import read_records
@@ -126,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             d, lo, hi, n = paired_difference(records, a, b, list(sets))
             print(f"\nfactual, {a} - {b}: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n} paired questions")
     behaviour = pipeline.run_summaries(records)
-    behaviour["f1"] = [100 * statistics.mean(f1(r.get("prediction"), [r["gold"]]) for r in records
-                                             if r["method"] == m) for m in behaviour["method"]]  # all factual here
+    behaviour["f1"] = [pipeline.mean_f1([r for r in records if r["method"] == m]) for m in behaviour["method"]]
     behaviour = behaviour.round(3)
     behaviour.to_csv(path.with_name(path.stem + "_behaviour.csv"), index=False)
     print()

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from agentlib import pipeline
-from agentlib.metrics import f1, questions_to_separate, wilson_interval
+from agentlib.metrics import questions_to_separate, wilson_interval
 from agentlib.paths import ROOT, figures_dir, runs_dir
 from agentlib.pipeline import base_id
 from agentlib.profiles import get_profile
@@ -52,7 +52,7 @@ def trial_rows(runs: dict[str, list], domains: dict[str, str]) -> list[dict]:
             pct = lambda k, s=s: round(100 * s.get(k, 0.0), 1)  # noqa: E731
             rows.append({
                 "run": name, "domain": domain, "n": s["n"], "accuracy": pct("accuracy"),
-                "f1": round(100 * sum(f1(r.get("prediction"), r["gold"]) for r in subset) / len(subset), 1)
+                "f1": round(pipeline.mean_f1(subset), 1)
                 if domain == "factual" and subset else None,
                 "parse_error_rate": pct("parse_error_rate"), "step_limit_rate": pct("step_limit_rate"),
                 "repeat_stop_rate": pct("repeat_stop_rate"), "mean_steps": round(s.get("mean_steps", 0.0), 2),
