@@ -9,8 +9,10 @@ With ``stop_on_repeat`` (a departure from the paper, on in the CPU profiles), a 
 previous one -- the same code (or unparseable text) and the same observation -- ends the loop the same
 way: the model is asked once for a final answer and the record is marked ``stopped_on_repeat``.
 
-Batched stepping: up to ``batch_size`` unfinished questions advance together, one ``chat_batch`` call
-per step; a finished question's slot is refilled from the queue.
+Batched stepping: up to ``batch_size`` unfinished questions are in flight, their model calls going through
+one ``model.session``: a server model answers each round of calls as one concurrent batch; ``HFModel``
+batches continuously (a question whose action has run rejoins the decoding batch at the next token). A
+finished question's slot is refilled from the queue.
 
 SAG (self-consistent action generation): ``n_samples`` candidates per step in the same call; the
 parseable ones run with ``Sandbox.run_candidates`` (independent copies of the state); failures are
@@ -22,8 +24,9 @@ error becomes the observation.
 Record (one JSON line per question): id, benchmark, question, gold, method, messages (OpenAI chat
 format), steps [{thought, code, observation, error, parse_error, duration_s, gen_s, exec_s,
 prompt_tokens, completion_tokens, candidates [{code, outcome, error, votes, chosen}]}], prediction,
-score, parse_errors, hit_step_limit, stopped_on_repeat, used_prefix, prefix, sag_n. Per-step token counts and generation
-time are the batch call's totals shared out by characters (prompt, completion) and evenly (time).
+score, parse_errors, hit_step_limit, stopped_on_repeat, used_prefix, prefix, sag_n. Per-step token counts and
+generation time come from the session (``agentlib.models.RoundSession``): exact for ``HFModel`` (time: its own
+prompt encoding plus a share of each decoding step it was in), shared out of each call's totals for servers.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from typing import Any
 import yaml
 
 from agentlib.data import last_boxed
+from agentlib.models import RoundSession
 from agentlib.retrieval import DEFAULT_MAX_CHARS, format_passages, make_search_tool
 from agentlib.trajectory import JsonlWriter, filter_trajectories, read_records, summarize
 
@@ -318,23 +322,6 @@ def observation(action: Action, max_chars: int = OBS_MAX_CHARS) -> str:
 
 # ----------------------------------------------------------------------------- the agent loop
 
-def _usage(model: Any) -> tuple[float, float]:
-    u = getattr(model, "usage", None)
-    if u is None:
-        return 0.0, 0.0
-    get = u.get if isinstance(u, dict) else (lambda k, d=0: getattr(u, k, d))
-    return float(get("prompt_tokens", 0) or 0), float(get("completion_tokens", 0) or 0)
-
-
-def _shares(total: float, weights: Sequence[float], floors: Sequence[int] | None = None) -> list[int]:
-    """Split a batch's token count by weight, each part first getting its floor (when the total covers them)."""
-    floors = list(floors or [0] * len(weights))
-    if total < sum(floors):
-        floors = [0] * len(weights)
-    rest, s = total - sum(floors), sum(weights)
-    return [f + (round(rest * w / s) if s else 0) for f, w in zip(floors, weights, strict=True)]
-
-
 def _default_sandbox(config: AgentConfig) -> Callable[[dict], Any]:
     from agentlib.sandbox import Sandbox
 
@@ -466,27 +453,6 @@ def _record(t: _Trajectory, config: AgentConfig, score_fn: Callable) -> dict:
     }
 
 
-def _advance(model: Any, active: list[_Trajectory], config: AgentConfig) -> None:
-    """One batched model call for all active trajectories, then each one's SAG + execution."""
-    prefixes = [t.step_prefix() for t in active]
-    p0, c0 = _usage(model)
-    t0 = time.perf_counter()
-    outs = model.chat_batch(
-        [t.messages for t in active], n=config.n_samples, temperature=config.temperature, top_p=config.top_p,
-        max_tokens=config.max_tokens, stop=STOP, prefixes=prefixes if any(prefixes) else None,
-    )
-    gen_s = time.perf_counter() - t0
-    p1, c1 = _usage(model)
-    prompt_tok = _shares(p1 - p0, [sum(len(m["content"]) for m in t.messages) for t in active])
-    # every completion cost at least one token (the EOS or stop token that ended it), even an empty one
-    compl_tok = _shares(c1 - c0, [sum(len(c) for c in cands) for cands in outs], [len(cands) for cands in outs])
-    for i, (t, cands) in enumerate(zip(active, outs, strict=True)):
-        texts = [(prefixes[i] or "") + c for c in cands]
-        step = _apply(t, select_action(texts, t.sb), config)
-        step.update(gen_s=gen_s / len(active), prompt_tokens=prompt_tok[i], completion_tokens=compl_tok[i])
-        step["duration_s"] = step["gen_s"] + step["exec_s"]
-
-
 def run_agent(
     model: Any,
     examples: Sequence[Any],
@@ -519,23 +485,35 @@ def run_agent(
     writer = JsonlWriter(out_path) if out_path else None
     if queue and hasattr(model, "prime"):  # every trajectory opens with the same system prompt
         model.prime([{"role": "system", "content": system}])
+    gen = dict(n=config.n_samples, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
+               stop=STOP)
+    session = model.session(**gen) if hasattr(model, "session") else RoundSession(model, **gen)
     bar = _progress(len(queue), progress)
     active: list[_Trajectory] = []
+
+    def refill() -> None:  # a finished question's slot goes to the next one in the queue
+        while queue and len(active) < config.batch_size:
+            ex = queue.popleft()
+            t = _Trajectory(ex, system, factory(dict(tools)), (prefixes or {}).get(str(ex.id)))
+            active.append(t)
+            session.submit(t, t.messages, t.step_prefix())
+
     try:
-        while queue or active:
-            while queue and len(active) < config.batch_size:
-                ex = queue.popleft()
-                prefix = (prefixes or {}).get(str(ex.id))
-                active.append(_Trajectory(ex, system, factory(dict(tools)), prefix))
-            _advance(model, active, config)
-            for t in [t for t in active if t.done]:
-                rec = _record(t, config, score_fn)
-                _close(t.sb)
-                done[rec["id"]] = rec
-                if writer:
-                    writer.write(rec)
-                bar.update(1)
-            active = [t for t in active if not t.done]
+        for t, cands, info in session.run(refill):
+            prefix = t.step_prefix() or ""
+            step = _apply(t, select_action([prefix + c for c in cands], t.sb), config)
+            step.update(info)
+            step["duration_s"] = step["gen_s"] + step["exec_s"]
+            if not t.done:
+                session.submit(t, t.messages, t.step_prefix())
+                continue
+            rec = _record(t, config, score_fn)
+            _close(t.sb)
+            active.remove(t)
+            done[rec["id"]] = rec
+            if writer:
+                writer.write(rec)
+            bar.update(1)
     finally:
         for t in active:
             _close(t.sb)

@@ -4,12 +4,13 @@ Every backend has
 
     chat(messages, n=1, temperature=0.0, top_p=1.0, max_tokens=512, stop=None, prefix=None) -> list[str]
     chat_batch(conversations, n=1, ..., prefixes=None) -> list[list[str]]
+    session(n=1, ...) -> RoundSession   # submit requests, get each answer as it is ready (the agent's loop)
 
 ``prefix`` is text forced as the start of the assistant turn; outputs are the continuation only, with stop
 strings cut off. ``.usage`` counts prompt/completion tokens and generation seconds.
 
-- ``HFModel``: transformers in this process (bf16 on CPU), batched across conversations with left padding,
-  ``n`` samples per prompt, optional peft adapter.
+- ``HFModel``: transformers in this process (bf16 on CPU), ``n`` samples per prompt, optional peft adapter;
+  continuous batching with a prefix cache (``agentlib.decoding``).
 - ``OpenAIModel``: one or more OpenAI-compatible servers (vLLM, llama.cpp, hosted APIs) as one pool:
   bounded concurrency, retries with backoff, least-outstanding routing, health checks, failover.
 - ``load_model(name_or_path, backend="hf" | "openai" | "llamacpp")``.
@@ -77,6 +78,70 @@ class ChatModel:
     def prime(self, messages: Messages) -> None:
         """Warm a prompt cache with ``messages``, a prefix many following conversations share (no-op here)."""
 
+    def session(self, n: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512,
+                stop: Sequence[str] | None = None) -> RoundSession:
+        """Requests answered as they come (see ``RoundSession``; ``HFModel`` batches continuously)."""
+        return RoundSession(self, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
+
+
+def _usage_tokens(model: Any) -> tuple[float, float]:
+    u = getattr(model, "usage", None)
+    if u is None:
+        return 0.0, 0.0
+    get = u.get if isinstance(u, dict) else (lambda k, d=0: getattr(u, k, d))
+    return float(get("prompt_tokens", 0) or 0), float(get("completion_tokens", 0) or 0)
+
+
+def _shares(total: float, weights: Sequence[float], floors: Sequence[int] | None = None) -> list[int]:
+    """Split a batch's token count by weight, each part first getting its floor (when the total covers them)."""
+    floors = list(floors or [0] * len(weights))
+    if total < sum(floors):
+        floors = [0] * len(weights)
+    rest, s = total - sum(floors), sum(weights)
+    return [f + (round(rest * w / s) if s else 0) for f, w in zip(floors, weights, strict=True)]
+
+
+class RoundSession:
+    """Requests to a model, answered in rounds: everything submitted between rounds goes out in one
+    ``chat_batch`` call (a server batches or runs them concurrently), then each answer is handed back.
+
+    Usage::
+
+        s = model.session(n=1, max_tokens=256, stop=["<end_code>"])
+        s.submit(key, messages, prefix=None)
+        for key, texts, info in s.run(refill=None):  # info: gen_s, prompt_tokens, completion_tokens
+            ...  # may s.submit() follow-ups; ``refill()`` is called before each round
+
+    Per-request tokens are the call's totals shared out by characters, time evenly (servers report per call).
+    """
+
+    def __init__(self, model: Any, **gen: Any):
+        self.model, self.gen = model, gen
+        self.pending: list[tuple[Any, Messages, str | None]] = []
+
+    def submit(self, key: Any, messages: Messages, prefix: str | None = None) -> None:
+        self.pending.append((key, list(messages), prefix))
+
+    def run(self, refill: Any = None) -> Any:
+        while True:
+            if refill is not None:
+                refill()
+            if not self.pending:
+                return
+            batch, self.pending = self.pending, []
+            prefixes = [p for _, _, p in batch]
+            p0, c0 = _usage_tokens(self.model)
+            t0 = time.perf_counter()
+            outs = self.model.chat_batch([m for _, m, _ in batch], prefixes=prefixes if any(prefixes) else None,
+                                         **self.gen)
+            gen_s = (time.perf_counter() - t0) / len(batch)
+            p1, c1 = _usage_tokens(self.model)
+            prompt = _shares(p1 - p0, [sum(len(m["content"]) for m in msgs) for _, msgs, _ in batch])
+            # every completion cost at least one token (the end or stop token), even an empty one
+            compl = _shares(c1 - c0, [sum(len(c) for c in cands) for cands in outs], [len(c) for c in outs])
+            for (key, _, _), texts, pt, ct in zip(batch, outs, prompt, compl, strict=True):
+                yield key, texts, {"gen_s": gen_s, "prompt_tokens": pt, "completion_tokens": ct}
+
 
 # --------------------------------------------------------------------------------------------- transformers
 
@@ -125,12 +190,14 @@ class HFModel(ChatModel):
     """A transformers causal LM in this process.
 
     ``name_or_path``: a registry name (``smollm2-135m``), a local model folder, a ``.gguf`` file or a hub id.
-    ``max_batch``: most conversations per ``generate`` call; each brings its ``n`` samples, which share
-    one prefill of the prompt (and all conversations share one prefill of their common prefix).
+    ``max_batch``: most conversations decoding at once (continuous batching, ``agentlib.decoding``); each
+    brings its ``n`` samples, which share one encoding of the prompt. Prompts reuse the encoded prefix they share
+    with earlier ones (``prime``d system prompt, a conversation's previous turn), kept up to ``prefix_cache_mb``.
     """
 
     def __init__(self, name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                 dtype: Any = None, device: str | None = None, max_batch: int = 16, merge_adapter: bool = False):
+                 dtype: Any = None, device: str | None = None, max_batch: int = 16, merge_adapter: bool = False,
+                 prefix_cache_mb: int = 512):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,6 +226,9 @@ class HFModel(ChatModel):
         self.model = model.eval()
         self.max_batch = max_batch
         self.eos_ids = self._eos_ids()
+        from agentlib.decoding import PrefixCache
+
+        self.prefix_cache = PrefixCache(max_bytes=prefix_cache_mb * 2**20)
         self.usage = Usage()
 
     def _eos_ids(self) -> list[int]:
@@ -175,94 +245,62 @@ class HFModel(ChatModel):
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return text + (prefix or "")
 
+    def tokenize(self, messages: Messages, prefix: str | None = None) -> list[int]:
+        return self.tokenizer(self.render(messages, prefix), add_special_tokens=False).input_ids
+
+    def session(self, n: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512,
+                stop: Sequence[str] | None = None) -> HFSession:
+        """Continuous batching (``agentlib.decoding``): requests join and leave the running batch step by step."""
+        return HFSession(self, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
+
     def chat_batch(self, conversations: Sequence[Messages], n: int = 1, temperature: float = 0.0,
                    top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
                    prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
-        """Generate for all conversations, ``max_batch`` conversations per call, shortest prompts together."""
+        """Generate for all conversations, ``max_batch`` of them decoding at a time (continuous batching)."""
         prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
-        prompts = [self.render(m, p) for m, p in zip(conversations, prefixes, strict=True)]
-        greedy = temperature <= 0.0
-        k = 1 if greedy else n  # greedy samples are identical: generate once, copy
-        ids = [self.tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
-        out: list[list[str]] = [[] for _ in prompts]
-        for s in range(0, len(order), self.max_batch):
-            idx = order[s:s + self.max_batch]
-            texts = self._generate([ids[i] for i in idx], k, temperature, top_p, max_tokens, stop)
-            for j, i in enumerate(idx):
-                samples = texts[j * k:(j + 1) * k]
-                out[i] = samples * n if greedy else samples
+        s = self.session(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
+        for i, (m, p) in enumerate(zip(conversations, prefixes, strict=True)):
+            s.submit(i, m, p)
+        out: list[list[str]] = [[] for _ in conversations]
+        for i, texts, _ in s.run():
+            out[i] = texts
         return out
 
-    def _prefill(self, ids: list[list[int]], k: int) -> tuple[Any, Any, Any]:
-        """Encode every prompt but its last token once; return (input_ids, attention_mask, cache) for ``k``
-        samples each.
-
-        The prefix common to all prompts (the system prompt) is computed once, then copied per prompt; the
-        rest of each prompt is computed once, then the cache is copied ``k`` times. Row layout: common
-        prefix | left-padded own part | last token (the mask hides the padding, positions skip it), so
-        ``generate`` only computes the last token and the new ones.
-        """
-        import torch
-        from transformers import DynamicCache
-
-        lp = 0
-        shortest = min(len(x) for x in ids)
-        while lp < shortest - 1 and all(x[lp] == ids[0][lp] for x in ids):
-            lp += 1
-        body = [x[lp:-1] for x in ids]
-        width = max(len(b) for b in body)
-        pad = self.tokenizer.pad_token_id
-        rows = [ids[0][:lp] + [pad] * (width - len(b)) + b + x[-1:] for b, x in zip(body, ids, strict=True)]
-        mask = [[1] * lp + [0] * (width - len(b)) + [1] * (len(b) + 1) for b in body]
-        input_ids = torch.tensor(rows, device=self.device)
-        attention_mask = torch.tensor(mask, device=self.device)
-        cache = DynamicCache(config=self.model.config)
-        if lp:
-            self.model(input_ids=input_ids[:1, :lp], past_key_values=cache, use_cache=True, logits_to_keep=1)
-            if len(ids) > 1:
-                cache.batch_repeat_interleave(len(ids))
-        if width:
-            end = lp + width
-            pos = (attention_mask[:, :end].cumsum(-1) - 1).clamp(min=0)[:, lp:]
-            self.model(input_ids=input_ids[:, lp:end], attention_mask=attention_mask[:, :end], position_ids=pos,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
-        if k > 1:
-            cache.batch_repeat_interleave(k)
-            input_ids, attention_mask = input_ids.repeat_interleave(k, 0), attention_mask.repeat_interleave(k, 0)
-        return input_ids, attention_mask, cache
-
-    def _generate(self, ids: list[list[int]], k: int, temperature: float, top_p: float, max_tokens: int,
-                  stop: Sequence[str] | None) -> list[str]:
-        """``k`` completions per prompt (token ids), flat: prompt 0's samples first."""
+    def prime(self, messages: Messages) -> None:
+        """Encode ``messages`` once into the prefix cache: prompts that start with them reuse it."""
         import torch
 
-        t0 = time.perf_counter()
-        # top_k=0: nucleus sampling only, as in the OpenAI API (transformers would add top_k=50)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0} if temperature > 0 else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        extra = {"stop_strings": list(stop), "tokenizer": self.tokenizer} if stop else {}
+        from agentlib.decoding import encode
+
         with torch.inference_mode():
-            input_ids, attention_mask, cache = self._prefill(ids, k)
-            self.usage.prefill_seconds += time.perf_counter() - t0
-            gen = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache,
-                                      max_new_tokens=max_tokens, eos_token_id=self.eos_ids,
-                                      pad_token_id=self.tokenizer.pad_token_id, **sampling, **extra)
-        new = gen[:, input_ids.shape[1]:]
-        ends = {*self.eos_ids, self.tokenizer.pad_token_id}
-        texts = []
-        for row in new.tolist():
-            out = []
-            for t in row:
-                if t in ends:
-                    break
-                out.append(t)
-            self.usage.completion_tokens += len(out) + (len(out) < len(row))
-            texts.append(cut_at_stop(self.tokenizer.decode(out, skip_special_tokens=True), stop))
-        self.usage.prompt_tokens += sum(len(x) for x in ids)
-        self.usage.seconds += time.perf_counter() - t0
-        self.usage.calls += 1
-        return texts
+            encode(self.model, self.prefix_cache, self.tokenize(messages)[:-1])
+
+
+class HFSession(RoundSession):
+    """``RoundSession``'s interface over ``HFModel``'s continuous batching: a request is answered the step its
+    last sample ends, and a follow-up submitted then joins the running batch at the next step."""
+
+    def __init__(self, hf: HFModel, n: int, temperature: float, top_p: float, max_tokens: int,
+                 stop: Sequence[str] | None):
+        from agentlib.decoding import Decoder
+
+        self.hf, self.n, self.stop = hf, n, stop
+        self.greedy = temperature <= 0.0
+        self.decoder = Decoder(hf.model, hf.tokenizer, [*hf.eos_ids, hf.tokenizer.pad_token_id], temperature,
+                               top_p, max_tokens, stop, hf.max_batch, hf.prefix_cache, hf.usage)
+
+    def submit(self, key: Any, messages: Messages, prefix: str | None = None) -> None:
+        # greedy samples are identical: decode once, copy
+        self.decoder.submit(key, self.hf.tokenize(messages, prefix), 1 if self.greedy else self.n)
+
+    def run(self, refill: Any = None) -> Any:
+        ends = set(self.decoder.eos)
+        for req in self.decoder.run(refill):
+            texts = [cut_at_stop(self.hf.tokenizer.decode([t for t in s if t not in ends], skip_special_tokens=True),
+                                 self.stop) for s in req.samples]
+            info = {"gen_s": req.gen_s, "prompt_tokens": len(req.ids),
+                    "completion_tokens": sum(len(s) for s in req.samples)}
+            yield req.key, texts * self.n if self.greedy else texts, info
 
 
 # --------------------------------------------------------------------------------------------- endpoint pool

@@ -10,15 +10,21 @@ and top-p; N is 8 as in the bar); ``--max-tokens`` overrides the profile's per-s
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_agent.py [--model qwen2.5-coder-0.5b] [--profile cpu]
 
 The ratios depend on the CPU and dtype. On 2 cores of an AMD EPYC with AVX-512 BF16, bf16 (2026-12-03):
-- SAG N=8: 2.26x an N=1 step (25.3 against 11.2 s; median step 3.5x), within the bar. A run earlier that day without
-  ``models.PACKED_SDPA`` gave 3.0x (39.0 s): N copies of one prompt need no mask, and transformers then sent
-  grouped-query decoding to SDPA's ``enable_gqa`` kernel, 1.5x slower at 8 rows (148 against 100 ms).
-- Batched stepping: 3.6x (31.6 against 8.8 tok/s), short of the bar. The ceiling row explains it: encoding the
-  prompts (observations of 3 passages, ~560 tokens a call) is 9% of the one-at-a-time wall and gains nothing
-  from batching; the decode kernel is 11.9x faster per token at 16 rows, which caps batching at 6.1x; static
-  batching loses the rest, as every row of a call decodes until its longest row ends (192 tokens against a
-  mean of ~80). Closing that gap takes continuous batching (a finished row's slot refilled mid-call), as vLLM does.
+- With ``HFModel``'s continuous batching and prefix cache (``agentlib.decoding``): batched stepping
+  5.5x and 5.1x one at a time in two runs (49.5 against 9.0 and 44.8 against 8.7 tok/s; 55 and 60 s against 275 and
+  282 s), within the bar. The batched run is now bound by its longest chain of turns (a question whose both turns
+  run to the 192-token budget: 384 decoding steps at ~100 ms), not by padding. The prefix cache took prompt
+  encoding from 9% of the one-at-a-time wall to 0.4%. SAG N=8 1.9x and 1.2x an N=1 step (26.9 against 14.0 s,
+  22.3 against 18.2 s: with T=0.4 the N=1 arm's lengths vary from run to run).
+- Before, with static batching (``generate`` per call, every row decoding until the call's longest row ended, each
+  prompt encoded whole and left-padded to the longest): batched stepping 3.6x (31.6 against 8.8 tok/s), short of the
+  bar; prompt encoding took 35 of a batched run's ~90 s. SAG N=8 2.26x (25.3 against 11.2 s); 3.0x (39.0 s)
+  before ``models.PACKED_SDPA``: N copies of one prompt need no mask, and transformers then sent grouped-query
+  decoding to SDPA's ``enable_gqa`` kernel, 1.5x slower at 8 rows (148 against 100 ms).
 - Earlier, fp32 on the same CPU: ``--only sag --dtype float32`` 2.1x (49.5 against 23.3 s).
+
+The informational rows say where the time goes: the share of the one-at-a-time wall spent encoding prompts, the
+decode kernel's tokens/s at 16 rows against 1, the Amdahl ceiling on batching that follows, and SAG's floor.
 """
 
 from __future__ import annotations

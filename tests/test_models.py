@@ -155,32 +155,106 @@ def test_hf_stop_prefix_samples_usage(smol):
 
 
 @pytest.mark.slow
-def test_hf_shared_prefill_matches_plain_generate(smol):
-    """The shared prefill (common prefix once, each prompt once, cache copied per sample) gives what plain
-    ``generate`` on the left-padded prompts gives: same greedy tokens (fp32), right count of samples."""
+def test_hf_continuous_batching_matches_plain_generate(smol, monkeypatch):
+    """Continuous batching (rows join and leave one KV cache; prompts reuse cached prefixes) gives what plain
+    ``generate`` on the left-padded prompts gives: same greedy tokens (fp32), also with 2 decoding at a time,
+    and the right count of samples."""
     import torch
 
+    from agentlib.decoding import Decoder
+
     system = {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."}
-    convs = [[system, *c] for c in CONVS[:3]]
-    ids = [smol.tokenizer(smol.render(c), add_special_tokens=False).input_ids for c in convs]
-    input_ids, mask, cache = smol._prefill(ids, k=1)
-    assert cache.get_seq_length() == input_ids.shape[1] - 1  # only the last token is left for generate
-    assert mask.sum(1).tolist() == [len(x) for x in ids]
+    convs = [[system, *c] for c in CONVS]
     enc = smol.tokenizer([smol.render(c) for c in convs], return_tensors="pt", padding=True, add_special_tokens=False)
     with torch.inference_mode():
         plain = smol.model.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=smol.eos_ids,
                                     pad_token_id=smol.tokenizer.pad_token_id)[:, enc.input_ids.shape[1]:]
     texts = [smol.tokenizer.decode([t for t in row if t not in smol.eos_ids], skip_special_tokens=True)
              for row in plain.tolist()]
+    assert len(set(texts)) == 4
+    smol.prefix_cache.entries.clear()
+    smol.usage.reset()
+    smol.prime([system])
     assert [x[0] for x in smol.chat_batch(convs, max_tokens=16)] == texts
-    assert smol._generate(ids, 3, 0.0, 1.0, 16, None) == [t for t in texts for _ in range(3)]  # k copies of the cache
-    smol.max_batch = 2  # split into calls by conversations: 2 + 1
+    n_system = len(smol.tokenize([system])) - 3  # the primed prompt but its assistant header
+    assert smol.usage.cached_tokens >= 4 * n_system and smol.usage.calls == 4
+    joined: list[int] = []  # rows already decoding when a request joins
+    real_admit = Decoder._admit
+    monkeypatch.setattr(Decoder, "_admit", lambda self, req: (joined.append(len(self.rows)), real_admit(self, req)))
+    smol.max_batch = 2
     try:
-        sampled = smol.chat_batch(convs, n=5, temperature=1.0, top_p=0.95, max_tokens=10)
+        assert [x[0] for x in smol.chat_batch(convs, max_tokens=16)] == texts
+        assert joined[:2] == [0, 1] and max(joined[2:]) >= 1  # the 3rd and 4th joined a running batch
+        assert smol.chat_batch(convs[:2], n=3, max_tokens=16) == [[t] * 3 for t in texts[:2]]  # greedy: copies
+        sampled = smol.chat_batch(convs[:3], n=5, temperature=1.0, top_p=0.95, max_tokens=10)
     finally:
         smol.max_batch = 16
     assert [len(x) for x in sampled] == [5, 5, 5] and all(isinstance(t, str) for x in sampled for t in x)
     assert all(len(set(x)) > 1 for x in sampled)
+
+
+@pytest.mark.slow
+def test_hf_session_follow_up_joins_the_running_batch(smol):
+    """A follow-up submitted when one request ends decodes beside the request still running, and reuses the
+    finished turn's keys and values (its prompt starts with the previous prompt and answer)."""
+    s = smol.session(max_tokens=40)
+    long_conv = [{"role": "user", "content": "Write a long story about a dragon and a knight."}]
+    s.submit("long", long_conv)
+    s.submit("short", FRANCE)
+    order, cached = [], []
+    for key, texts, info in s.run():
+        order.append(key)
+        assert info["completion_tokens"] >= 1 and info["gen_s"] > 0 and info["prompt_tokens"] > 10
+        if key == "short":
+            follow = [*FRANCE, {"role": "assistant", "content": texts[0]}, {"role": "user", "content": "And Spain?"}]
+            before = smol.usage.cached_tokens
+            s.submit("follow", follow)
+            cached.append(before)
+        if key == "follow":
+            cached.append(smol.usage.cached_tokens)
+    assert order == ["short", "follow", "long"]
+    assert cached[1] - cached[0] >= len(smol.tokenize(FRANCE)) - 1  # the whole first turn came from the cache
+    assert smol.chat(long_conv, max_tokens=40) == [smol.chat_batch([long_conv], max_tokens=40)[0][0]]
+
+
+def test_prefix_cache_longest_prefix_and_eviction():
+    import torch
+
+    from agentlib.decoding import PrefixCache
+
+    def kv(n: int, fill: float) -> list:
+        return [(torch.full((1, 2, n, 4), fill), torch.full((1, 2, n, 4), -fill))]
+
+    pc = PrefixCache(max_bytes=10**6)
+    pc.add([1, 2, 3], kv(3, 1.0))
+    pc.add([1, 2, 3, 4, 5], kv(5, 2.0))  # replaces its own prefix [1, 2, 3]
+    pc.add([1, 9], kv(2, 3.0))
+    assert list(pc.entries) == [(1, 2, 3, 4, 5), (1, 9)]
+    n, got = pc.lookup([1, 2, 3, 4, 7, 7])
+    assert n == 4 and got[0][0].shape == (1, 2, 4, 4) and float(got[0][0][0, 0, 0, 0]) == 2.0
+    assert pc.lookup([1, 9, 9])[0] == 2 and pc.lookup([5, 5]) == (0, None)
+    size = pc.nbytes
+    assert size == 2 * (5 + 2) * 8 * 4
+    pc.max_bytes = size  # one more entry evicts the least recently used ([1, 2, 3, 4, 5] was looked up first)
+    pc.add([7, 7], kv(2, 4.0))
+    assert list(pc.entries) == [(1, 9), (7, 7)]
+
+
+def test_sample_greedy_and_nucleus():
+    import torch
+
+    from agentlib.decoding import sample
+
+    logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.9]])
+    assert sample(logits, 0.0, 1.0).tolist() == [1, 0]
+    torch.manual_seed(0)
+    # top-p 0.4: only the most likely token is left in each row (p = 0.84 and 0.49); at 0.5 the second row keeps
+    # two tokens (0.49 < 0.5: the smallest set reaching top-p)
+    assert all(sample(logits, 1.0, 0.4).tolist() == [1, 0] for _ in range(50))
+    assert {sample(logits, 1.0, 0.5)[1].item() for _ in range(200)} == {0, 2}
+    draws = torch.stack([sample(logits, 1.0, 1.0) for _ in range(400)])
+    assert set(draws[:, 1].tolist()) == {0, 1, 2}  # full distribution: every token drawn
+    assert (draws[:, 0] == 1).float().mean() > 0.6  # softmax(0, 3, 1)[1] = 0.84
 
 
 @pytest.mark.slow

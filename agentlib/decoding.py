@@ -1,0 +1,308 @@
+"""Continuous batching for an in-process transformers model (``HFModel``): one KV cache whose rows come and go.
+
+Static batching (``generate`` on a batch) decodes every row until the longest one ends, and takes no new work
+until then: in an agent run most rows are idle padding by the end of a call (short actions wait for the one that
+rambles to its token budget). Here a row leaves the batch the step it ends (end token, stop string or budget),
+and a waiting request is encoded and joins at once, as in vLLM. The agent feeds it: a trajectory whose action
+has run comes back with its next turn while the others are still decoding.
+
+Each request's prompt is encoded on its own (no padding to the longest prompt), reusing the keys and values of
+the longest prefix it shares with an earlier sequence (``PrefixCache``: the primed system prompt, and each
+conversation's previous turn), then copied once per sample. Rows are left-padded to a common length; the
+attention mask hides the padding and position ids skip it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [rows, heads, tokens, head_dim]
+
+
+class _Layer(DynamicLayer):
+    """A cache layer that appends into spare room instead of concatenating the whole cache at every step."""
+
+    def assign(self, keys: torch.Tensor, values: torch.Tensor, spare: int = 64) -> None:
+        b, h, t, d = keys.shape
+        self._k = keys.new_empty(b, h, t + spare, d)
+        self._v = values.new_empty(b, h, t + spare, values.shape[-1])
+        self._k[:, :, :t], self._v[:, :, :t] = keys, values
+        self.keys, self.values = self._k[:, :, :t], self._v[:, :, :t]
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized or self.keys.numel() == 0:
+            self.assign(key_states, value_states)
+            return self.keys, self.values
+        t, q = self.keys.shape[-2], key_states.shape[-2]
+        if self.keys.data_ptr() != self._k.data_ptr() or t + q > self._k.shape[-2]:
+            self.assign(torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2),
+                        spare=max(64, t // 4))
+            return self.keys, self.values
+        self._k[:, :, t:t + q], self._v[:, :, t:t + q] = key_states, value_states
+        self.keys, self.values = self._k[:, :, :t + q], self._v[:, :, :t + q]
+        return self.keys, self.values
+
+
+def new_cache(n_layers: int, kv: KV | None = None) -> Cache:
+    """A cache of ``_Layer``s, holding ``kv`` if given."""
+    cache = Cache(layers=[_Layer() for _ in range(n_layers)])
+    for layer, (k, v) in zip(cache.layers, kv or [], strict=False):
+        layer.assign(k, v)
+    return cache
+
+
+def cache_kv(cache: Cache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+class PrefixCache:
+    """Keys and values of earlier token sequences (one row each), found by the longest common token prefix.
+
+    Least recently used entries go first once the entries hold more than ``max_bytes``.
+    """
+
+    def __init__(self, max_bytes: int = 512 * 2**20):
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple[int, ...], KV] = OrderedDict()
+        self.nbytes = 0
+
+    @staticmethod
+    def _size(kv: KV) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+
+    def lookup(self, ids: Sequence[int]) -> tuple[int, KV | None]:
+        """(n, kv[:n]) for the entry sharing the longest prefix with ``ids`` (n = 0, None when none does)."""
+        best, best_n = None, 0
+        for key in self.entries:
+            n = min(len(key), len(ids))
+            if n <= best_n or key[0] != ids[0]:
+                continue
+            m = 0
+            while m < n and key[m] == ids[m]:
+                m += 1
+            if m > best_n:
+                best, best_n = key, m
+        if best is None:
+            return 0, None
+        self.entries.move_to_end(best)
+        return best_n, [(k[:, :, :best_n], v[:, :, :best_n]) for k, v in self.entries[best]]
+
+    def add(self, ids: Sequence[int], kv: KV) -> None:
+        """Store ``kv`` (one row, ``len(ids)`` tokens); entries that are prefixes of ``ids`` are dropped."""
+        key = tuple(ids)
+        if not key or key in self.entries:
+            return
+        for old in [k for k in self.entries if len(k) < len(key) and key[: len(k)] == k]:
+            self.nbytes -= self._size(self.entries.pop(old))
+        kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
+        self.entries[key] = kv
+        self.nbytes += self._size(kv)
+        while self.nbytes > self.max_bytes and len(self.entries) > 1:
+            self.nbytes -= self._size(self.entries.popitem(last=False)[1])
+
+
+def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """One token per row: argmax when ``temperature <= 0``, else nucleus sampling (no top-k), as the OpenAI API."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False  # always keep the most likely token
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+@dataclass(eq=False)
+class Request:
+    """A prompt (token ids) and its ``k`` samples; filled in as it decodes."""
+
+    key: Any
+    ids: list[int]
+    k: int
+    samples: list[list[int]] = field(default_factory=list)
+    ended: int = 0
+    gen_s: float = 0.0  # its own prompt encoding plus its share of every decoding step it was in
+    cached: int = 0  # prompt tokens taken from the prefix cache
+
+
+@dataclass
+class _Row:
+    req: Request
+    sample: int
+    length: int  # tokens in the cache for this row (the last token is not in it yet)
+
+
+class Decoder:
+    """Continuous batching over ``model`` (a transformers causal LM): ``submit`` requests, iterate ``run``.
+
+    ``run`` yields each request as soon as all its samples have ended; the consumer may ``submit`` more inside the
+    loop (they join at the next step). ``refill`` (if given) is called whenever a request slot is free, so the
+    consumer can submit just in time. At most ``max_requests`` requests decode at once.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, eos_ids: Sequence[int], temperature: float, top_p: float,
+                 max_tokens: int, stop: Sequence[str] | None, max_requests: int, prefix_cache: PrefixCache,
+                 usage: Any = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.eos = set(eos_ids)
+        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
+        self.stop = [s for s in (stop or []) if s]
+        self.tail = max([len(tokenizer(s, add_special_tokens=False).input_ids) for s in self.stop] + [0]) + 4
+        self.max_requests = max_requests
+        self.prefix_cache = prefix_cache
+        self.usage = usage
+        self.pending: list[Request] = []
+        self.rows: list[_Row] = []
+        self.cache: Cache | None = None
+        self.mask = self.last = None  # [rows, cache length] 0/1 and [rows] next input token
+
+    # -- queue
+    def submit(self, key: Any, ids: list[int], k: int = 1) -> Request:
+        if len(ids) < 2:
+            raise ValueError("a prompt needs at least 2 tokens (a chat template gives many more)")
+        req = Request(key, list(ids), k)
+        self.pending.append(req)
+        return req
+
+    def _active(self) -> int:
+        return len({id(r.req) for r in self.rows})
+
+    # -- main loop
+    def run(self, refill: Callable[[], None] | None = None) -> Iterator[Request]:
+        """Decode until nothing is pending or running, yielding each finished request."""
+        while True:
+            if refill is not None:
+                refill()
+            while self.pending and self._active() < self.max_requests:
+                self._admit(self.pending.pop(0))
+            if not self.rows:
+                return
+            yield from self._step()
+
+    @torch.inference_mode()
+    def _admit(self, req: Request) -> None:
+        """Encode the prompt but its last token (that is the first step's input) and add ``k`` rows for it."""
+        t0 = time.perf_counter()
+        n = len(req.ids) - 1
+        kv, req.cached = encode(self.model, self.prefix_cache, req.ids[:-1])
+        kv = [(k.expand(req.k, -1, -1, -1), v.expand(req.k, -1, -1, -1)) for k, v in kv]
+        width = max(self.mask.shape[1] if self.rows else 0, n)
+        mask = torch.zeros(req.k, width, dtype=torch.long, device=self.model.device)
+        mask[:, width - n:] = 1
+        first = torch.full((req.k,), req.ids[-1], dtype=torch.long, device=self.model.device)
+        if self.rows:  # both sides left-padded to the wider one
+            kv = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
+                   torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
+                  for (k0, v0), (k1, v1) in zip(cache_kv(self.cache), kv, strict=True)]
+            mask, first = torch.cat([_left_pad(self.mask, width), mask]), torch.cat([self.last, first])
+        self.cache, self.mask, self.last = new_cache(len(kv), kv), mask, first
+        req.samples = [[] for _ in range(req.k)]
+        self.rows += [_Row(req, s, n) for s in range(req.k)]
+        dt = time.perf_counter() - t0
+        req.gen_s += dt
+        if self.usage is not None:
+            self.usage.prefill_seconds += dt
+            self.usage.seconds += dt
+            self.usage.prompt_tokens += len(req.ids)
+            self.usage.cached_tokens += req.cached
+
+    @torch.inference_mode()
+    def _step(self) -> list[Request]:
+        """One token for every row; rows that end leave; returns the requests whose samples have all ended."""
+        t0 = time.perf_counter()
+        dev = self.model.device
+        self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=dev)], 1)
+        pos = torch.tensor([[r.length] for r in self.rows], device=dev)
+        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=pos,
+                         past_key_values=self.cache, use_cache=True)
+        tokens = sample(out.logits[:, -1, :], self.temperature, self.top_p)
+        keep, finished = [], []
+        for i, (row, tok) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
+            row.length += 1
+            gen = row.req.samples[row.sample]
+            gen.append(tok)
+            if tok in self.eos or len(gen) >= self.max_tokens or self._hit_stop(gen):
+                row.req.ended += 1
+                if row.req.ended == row.req.k:
+                    finished.append(row.req)
+                    if row.req.k == 1:  # its next turn starts with this prompt and answer
+                        self._remember(i, row)
+            else:
+                keep.append(i)
+        dt = time.perf_counter() - t0
+        reqs = {id(r.req): r.req for r in self.rows}
+        for req in reqs.values():
+            req.gen_s += dt / len(reqs)
+        if self.usage is not None:
+            self.usage.seconds += dt
+            self.usage.completion_tokens += len(self.rows)
+            self.usage.calls += len(finished)
+        if len(keep) < len(self.rows):
+            self._keep(keep, tokens)
+        else:
+            self.last = tokens
+        return finished
+
+    def _hit_stop(self, gen: list[int]) -> bool:
+        if not self.stop:
+            return False
+        text = self.tokenizer.decode(gen[-self.tail:], skip_special_tokens=True)
+        return any(s in text for s in self.stop)
+
+    def _keep(self, keep: list[int], tokens: torch.Tensor) -> None:
+        """Drop ended rows, then the leading columns that are padding in every row left."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache, self.mask, self.last = None, None, None
+            return
+        idx = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.last = self.mask[idx], tokens[idx]
+        start = int(self.mask.shape[1] - max(r.length for r in self.rows))
+        self.mask = self.mask[:, start:]
+        kv = [(k[idx, :, start:], v[idx, :, start:]) for k, v in cache_kv(self.cache)]
+        self.cache = new_cache(len(kv), kv)
+
+    def _remember(self, i: int, row: _Row) -> None:
+        """Row ``i``'s tokens in the cache (its prompt, and its answer but the last token) to the prefix cache."""
+        ids = row.req.ids + row.req.samples[0][:-1]
+        width = self.mask.shape[1]
+        self.prefix_cache.add(ids, [(k[i:i + 1, :, width - row.length:], v[i:i + 1, :, width - row.length:])
+                                    for k, v in cache_kv(self.cache)])
+
+
+def encode(model: Any, prefix_cache: PrefixCache, ids: list[int]) -> tuple[KV, int]:
+    """Keys and values of ``ids`` (one row), computing only what follows the longest cached prefix; the
+    result goes to the cache. Returns (kv, tokens taken from the cache)."""
+    n, kv = prefix_cache.lookup(ids)
+    if n == len(ids) and kv is not None:
+        return kv, n
+    cache = new_cache(model.config.num_hidden_layers, kv)
+    rest = torch.tensor([ids[n:]], device=model.device)
+    model(input_ids=rest, attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
+          position_ids=torch.arange(n, len(ids), device=model.device)[None], past_key_values=cache, use_cache=True,
+          logits_to_keep=1)
+    kv = cache_kv(cache)
+    prefix_cache.add(ids, kv)
+    return kv, n
+
+
+def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad dimension 2 (keys/values) or 1 (a mask) of ``x`` with zeros to ``width``."""
+    dim = 2 if x.dim() == 4 else 1
+    missing = width - x.shape[dim]
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim)
