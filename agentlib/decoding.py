@@ -35,6 +35,7 @@ class _Layer(DynamicLayer):
         self._v = values.new_empty(b, h, t + spare, values.shape[-1])
         self._k[:, :, :t], self._v[:, :, :t] = keys, values
         self.keys, self.values = self._k[:, :, :t], self._v[:, :, :t]
+        self._view = self.keys
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -43,12 +44,13 @@ class _Layer(DynamicLayer):
             self.assign(key_states, value_states)
             return self.keys, self.values
         t, q = self.keys.shape[-2], key_states.shape[-2]
-        if self.keys.data_ptr() != self._k.data_ptr() or t + q > self._k.shape[-2]:
+        if self.keys is not self._view or t + q > self._k.shape[-2]:  # replaced from outside, or full
             self.assign(torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2),
                         spare=max(64, t // 4))
             return self.keys, self.values
         self._k[:, :, t:t + q], self._v[:, :, t:t + q] = key_states, value_states
         self.keys, self.values = self._k[:, :, :t + q], self._v[:, :, :t + q]
+        self._view = self.keys
         return self.keys, self.values
 
 
@@ -67,7 +69,7 @@ def cache_kv(cache: Cache) -> KV:
 class PrefixCache:
     """Keys and values of earlier token sequences (one row each), found by the longest common token prefix.
 
-    Least recently used entries go first once the entries hold more than ``max_bytes``.
+    Least recently used entries go first once the entries hold more than ``max_bytes`` (0: nothing is kept).
     """
 
     def __init__(self, max_bytes: int = 512 * 2**20):
@@ -99,15 +101,23 @@ class PrefixCache:
     def add(self, ids: Sequence[int], kv: KV) -> None:
         """Store ``kv`` (one row, ``len(ids)`` tokens); entries that are prefixes of ``ids`` are dropped."""
         key = tuple(ids)
-        if not key or key in self.entries:
+        if not key or self.max_bytes <= 0:
+            return
+        if key in self.entries:
+            self.entries.move_to_end(key)
             return
         for old in [k for k in self.entries if len(k) < len(key) and key[: len(k)] == k]:
             self.nbytes -= self._size(self.entries.pop(old))
-        kv = [(k.contiguous(), v.contiguous()) for k, v in kv]
+        kv = [(k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format))
+              for k, v in kv]  # copies: a view would keep the whole batch's cache alive
         self.entries[key] = kv
         self.nbytes += self._size(kv)
         while self.nbytes > self.max_bytes and len(self.entries) > 1:
             self.nbytes -= self._size(self.entries.popitem(last=False)[1])
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.nbytes = 0
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -158,7 +168,8 @@ class Decoder:
         self.eos = set(eos_ids)
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
         self.stop = [s for s in (stop or []) if s]
-        self.tail = max([len(tokenizer(s, add_special_tokens=False).input_ids) for s in self.stop] + [0]) + 4
+        # tokens decoded to look for a stop string: every token but a special one is at least one byte
+        self.tail = max([len(s.encode()) for s in self.stop] + [0]) + 2
         self.max_requests = max_requests
         self.prefix_cache = prefix_cache
         self.usage = usage
@@ -192,7 +203,8 @@ class Decoder:
 
     @torch.inference_mode()
     def _admit(self, req: Request) -> None:
-        """Encode the prompt but its last token (that is the first step's input) and add ``k`` rows for it."""
+        """Encode the prompt but its last token (that is the first step's input) and add ``k`` rows for it.
+        Its time (encoding, and copying the running rows into the wider cache) is charged to ``req``."""
         t0 = time.perf_counter()
         n = len(req.ids) - 1
         kv, req.cached = encode(self.model, self.prefix_cache, req.ids[:-1])
@@ -240,24 +252,25 @@ class Decoder:
                         self._remember(i, row)
             else:
                 keep.append(i)
-        dt = time.perf_counter() - t0
         reqs = {id(r.req): r.req for r in self.rows}
+        n_rows = len(self.rows)
+        if len(keep) < n_rows:
+            self._keep(keep, tokens)
+        else:
+            self.last = tokens
+        dt = time.perf_counter() - t0
         for req in reqs.values():
             req.gen_s += dt / len(reqs)
         if self.usage is not None:
             self.usage.seconds += dt
-            self.usage.completion_tokens += len(self.rows)
+            self.usage.completion_tokens += n_rows
             self.usage.calls += len(finished)
-        if len(keep) < len(self.rows):
-            self._keep(keep, tokens)
-        else:
-            self.last = tokens
         return finished
 
     def _hit_stop(self, gen: list[int]) -> bool:
         if not self.stop:
             return False
-        text = self.tokenizer.decode(gen[-self.tail:], skip_special_tokens=True)
+        text = self.tokenizer.decode(gen[-self.tail:], skip_special_tokens=False)
         return any(s in text for s in self.stop)
 
     def _keep(self, keep: list[int], tokens: torch.Tensor) -> None:

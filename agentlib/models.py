@@ -192,7 +192,9 @@ class HFModel(ChatModel):
     ``name_or_path``: a registry name (``smollm2-135m``), a local model folder, a ``.gguf`` file or a hub id.
     ``max_batch``: most conversations decoding at once (continuous batching, ``agentlib.decoding``); each
     brings its ``n`` samples, which share one encoding of the prompt. Prompts reuse the encoded prefix they share
-    with earlier ones (``prime``d system prompt, a conversation's previous turn), kept up to ``prefix_cache_mb``.
+    with earlier ones (``prime``d system prompt, a conversation's previous turn), kept up to ``prefix_cache_mb``
+    (0: off). A reused prefix's keys and values differ slightly (rounding) from a fresh encoding of it, so greedy
+    outputs can depend on what ran before in the same process; ``prefix_cache.clear()`` between runs avoids that.
     """
 
     def __init__(self, name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None,

@@ -172,7 +172,7 @@ def test_hf_continuous_batching_matches_plain_generate(smol, monkeypatch):
     texts = [smol.tokenizer.decode([t for t in row if t not in smol.eos_ids], skip_special_tokens=True)
              for row in plain.tolist()]
     assert len(set(texts)) == 4
-    smol.prefix_cache.entries.clear()
+    smol.prefix_cache.clear()
     smol.usage.reset()
     smol.prime([system])
     assert [x[0] for x in smol.chat_batch(convs, max_tokens=16)] == texts
@@ -238,6 +238,11 @@ def test_prefix_cache_longest_prefix_and_eviction():
     pc.max_bytes = size  # one more entry evicts the least recently used ([1, 2, 3, 4, 5] was looked up first)
     pc.add([7, 7], kv(2, 4.0))
     assert list(pc.entries) == [(1, 9), (7, 7)]
+    pc.clear()
+    assert (pc.entries, pc.nbytes) == ({}, 0)
+    off = PrefixCache(max_bytes=0)
+    off.add([1, 2], kv(2, 1.0))
+    assert off.lookup([1, 2, 3]) == (0, None)
 
 
 def test_sample_greedy_and_nucleus():
