@@ -8,6 +8,10 @@
 4. OpenAIModel over two servers vs one (each server one thread). Bar (issue 8): >= 1.6x.
 
     flock /tmp/agentlib-heavy.lock python bench/bench_models.py [--hf-model smollm2-135m] [--skip-hf]
+
+One run on 2 cores of an AMD EPYC with AVX-512 BF16 (2026-12-03, HFModel with continuous batching): 1. 11.0x
+(114.3 against 10.4 tok/s); 2. 1.56x (11.3 against 7.2 s); 3. SmolLM2-135M, 8 slots, raw maximum 105.7 tok/s:
+0.79x at c1, 0.84x at c4, 1.12x at c8, 1.04x at c16; 4. two servers 1.70x one (170 against 100 tok/s).
 """
 
 from __future__ import annotations
