@@ -296,9 +296,9 @@ class HFSession(RoundSession):
         self.decoder.submit(key, self.hf.tokenize(messages, prefix), 1 if self.greedy else self.n)
 
     def run(self, refill: Any = None) -> Any:
-        ends = set(self.decoder.eos)
         for req in self.decoder.run(refill):
-            texts = [cut_at_stop(self.hf.tokenizer.decode([t for t in s if t not in ends], skip_special_tokens=True),
+            texts = [cut_at_stop(self.hf.tokenizer.decode([t for t in s if t not in self.decoder.eos],
+                                                          skip_special_tokens=True),
                                  self.stop) for s in req.samples]
             info = {"gen_s": req.gen_s, "prompt_tokens": len(req.ids),
                     "completion_tokens": sum(len(s) for s in req.samples)}
