@@ -551,6 +551,15 @@ class OpenAIModel(ChatModel):
         """Per-endpoint requests, errors, tokens and tokens/s."""
         return self.pool.stats() if self.pool else []
 
+    def endpoint_summary(self) -> str:
+        """The run's per-endpoint report, one line each: requests, errors, tokens, tokens/s while busy."""
+        return "\n".join(
+            f"{s['url']}: {s['requests']} requests, {s['errors']} errors, {s['completion_tokens']} tokens, "
+            f"{s['tokens_per_s']:.1f} tokens/s{'' if s['healthy'] else ' (out of the pool)'}"
+            for s in self.endpoint_stats()
+            if s["requests"] or s["errors"]
+        )
+
     # -- requests
     def chat_batch(self, conversations: Sequence[Messages], n: int = 1, temperature: float = 0.0,
                    top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,

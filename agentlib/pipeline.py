@@ -105,6 +105,9 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
     try:
         yield model
     finally:
+        summary = getattr(model, "endpoint_summary", None)
+        if summary and (text := summary()):  # servers' share of the work, as the run's summary
+            print(f"{name} served by:\n{text}")
         close = getattr(model, "close", None)
         if close:
             close()
@@ -203,13 +206,15 @@ def teacher_stage(
     return out
 
 
-def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool = False) -> dict[str, list]:
+def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool = False,
+                 require_correct: bool = True) -> dict[str, list]:
     """Filter the teacher's runs into training sets and write ``sft_<name>.jsonl``.
 
     ``unfiltered_if_empty`` (the smoke profile): a run with no surviving trajectory trains on all of its
     trajectories, so the pipeline's code path is exercised even when a tiny teacher solves nothing.
+    ``require_correct``: see ``filter_trajectories``.
     """
-    data = {name: filter_trajectories(records) for name, records in runs.items()}
+    data = {name: filter_trajectories(records, require_correct) for name, records in runs.items()}
     for name, records in data.items():
         if not records and unfiltered_if_empty:
             print(f"{name}: no trajectory survived filtering; training on all {len(runs[name])} (smoke profile)")

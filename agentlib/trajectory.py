@@ -66,18 +66,19 @@ class JsonlWriter:
         self.close()
 
 
-def filter_trajectories(records: Iterable[dict]) -> list[dict]:
+def filter_trajectories(records: Iterable[dict], require_correct: bool = True) -> list[dict]:
     """Training data: correct answer, no code-parsing error, step limit not hit, no repeated step.
 
     Execution errors that the model recovered from (it still answered correctly) are kept, as in the
     paper. Unlike the paper's code, the step-limit check is real: ``hit_step_limit`` records are dropped,
     and so are ``stopped_on_repeat`` ones (a loop that was cut short instead of running into the limit).
+    ``require_correct=False`` keeps well-formed trajectories whatever their answer (an ablation, not the paper).
     """
     return [
         r
         for r in records
         if r.get("prediction") is not None
-        and float(r.get("score", 0.0)) >= 1.0
+        and (not require_correct or float(r.get("score", 0.0)) >= 1.0)
         and int(r.get("parse_errors", 0)) == 0
         and not r.get("hit_step_limit", False)
         and not r.get("stopped_on_repeat", False)

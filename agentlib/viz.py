@@ -205,10 +205,10 @@ def plot_loss_curves(logs: dict[str, Sequence[float]], path: str | Path, title: 
     return _save(fig, path)
 
 
-def plot_accuracy_bars(df: Any, path: str | Path, title: str = "") -> Any:
+def plot_accuracy_bars(df: Any, path: str | Path, title: str = "", xmax: float = 100) -> Any:
     """Small multiples, one panel per benchmark (averages last): a horizontal bar per method with its CI
-    whisker (columns: method, benchmark, score, ci_low, ci_high, n). Methods keep their order of first
-    appearance, so pass the table sorted the way the reader should compare them."""
+    whisker (columns: method, benchmark, score, ci_low, ci_high, n), on a 0..``xmax`` % axis. Methods keep
+    their order of first appearance, so pass the table sorted the way the reader should compare them."""
     import numpy as np
     from matplotlib.figure import Figure
 
@@ -226,7 +226,7 @@ def plot_accuracy_bars(df: Any, path: str | Path, title: str = "") -> Any:
         err = np.vstack([score - sub["ci_low"].to_numpy(float), sub["ci_high"].to_numpy(float) - score])
         ax.barh(y, np.nan_to_num(score), xerr=np.nan_to_num(err), color=colors, capsize=2, height=0.7)
         ax.set_title(f"{bench} (n={int(sub['n'].max())})", fontsize=9)
-        ax.set_xlim(0, 100)
+        ax.set_xlim(0, xmax)
         ax.grid(axis="x", alpha=0.3)
     for ax in axes[len(benches):]:
         ax.set_visible(False)

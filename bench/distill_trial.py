@@ -9,10 +9,11 @@ agent-distilled vs CoT-distilled on factual questions, with more data on both en
   agent trajectories without FTP; the cpu profile's LoRA settings with CoT answers of <= 384 tokens and one
   epoch, as the published trial was measured (``--epochs N`` writes to ``runs/cpu/distill_trial_eN/`` and
   ``figures/distill_trial_cpu_eN.csv``); ``--more-teachers NAME`` adds the trajectories of the tagged
-  teacher trial ``teacher_trial.py --tag NAME`` (output tagged ``_NAME``);
+  teacher trial ``teacher_trial.py --tag NAME`` (output tagged ``_NAME``); ``--keep wellformed`` trains both
+  students on every well-formed trajectory, correct or not (an ablation; output tagged ``_wellformed``);
 - evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
   exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
-- output: ``figures/distill_trial_cpu.csv`` (the result table's columns), ``..._behaviour.csv`` (each method's
+- output: ``figures/distill_trial_cpu.csv`` (the result table's columns) and ``.png``, ``..._behaviour.csv`` (each method's
   parse-error, step-limit and repeat-stop rates, steps, searches, token F1 in percent), and, on stdout, both
   tables and the paired difference agent - CoT with its stratified bootstrap interval.
 
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=float, default=1.0, help="SFT epochs (the published trial: 1)")
     ap.add_argument("--more-teachers", default="", help="tags of more teacher trials (teacher_trial.py --tag) "
                     "whose trajectories join the published trial's, e.g. train100")  # fmt: skip
+    ap.add_argument("--keep", choices=("correct", "wellformed"), default="correct",
+                    help="training filter for both students: the paper's (correct answers) or, as an ablation, "
+                    "every well-formed trajectory whatever its answer (output tagged _wellformed)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="work folder (default runs/cpu/distill_trial<tag>)")
     args = ap.parse_args(argv)
     p = get_profile("cpu", eval_sets=(("test", "hotpotqa", args.hotpotqa), ("extra", "musique_train100", args.musique)),
@@ -88,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     p = replace(p, lora=replace(p.lora, epochs=args.epochs))
     more = [f"_{t}" for t in args.more_teachers.split(",") if t]
     tag = ("" if args.epochs == 1 else f"_e{args.epochs:g}") + "".join(more)
+    tag += "" if args.keep == "correct" else f"_{args.keep}"
     out_dir = args.out or runs_dir("cpu", f"distill_trial{tag}")
     t0 = time.perf_counter()
 
     runs = pooled_teacher_runs(more)
     out_dir.mkdir(parents=True, exist_ok=True)
-    kept = pipeline.sft_datasets(runs, out_dir)
+    kept = pipeline.sft_datasets(runs, out_dir, require_correct=args.keep == "correct")
     print("kept trajectories:", {name: len(recs) for name, recs in kept.items()})
     from agentlib.sft import train
 
@@ -118,11 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     table = pipeline.results_table(records, p, sets)
     path = figures_dir() / f"distill_trial_cpu{tag}.csv"
     table[["method", "benchmark", "score", "ci_low", "ci_high", "n"]].to_csv(path, index=False)
+    from agentlib.viz import plot_accuracy_bars
+
+    factual = table[table["benchmark"] != "overall_avg"]  # factual questions only: the same as factual_avg
+    top = min(100, 10 * (int(factual["ci_high"].max()) // 10 + 1))  # the scores are small: zoom in
+    name = f" ({tag[1:].replace('_', ', ')})" if tag else ""
+    plot_accuracy_bars(factual, path.with_suffix(".png"), title=f"distillation trial{name}: exact match, 95% CI", xmax=top)
     print(pipeline.wide_table(table).to_string())
     for a, b in (("agent_distill", "cot_distill"), ("agent_distill", "untuned_agent")):
         if {a, b} <= {r["method"] for r in records}:
-            d, lo, hi, n = paired_difference(records, a, b, list(sets))
-            print(f"\nfactual, {a} - {b}: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n} paired questions")
+            print()
+            for benches in (list(sets), *([b] for b in sets if len(sets) > 1)):
+                d, lo, hi, n = paired_difference(records, a, b, benches)
+                label = "factual" if len(benches) > 1 else benches[0]
+                print(f"{label}, {a} - {b}: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n} paired questions")
     behaviour = pipeline.run_summaries(records)
     behaviour["f1"] = [pipeline.mean_f1([r for r in records if r["method"] == m]) for m in behaviour["method"]]
     behaviour = behaviour.round(3)

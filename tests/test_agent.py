@@ -384,6 +384,7 @@ def test_filter_trajectories():
     recs = [keep, _rec(score=0.0), _rec(parse_errors=1), _rec(hit=True), _rec(prediction=None), _rec(repeat=True),
             _rec()]
     assert filter_trajectories(recs) == [keep, recs[-1]]
+    assert filter_trajectories(recs, require_correct=False) == [keep, recs[1], recs[-1]]  # the wrong answer too
 
 
 def test_summarize():

@@ -377,9 +377,12 @@ def test_pool_routes_around_500s(fakes):
     with OpenAIModel([bad_url, good_url], model="fake", max_concurrency=4, backoff_s=0.01) as m:
         out = m.chat_batch([_ask(i) for i in range(12)], stop=["|END"])
         stats = {s["url"]: s for s in m.endpoint_stats()}
+        lines = m.endpoint_summary().splitlines()
     assert out == [[f"echo:q{i}"] for i in range(12)]
     assert stats[bad_url]["requests"] == 0 and stats[bad_url]["errors"] >= 1
     assert stats[good_url]["requests"] == 12 and stats[good_url]["completion_tokens"] == 24
+    assert lines[0].startswith(f"{bad_url}: 0 requests, {stats[bad_url]['errors']} errors, 0 tokens")
+    assert lines[1].startswith(f"{good_url}: 12 requests, 0 errors, 24 tokens, ") and lines[1].endswith(" tokens/s")
 
 
 def test_pool_routes_around_hanging_server_by_timeout(fakes):
