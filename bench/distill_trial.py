@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     for a, b in (("agent_distill", "cot_distill"), ("agent_distill", "untuned_agent")):
         if {a, b} <= {r["method"] for r in records}:
             print()
-            for benches in (list(sets), *([b] for b in sets if len(sets) > 1)):
+            groups = {"factual": list(sets)} | ({bench: [bench] for bench in sets} if len(sets) > 1 else {})
+            for label, benches in groups.items():
                 d, lo, hi, n = paired_difference(records, a, b, benches)
-                label = "factual" if len(benches) > 1 else benches[0]
                 print(f"{label}, {a} - {b}: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n} paired questions")
     behaviour = pipeline.run_summaries(records)
     behaviour["f1"] = [pipeline.mean_f1([r for r in records if r["method"] == m]) for m in behaviour["method"]]
