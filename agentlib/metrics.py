@@ -66,6 +66,22 @@ def f1(pred: str | None, golds: str | Sequence[str]) -> float:
     return max((_f1_one(str(pred), g) for g in _golds(golds)), default=0.0)
 
 
+def _span_golds(golds: str | Sequence[str]) -> list[str]:
+    return [g for g in map(normalize_answer, _golds(golds)) if g not in ("", "yes", "no")]
+
+
+def is_span_question(golds: str | Sequence[str]) -> bool:
+    """Whether some gold alias is a span of text, not yes/no."""
+    return bool(_span_golds(golds))
+
+
+def answer_in_text(text: str, golds: str | Sequence[str]) -> bool:
+    """Whether a normalised gold span occurs in the normalised text as whole words (yes/no golds never count:
+    those words are in most texts)."""
+    padded = f" {normalize_answer(text)} "
+    return any(f" {g} " in padded for g in _span_golds(golds))
+
+
 # ---------------------------------------------------------------- math
 def _strip_math(s: str) -> str:
     s = str(s).strip().strip("$").strip()

@@ -18,7 +18,7 @@ from typing import Any
 
 from agentlib.agent import AgentConfig, make_prefixes, run_agent, run_cot
 from agentlib.data import Example, load_benchmark, load_extra
-from agentlib.metrics import bootstrap_ci, f1
+from agentlib.metrics import answer_in_text, bootstrap_ci, f1, is_span_question
 from agentlib.profiles import Profile
 from agentlib.trajectory import filter_trajectories, read_records, summarize
 
@@ -384,6 +384,15 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
 def mean_f1(records: Sequence[dict]) -> float:
     """Token F1 of the records' predictions against their gold answers, averaged, in percent."""
     return 100 * sum(f1(r.get("prediction"), r["gold"]) for r in records) / len(records)
+
+
+def answer_seen(records: Sequence[dict]) -> dict[str, float]:
+    """Where agent trajectories lose span answers (yes/no questions left out): ``seen``, the percent whose
+    observations contain a gold answer; ``seen_correct``, the percent of those answered correctly."""
+    spans = [r for r in records if r.get("steps") and is_span_question(r["gold"])]
+    seen = [r for r in spans if answer_in_text(" ".join(s.get("observation") or "" for s in r["steps"]), r["gold"])]
+    return {"n_span": len(spans), "seen": 100 * len(seen) / len(spans) if spans else float("nan"),
+            "seen_correct": 100 * sum(float(r["score"]) for r in seen) / len(seen) if seen else float("nan")}  # fmt: skip
 
 
 def stratified_ci(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:

@@ -12,9 +12,12 @@ agent-distilled vs CoT-distilled on factual questions, with more data on both en
   teacher trial ``teacher_trial.py --tag NAME`` (output tagged ``_NAME``); ``--keep wellformed`` trains both
   students on every well-formed trajectory, correct or not (an ablation; output tagged ``_wellformed``);
 - evaluation: the first 30 answerable HotpotQA test questions and the first 10 MuSiQue train-100 questions,
-  exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them;
+  exact match, with ``untuned_agent``, ``cot_distill`` and ``agent_distill`` run as notebook 03 runs them
+  (``--methods`` may add ``agent_distill_sag``: the agent student with the profile's SAG, N=2);
 - output: ``figures/distill_trial_cpu.csv`` (the result table's columns) and ``.png``, ``..._behaviour.csv`` (each method's
-  parse-error, step-limit and repeat-stop rates, steps, searches, token F1 in percent), and, on stdout, both
+  parse-error, step-limit and repeat-stop rates, steps, searches, token F1 in percent; for agent methods
+  ``seen``, the percent of span questions whose search results held a gold answer, and ``seen_correct``, the
+  percent of those answered right), and, on stdout, both
   tables and the paired difference agent - CoT with its stratified bootstrap interval.
 
 Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
@@ -130,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     name = f" ({tag[1:].replace('_', ', ')})" if tag else ""
     plot_accuracy_bars(factual, path.with_suffix(".png"), title=f"distillation trial{name}: exact match, 95% CI", xmax=top)
     print(pipeline.wide_table(table).to_string())
-    for a, b in (("agent_distill", "cot_distill"), ("agent_distill", "untuned_agent")):
+    pairs = (("agent_distill", "cot_distill"), ("agent_distill", "untuned_agent"),
+             ("agent_distill_sag", "cot_distill"), ("agent_distill_sag", "agent_distill"))  # fmt: skip
+    for a, b in pairs:
         if {a, b} <= {r["method"] for r in records}:
             print()
             groups = {"factual": list(sets)} | ({bench: [bench] for bench in sets} if len(sets) > 1 else {})
@@ -138,7 +143,10 @@ def main(argv: list[str] | None = None) -> int:
                 d, lo, hi, n = paired_difference(records, a, b, benches)
                 print(f"{label}, {a} - {b}: {d:+.1f} points [{lo:+.1f}, {hi:+.1f}] over {n} paired questions")
     behaviour = pipeline.run_summaries(records)
-    behaviour["f1"] = [pipeline.mean_f1([r for r in records if r["method"] == m]) for m in behaviour["method"]]
+    by_method = {m: [r for r in records if r["method"] == m] for m in behaviour["method"]}
+    behaviour["f1"] = [pipeline.mean_f1(recs) for recs in by_method.values()]
+    for key in ("seen", "seen_correct"):  # agent methods: is the answer lost in the search or in the reading?
+        behaviour[key] = [pipeline.answer_seen(recs)[key] for recs in by_method.values()]
     behaviour = behaviour.round(3)
     behaviour.to_csv(path.with_name(path.stem + "_behaviour.csv"), index=False)
     print()

@@ -3,7 +3,16 @@ import time
 import pytest
 
 from agentlib.data import Example
-from agentlib.metrics import bootstrap_ci, exact_match, f1, math_equal, normalize_answer, score
+from agentlib.metrics import (
+    answer_in_text,
+    bootstrap_ci,
+    exact_match,
+    f1,
+    is_span_question,
+    math_equal,
+    normalize_answer,
+    score,
+)
 
 
 # ---- the official HotpotQA normalisation (hotpot_evaluate_v1.py)
@@ -37,6 +46,17 @@ def test_exact_match_and_f1_official_rules():
     assert f1("Hall", ["G. Stanley Hall", "Stanley Hall"]) == pytest.approx(2 / 3)
     assert exact_match(None, ["x"]) == 0.0 and f1(None, ["x"]) == 0.0
     assert f1("", ["x"]) == 0.0
+
+
+
+def test_answer_in_text_matches_whole_normalised_words_and_never_yes_no():
+    text = "Bubblegum Alley is an alley in San Luis Obispo, California. It is 70 ft long."
+    assert answer_in_text(text, ["San Luis Obispo, California"])
+    assert answer_in_text(text, ["Santa Barbara", "the San Luis Obispo"])  # any alias, articles dropped
+    assert not answer_in_text(text, ["Obisp"])  # whole words only
+    assert not answer_in_text(text, ["70 feet"])
+    assert not answer_in_text("no, it is not; yes", ["no"])
+    assert is_span_question(["Wichita"]) and not is_span_question(["Yes"]) and not is_span_question("no")
 
 
 EQUAL = [

@@ -127,3 +127,21 @@ def test_a_student_without_data_stays_untuned_instead_of_failing(tmp_path, capsy
     assert "no agent training trajectory survived filtering" in capsys.readouterr().out
     (tmp_path / "cot" / pipeline.UNTRAINED).unlink()  # what training with data does first
     assert pipeline.adapter_dirs(tmp_path)["cot"] == tmp_path / "cot"
+
+
+def test_answer_seen_counts_span_questions_whose_observations_hold_the_gold():
+    def rec(gold, observations, score):
+        return {"gold": gold, "score": score, "steps": [{"observation": o} for o in observations]}
+
+    records = [
+        rec(["Wichita"], ["Kapaun Mt. Carmel is in Wichita, Kansas."], 0.0),  # seen, answered wrong
+        rec(["Las Vegas"], ["nothing here", "Faith Lutheran ... in Las Vegas"], 1.0),  # seen in step 2, right
+        rec(["Argand lamp"], ["a lamp patented in 1780"], 0.0),  # never seen
+        rec(["no"], ["no such band"], 1.0),  # yes/no: left out
+        {"gold": ["Paris"], "score": 1.0, "steps": []},  # no steps (a CoT record): left out
+    ]
+    out = pipeline.answer_seen(records)
+    assert out["n_span"] == 3
+    assert out["seen"] == 200 / 3
+    assert out["seen_correct"] == 50.0
+    assert pipeline.answer_seen(records[3:])["n_span"] == 0
