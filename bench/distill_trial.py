@@ -145,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     behaviour = pipeline.run_summaries(records)
     by_method = {m: [r for r in records if r["method"] == m] for m in behaviour["method"]}
     behaviour["f1"] = [pipeline.mean_f1(recs) for recs in by_method.values()]
-    for key in ("seen", "seen_correct"):  # agent methods: is the answer lost in the search or in the reading?
-        behaviour[key] = [pipeline.answer_seen(recs)[key] for recs in by_method.values()]
+    seen = [pipeline.answer_seen(recs) for recs in by_method.values()]  # lost in the search or in the reading?
+    for key in ("seen", "seen_correct"):
+        behaviour[key] = [s[key] for s in seen]
     behaviour = behaviour.round(3)
     behaviour.to_csv(path.with_name(path.stem + "_behaviour.csv"), index=False)
     print()

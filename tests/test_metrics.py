@@ -48,7 +48,6 @@ def test_exact_match_and_f1_official_rules():
     assert f1("", ["x"]) == 0.0
 
 
-
 def test_answer_in_text_matches_whole_normalised_words_and_never_yes_no():
     text = "Bubblegum Alley is an alley in San Luis Obispo, California. It is 70 ft long."
     assert answer_in_text(text, ["San Luis Obispo, California"])
