@@ -18,7 +18,8 @@ agent-distilled vs CoT-distilled on factual questions, with more data on both en
   parse-error, step-limit and repeat-stop rates, steps, searches, token F1 in percent; for agent methods
   ``seen``, the percent of span questions whose search results held a gold answer, and ``seen_correct``, the
   percent of those answered right), and, on stdout, both
-  tables and the paired difference agent - CoT with its stratified bootstrap interval.
+  tables and the paired differences (agent - CoT, agent - untuned; with SAG, SAG - CoT and SAG - agent) with
+  their stratified bootstrap intervals.
 
 Resumable (students and trajectories under ``runs/cpu/distill_trial/``).
 
