@@ -47,6 +47,8 @@ def _load(loader: str, name: str, count: int, answerable_only: bool) -> list[Exa
 def training_sets(p: Profile) -> dict[str, list[Example]]:
     """{"factual": [...], "math": [...]}: the profile's training questions (never in a test set).
 
+    A spec ``(loader, name, count, first)`` takes rows ``first`` .. ``first + count - 1`` (default first row 0).
+
     Ids are unique across sets: a set's question whose id an earlier set already holds gets the set's name
     as a prefix (the MATH training files both number their rows from ``0``: MATH's ``0`` becomes ``math/0``).
     Trajectory files resume by id, so a clash would silently drop a question.
@@ -54,10 +56,11 @@ def training_sets(p: Profile) -> dict[str, list[Example]]:
     out, seen = {}, set()
     for domain, specs in (("factual", p.train_factual), ("math", p.train_math)):
         out[domain] = []
-        for spec in specs:
-            for ex in _load(*spec, answerable_only=False):
+        for loader, name, count, *first in specs:  # (loader, name, count[, first row])
+            start = first[0] if first else 0
+            for ex in _load(loader, name, start + count, answerable_only=False)[start:]:
                 if ex.id in seen:
-                    ex = replace(ex, id=f"{spec[1]}/{ex.id}")
+                    ex = replace(ex, id=f"{name}/{ex.id}")
                 seen.add(ex.id)
                 out[domain].append(ex)
     return out

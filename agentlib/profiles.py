@@ -51,9 +51,10 @@ class Profile:
     retriever: str  # "wiki_mini" (offline corpus) or a Pyserini prebuilt index name
     top_k: int
     passage_chars: int  # characters kept per retrieved passage (search observations and the RAG prompt)
-    # data: (loader, name, count); loader is "train", "test", "extra"
-    train_factual: tuple[tuple[str, str, int], ...]
-    train_math: tuple[tuple[str, str, int], ...]
+    # data: (loader, name, count); loader is "train", "test", "extra"; a training spec may add a first row,
+    # (loader, name, count, first): rows first .. first + count - 1
+    train_factual: tuple[tuple[str, str, int] | tuple[str, str, int, int], ...]
+    train_math: tuple[tuple[str, str, int] | tuple[str, str, int, int], ...]
     eval_sets: tuple[tuple[str, str, int], ...]
     answerable_only: bool  # keep only questions whose evidence is in the offline corpus
     lora: LoRASettings = field(default_factory=LoRASettings)

@@ -13,13 +13,16 @@ in ``data/teacher_trial_cpu.jsonl.gz``.
 Resumable: trajectories go to ``runs/cpu/teacher_trial/`` as they finish; a second call picks up where the
 first stopped. 106 min on 2 AVX2 cores (measured 2026-12-02, the teacher decoding at ~12 tokens/s).
 
-Other settings make a separate, tagged trial: ``--factual-set``, ``--factual``, ``--math`` and ``--runs``
-choose the questions and the teacher runs, and ``--tag NAME`` names its folder, CSV and published file
-(``..._<NAME>``). The second trial, more agent trajectories for ``bench/distill_trial.py --more-teachers``:
+Other settings make a separate, tagged trial: ``--factual-set``, ``--factual``, ``--factual-start``, ``--math``
+and ``--runs`` choose the questions and the teacher runs, and ``--tag NAME`` names its folder, CSV and published
+file (``..._<NAME>``). The second and third trials, more agent trajectories for ``bench/distill_trial.py
+--more-teachers`` (the third on the HotpotQA dev rows 30-99 that the first trial left):
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py [--factual 30 --math 30]
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py --tag train100 \
         --factual-set hotpotqa_train100 --factual 70 --math 0 --runs agent
+    flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py --tag dev30 \
+        --factual-start 30 --factual 70 --math 0 --runs agent
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--factual", type=int, default=30, help="HotpotQA questions (first rows)")
     ap.add_argument("--factual-set", default="hotpotqa_dev300", choices=("hotpotqa_dev300", "hotpotqa_train100"),
                     help="where the HotpotQA questions come from (both have their evidence in the mini-corpus)")  # fmt: skip
+    ap.add_argument("--factual-start", type=int, default=0, help="first HotpotQA row (skip rows another trial ran)")
     ap.add_argument("--math", type=int, default=30, help="MATH training questions, half from each file")
     ap.add_argument("--runs", default=",".join(pipeline.TEACHER_RUNS), help="teacher runs to make")
     ap.add_argument("--tag", default="", help="name of a trial with other settings: runs/cpu/teacher_trial_<tag>/, "
@@ -100,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="only tabulate the trajectories already in --out (else the published file)")  # fmt: skip
     args = ap.parse_args(argv)
     names = tuple(args.runs.split(","))
-    changed = [f"--{o.replace('_', '-')}" for o in ("factual", "factual_set", "math", "runs")
+    changed = [f"--{o.replace('_', '-')}" for o in ("factual", "factual_set", "factual_start", "math", "runs")
                if getattr(args, o) != ap.get_default(o)]  # fmt: skip
     if changed and not args.tag:
         ap.error(f"--tag is required with settings other than the published trial's ({', '.join(changed)})")
     tag = f"_{args.tag}" if args.tag else ""
     half = args.math // 2
-    p = get_profile("cpu", train_factual=(("extra", args.factual_set, args.factual),),
+    p = get_profile("cpu", train_factual=(("extra", args.factual_set, args.factual, args.factual_start),),
                     train_math=(("train", "math_medium", args.math - half), ("train", "math", half)),
                     cot_max_tokens=args.cot_max_tokens)  # fmt: skip
     out_dir = args.out or runs_dir("cpu", f"teacher_trial{tag}")

@@ -94,10 +94,19 @@ def test_training_question_ids_are_unique_across_sets():
         p = get_profile(name)
         sets = pipeline.training_sets(p)
         ids = [ex.id for exs in sets.values() for ex in exs]
-        assert len(ids) == len(set(ids)) == sum(count for *_, count in p.train_factual + p.train_math)
+        assert len(ids) == len(set(ids)) == sum(spec[2] for spec in p.train_factual + p.train_math)
     cpu = pipeline.training_sets(get_profile("cpu"))["math"]
     assert [ex.id for ex in cpu] == ["0", "1", "math/0"]  # the first set keeps its ids (published runs resume)
     assert cpu[0].question != cpu[2].question
+
+
+def test_a_training_spec_with_a_first_row_takes_the_rows_after_it():
+    first_ten = pipeline.training_sets(get_profile("cpu", train_factual=(("extra", "hotpotqa_dev300", 10),)))
+    p = get_profile("cpu", train_factual=(("extra", "hotpotqa_dev300", 4, 6), ("extra", "hotpotqa_dev300", 2)))
+    factual = pipeline.training_sets(p)["factual"]
+    assert [ex.id for ex in factual[:4]] == [ex.id for ex in first_ten["factual"][6:]]  # rows 6-9
+    assert [ex.id for ex in factual[4:]] == [ex.id for ex in first_ten["factual"][:2]]  # rows 0-1, ids unchanged
+    assert len({ex.question for ex in factual}) == 6
 
 
 def test_results_table_rows_follow_the_papers_method_order():
