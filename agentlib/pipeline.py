@@ -56,7 +56,7 @@ def training_sets(p: Profile) -> dict[str, list[Example]]:
     out, seen = {}, set()
     for domain, specs in (("factual", p.train_factual), ("math", p.train_math)):
         out[domain] = []
-        for loader, name, count, *first in specs:  # (loader, name, count[, first row])
+        for loader, name, count, *first in specs:
             start = first[0] if first else 0
             for ex in _load(loader, name, start + count, answerable_only=False)[start:]:
                 if ex.id in seen:

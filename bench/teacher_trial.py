@@ -15,14 +15,15 @@ first stopped. 106 min on 2 AVX2 cores (measured 2026-12-02, the teacher decodin
 
 Other settings make a separate, tagged trial: ``--factual-set``, ``--factual``, ``--factual-start``, ``--math``
 and ``--runs`` choose the questions and the teacher runs, and ``--tag NAME`` names its folder, CSV and published
-file (``..._<NAME>``). The second and third trials, more agent trajectories for ``bench/distill_trial.py
---more-teachers`` (the third on the HotpotQA dev rows 30-99 that the first trial left):
+file (``..._<NAME>``). The second and third trials, more trajectories for ``bench/distill_trial.py
+--more-teachers`` (the second agent-only; the third, agent and CoT, on the HotpotQA dev rows 30-99 that the
+first trial left):
 
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py [--factual 30 --math 30]
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py --tag train100 \
         --factual-set hotpotqa_train100 --factual 70 --math 0 --runs agent
     flock /tmp/agentlib-heavy.lock .venv/bin/python bench/teacher_trial.py --tag dev30 \
-        --factual-start 30 --factual 70 --math 0 --runs agent
+        --factual-start 30 --factual 70 --math 0 --runs cot,agent --cot-max-tokens 384
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def separation(runs: dict[str, list], domains: dict[str, str], a: str = "agent",
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--factual", type=int, default=30, help="HotpotQA questions (first rows)")
+    ap.add_argument("--factual", type=int, default=30, help="HotpotQA questions (from --factual-start)")
     ap.add_argument("--factual-set", default="hotpotqa_dev300", choices=("hotpotqa_dev300", "hotpotqa_train100"),
                     help="where the HotpotQA questions come from (both have their evidence in the mini-corpus)")  # fmt: skip
     ap.add_argument("--factual-start", type=int, default=0, help="first HotpotQA row (skip rows another trial ran)")
