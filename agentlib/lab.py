@@ -124,6 +124,10 @@ def _parse_cases() -> list[Case]:
         ("Thought: empty block\nCode:\n```py\n\n```<end_code>", "an empty code block: raise ValueError"),
         ("Thought: first\nCode:\n```py\nprint(1)\n```<end_code>\nObservation:\n```py\nprint(2)\n```",
          "text after <end_code> is not part of the step"),
+        ("Thought: multiply.\nCode:\n```py\nprint(6 * 7)\n<end_code>\nObservation:\n42",
+         "no closing fence: the code stops at <end_code>, the text after it is not code"),
+        ("Thought: I will search next.<end_code>\nObservation:\n```py\nprint(search('x'))\n```",
+         "the turn ended at <end_code> before any code: raise ValueError"),
     ]  # fmt: skip
     return [Case((t,), _expect(_parse_step_ref, t), why) for t, why in texts]
 
@@ -159,6 +163,8 @@ def _vote_cases() -> list[Case]:
         (["7"], "a single candidate"),
         (["a", "b", "b", "a", "c"], "a tie of two groups of two"),
         (["q", "r", "r"], "the majority does not start at index 0"),
+        (["b", "a"], "a tie: the first group wins, though its outcome sorts last"),
+        (["9", None, "10", "10", "9"], "a tie of two groups of two: the first group wins, whatever the values"),
     ]
     return [Case((o,), _vote_ref(o), why) for o, why in outs]
 
@@ -192,6 +198,9 @@ def _normalize_cases() -> list[Case]:
         ("U.S.A.", "punctuation is removed, not replaced by spaces"),
         ("Theatre of the Absurd", "'the' inside a word is not an article"),
         ("Yes", "a single word"),
+        ("Santa Ana, Panama", "words ending in 'a' or 'an' keep those letters: only whole words are articles"),
+        ("Goethe and Thoreau", "a word ending in 'the' is not an article"),
+        ("Another anthem", "a word starting with 'an' is not an article"),
     ]
     return [Case((t,), _normalize_ref(t), why) for t, why in texts]
 
@@ -216,6 +225,15 @@ _CHATS = [
      {"role": "user", "content": "Observation:\nThought: Emma is a novel by Jane Austen."},
      {"role": "assistant", "content": 'Thought: done.\nCode:\n```py\nfinal_answer("Jane Austen")\n```<end_code>'}],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Solve it with code."}, {"role": "user", "content": "Café prices: 3€ + 4€?"},
+     {"role": "assistant", "content": "Thought: add them 🙂\nCode:\n```py\nprint(3 + 4)\n```<end_code>"},
+     {"role": "user", "content": "Observation:\nNameError: name 'prnt' is not defined"},
+     {"role": "assistant", "content": "Thought: again.\nCode:\n```py\nprint(3 + 4)\n```<end_code>"},
+     {"role": "user", "content": "Observation:\n7"},
+     {"role": "assistant", "content": 'Thought: 7 €.\nCode:\n```py\nfinal_answer("7 €")\n```<end_code>'}],
+    [{"role": "user", "content": "Say hi twice."}, {"role": "assistant", "content": "hi"},
+     {"role": "user", "content": "Again, with the assistant's words: assistant: hi"},
+     {"role": "assistant", "content": "hi"}],
 ]  # fmt: skip
 
 
@@ -271,7 +289,23 @@ def _explain_labels(case: Case, got: Any) -> str:
         return f"expected one label per token: a list of {len(want)}, got {n}"
     j = next(j for j, (g, w) in enumerate(zip(got, want, strict=True)) if int(g) != w)
     say = {True: "trained (its id)", False: "masked (-100)"}
-    return f"{_where(case, j)}: it should be {say[want[j] != IGNORE]}, yours is {say[int(got[j]) != IGNORE]}"
+    return (f"{_where(case, j)}: it should be {say[want[j] != IGNORE]}, yours is {say[int(got[j]) != IGNORE]}\n"
+            + _label_window(case, got, j))  # fmt: skip
+
+
+def _label_window(case: Case, got: list, j: int, before: int = 4, after: int = 4) -> str:
+    """The tokens around token ``j`` with the expected and the student's label (``→`` marks ``j``)."""
+    offsets, text, want = case.args[1], case.context["text"], case.want
+
+    def kind(label: Any) -> str:
+        return "masked" if int(label) == IGNORE else "trained"
+
+    rows = [f"   {'':1} {'':>6}  {'token':<24}  {'expected':<8}  yours"]
+    for k in range(max(0, j - before), min(len(want), j + after + 1)):
+        a, b = offsets[k]
+        mark = "→" if k == j else ("≠" if int(got[k]) != want[k] else " ")
+        rows.append(f"   {mark} {k:>6}  {text[a:b]!r:<24.24}  {kind(want[k]):<8}  {kind(got[k])}")
+    return "   around it:\n" + "\n".join(rows)
 
 
 def _close(got: Any, want: Any) -> bool:
@@ -541,7 +575,7 @@ def build_notebook() -> Any:
         cells += [
             _cell("md", f"{name}-text", text),
             _cell("code", f"{name}-stub", ex.stub + f"\n\nif use_reference:\n    {fn} = lab.reference({name!r})"),
-            _cell("code", f"{name}-check", f"lab.check({name!r}, {fn})"),
+            _cell("code", f"{name}-check", f"lab.check({name!r}, {fn});"),
             _cell("code", f"{name}-reveal", f"# lab.reveal({name!r})  # uncomment to see the reference solution"),
         ]
     cells += [

@@ -4,6 +4,7 @@ the committed lab notebook is the generated one, and the notebook runs under pap
 from __future__ import annotations
 
 import re
+import string
 from collections import Counter
 
 import pytest
@@ -73,6 +74,65 @@ def naive_labels(input_ids, offsets, spans, roles):  # the assistant content onl
     return labels
 
 
+# ------------------------------------------------------------------ subtle mutants: right on the easy cases
+def vote_ties_by_value(outcomes):  # the largest group, ties to the smallest outcome (sorted), not the first index
+    groups = {}
+    for i, o in enumerate(outcomes):
+        if o is not None:
+            groups.setdefault(o, []).append(i)
+    if not groups:
+        return None
+    return groups[max(sorted(groups), key=lambda k: len(groups[k]))][0]
+
+
+def vote_ties_by_last_value(outcomes):  # ties to the largest outcome
+    groups = {}
+    for i, o in enumerate(outcomes):
+        if o is not None:
+            groups.setdefault(o, []).append(i)
+    return groups[max(groups, key=lambda k: (len(groups[k]), k))][0] if groups else None
+
+
+def normalize_not_whole_word(s):  # "(a|an|the) ": also strips the end of "Santa ", "Goethe "
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"(a|an|the)\s", " ", s).split())
+
+
+def parse_ignoring_end_code(text):  # the first fenced block wherever it is; an open fence runs to the end
+    m = re.search(r"```(?:py|python)?\n(.*?)(?:```|\Z)", text, re.DOTALL)
+    if not m or not m.group(1).strip():
+        raise ValueError("no code")
+    thought = re.sub(r"^\s*Thought:\s*", "", text[: m.start()]).replace("Code:", "").strip()
+    return thought, m.group(1).strip()
+
+
+MUTANTS = [
+    ("vote", vote_ties_by_value), ("vote", vote_ties_by_last_value), ("normalize_answer", normalize_not_whole_word),
+    ("parse_step", parse_ignoring_end_code),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "fn"), MUTANTS, ids=[f"{n}-{f.__name__}" for n, f in MUTANTS])
+def test_subtle_mutants_are_rejected(name, fn, capsys):
+    cases = lab.EXERCISES[name].cases()
+    passed = sum(lab._safe(lab.EXERCISES[name].compare, lab._expect(fn, *c.args), c.want)
+                 or (isinstance(c.want, Exception) and isinstance(lab._expect(fn, *c.args), ValueError))
+                 for c in cases)  # fmt: skip
+    assert passed >= len(cases) - 2, f"{fn.__name__} should be right on most cases ({passed}/{len(cases)})"
+    assert lab.check(name, fn) is False
+    assert "not yet — hidden case" in capsys.readouterr().out
+    assert lab.check(name, lab.reference(name)) is True
+
+
+def test_mutants_fail_on_the_cases_made_for_them(capsys):
+    lab.check("vote", vote_ties_by_value)
+    assert "the first group wins" in capsys.readouterr().out
+    lab.check("normalize_answer", normalize_not_whole_word)
+    assert "only whole words are articles" in capsys.readouterr().out
+    lab.check("parse_step", parse_ignoring_end_code)
+    assert "<end_code>" in capsys.readouterr().out
+
+
 NAIVE = [
     ("normalize_answer", naive_normalize), ("normalize_answer", naive_normalize_spaces), ("f1", naive_f1), ("f1", naive_f1_sets),
     ("parse_step", naive_parse), ("first_thought_prefix", naive_ftp), ("vote", naive_vote), ("keep", naive_keep),
@@ -117,6 +177,27 @@ def test_mask_mistake_is_explained_in_words(capsys):
     assert "input:    a chat of 5 messages (system, user, assistant, user, assistant)" in out
     assert "it should be trained (its id), yours is masked (-100)" in out
     assert "lies after the content of message 2 (assistant)" in out  # the end-of-turn marker
+    window = out.split("around it:\n", 1)[1].splitlines()
+    assert "expected" in window[0] and "yours" in window[0]
+    first = [row for row in window if row.lstrip().startswith("→")]
+    assert len(first) == 1 and first[0].split()[-2:] == ["trained", "masked"]
+    assert 5 <= len(window) <= 10  # a few tokens either side, not the whole chat
+
+
+def test_more_mask_chats():
+    cases = lab.EXERCISES["assistant_labels"].cases()
+    assert len(cases) >= 4
+    roles = [c.args[3] for c in cases]
+    assert max(r.count("assistant") for r in roles) >= 3  # several assistant turns after error observations
+    assert any(r[0] != "system" for r in roles)  # the template's own system prompt
+
+
+def test_check_cells_do_not_echo_the_boolean():
+    import nbformat
+
+    nb = nbformat.reads(lab.notebook_text(), as_version=4)
+    checks = [c.source for c in nb.cells if c.get("id", "").endswith("-check")]
+    assert checks and all(src.rstrip().endswith(";") for src in checks)
 
 
 def test_raising_solution_shows_only_the_students_line(capsys):
