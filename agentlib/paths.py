@@ -43,10 +43,50 @@ def corpus_path() -> Path:
 
 
 def runs_dir(*parts: str) -> Path:
-    """``runs/`` (executed notebooks, trajectories, adapters): git-ignored."""
-    path = ROOT.joinpath("runs", *parts)
+    """``runs/`` (executed notebooks, trajectories, adapters): git-ignored.
+
+    ``AGENTLIB_RUNS_DIR`` puts it elsewhere (a bigger disk, a test's temp folder); give an absolute path,
+    since notebooks run with ``notebooks/`` as their working directory.
+    """
+    env = os.environ.get("AGENTLIB_RUNS_DIR")
+    base = Path(env).expanduser().resolve() if env else ROOT / "runs"
+    path = base.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# What each stage leaves in ``runs/<profile>/<stage>/`` ("a|b": either), and the notebook that makes it.
+_STUDENTS = ("cot", "agent", "agent_ftp")
+_AGENT_METHODS = ("agent_distill", "agent_distill_ftp", "agent_distill_sag", "agent_distill_ftp_sag")
+STAGES = {
+    "teacher": ("01_teacher_trajectories", tuple(f"sft_{s}.jsonl" for s in _STUDENTS)),
+    "students": ("02_sft_qlora", tuple(f"{s}/adapter_config.json|{s}/untrained.json" for s in _STUDENTS)),
+    "eval": ("03_evaluation", tuple(f"{m}__all.jsonl" for m in _AGENT_METHODS)),
+}
+
+
+class StageMissing(RuntimeError):
+    """An upstream notebook has not run; in a notebook it shows as its one-line message, without a traceback."""
+
+    def _render_traceback_(self) -> list[str]:  # IPython's hook for a custom traceback
+        return [f"{type(self).__name__}: {self}"]
+
+
+def require_stage(profile: str, stage: str) -> Path:
+    """``runs/<profile>/<stage>`` when the stage's outputs are there, else raise :class:`StageMissing` naming
+    the notebook to run first (``stage``: ``teacher``, ``students`` or ``eval``)::
+
+        require_stage("smoke", "teacher")  # in 02: StageMissing: ... run 01_teacher_trajectories first
+    """
+    notebook, outputs = STAGES[stage]
+    folder = runs_dir(profile, stage)
+    missing = [name for name in outputs if not any((folder / alt).exists() for alt in name.split("|"))]
+    if missing:
+        raise StageMissing(
+            f"no {stage} outputs for profile {profile!r} in {folder} (missing {', '.join(missing)}): "
+            f"run notebooks/{notebook}.ipynb with profile={profile!r} first"
+        )
+    return folder
 
 
 def figures_dir() -> Path:
