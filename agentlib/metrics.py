@@ -1,4 +1,5 @@
-"""Answer scoring: HotpotQA exact match / F1, math equivalence (math-verify), optional LLM judge.
+"""Answer scoring: HotpotQA exact match / F1, math equivalence (numbers, percentages and lists here; the rest
+through math-verify), an LLM judge for factual answers (the authors' prompt, verdicts cached on disk).
 
 ``math_equal`` runs math-verify in a persistent worker process with math-verify's own SIGALRM
 timeouts disabled (they fail off the main thread, e.g. in Jupyter); a comparison that runs past
@@ -18,6 +19,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Sequence
+from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -83,18 +85,122 @@ def answer_in_text(text: str, golds: str | Sequence[str]) -> bool:
 
 
 # ---------------------------------------------------------------- math
+# The grader, class by class (tests/test_metrics.py has a case for each):
+# - ``\boxed{}``: the last one is graded; ``\$`` (an escaped dollar sign) and ``$`` delimiters are dropped.
+# - Plain numbers are compared here, as decimals, never through floats: ``1,000``, ``12,345`` and ``10,\!080``
+#   are numbers (commas only in groups of three); an integer gold must be matched exactly (``28801`` is not
+#   ``28800``); a non-integer gold (GSM-Hard's ``5031.9785714286``) is matched by the gold rounded to the
+#   prediction's own decimals when the prediction states at least 4 significant digits (``5031.98``, ``5032``,
+#   ``5.333``; not ``5.33``, ``40`` for ``39.9999834113`` or ``2.01e-06`` for ``2.0107e-06``), else within a
+#   relative 1e-9 (float noise such as ``9189480.000000002``).
+# - A percent sign (``50%``, ``50\%``) on one side: the other side may be the number or its hundredth
+#   (``50`` or ``0.5``); on both sides the numbers are compared. No percent sign: no scaling by 100.
+# - Lists (top-level commas that are not thousands separators: ``3, 1``, ``1,-2``, ``x=1, x=3``): equal when
+#   the elements match one to one in any order (a multiset), each element graded by ``math_equal``; ``13`` is
+#   not ``1,3``.
+# - Everything else goes to math-verify (numbers in e-notation are rewritten as ``m\times10^{e}`` first:
+#   math-verify reads the ``e`` of ``2e-06`` as Euler's number).
+_NUM = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+_NUM_THOUSANDS = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_PERCENT = re.compile(r"\\?%$")
+_ENOTATION = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])")
+_OPEN, _CLOSE = "([{", ")]}"
+
+
+def _last_boxed(text: str) -> str | None:
+    from agentlib.data import last_boxed
+
+    return last_boxed(text)
+
+
+def _prepare(s: str) -> str:
+    """The answer to grade: the last ``\\boxed{}``'s content if any; escaped dollar signs dropped."""
+    s = str(s).strip()
+    boxed = _last_boxed(s) if ("\\boxed" in s or "\\fbox" in s) else None
+    if boxed is not None:
+        s = boxed
+    return s.replace("\\$", "").strip()
+
+
 def _strip_math(s: str) -> str:
     s = str(s).strip().strip("$").strip()
     s = re.sub(r"\\(?:d|t)frac", r"\\frac", s)
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\!", "").replace(" ", "")
-    return s.rstrip(".")
+    s = s.replace("{,}", ",").replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
+    return s.replace(" ", "").rstrip(".")
 
 
-def _as_float(s: str) -> float | None:
-    try:
-        return float(_strip_math(s).replace(",", ""))
-    except ValueError:
+def _number(s: str) -> tuple[Decimal, bool] | None:
+    """(value, has a percent sign) for a plain number such as ``-1,000.5``, ``2.0107e-06`` or ``50\\%``."""
+    t = _strip_math(s).replace("\u2212", "-")
+    pct = bool(_PERCENT.search(t))
+    t = _PERCENT.sub("", t)
+    if _NUM_THOUSANDS.fullmatch(t):
+        t = t.replace(",", "")
+    elif not _NUM.fullmatch(t):
         return None
+    try:
+        return Decimal(t), pct
+    except InvalidOperation:
+        return None
+
+
+def _decimal_equal(a: Decimal, b: Decimal) -> bool:
+    """Prediction ``a`` against gold ``b`` (see the rules above)."""
+    if a == b:
+        return True
+    if b == b.to_integral_value():
+        return False  # an integer gold is matched exactly
+    if abs(a - b) <= abs(b) * Decimal("1e-9"):
+        return True
+    _, digits, exponent = a.as_tuple()
+    if len(digits) < 4 or not isinstance(exponent, int):
+        return False
+    try:
+        return any(b.quantize(Decimal(1).scaleb(exponent), rounding=r) == a for r in (ROUND_HALF_UP, ROUND_HALF_EVEN))
+    except InvalidOperation:
+        return False
+
+
+def _numbers_equal(pred: tuple[Decimal, bool], gold: tuple[Decimal, bool]) -> bool:
+    (a, a_pct), (b, b_pct) = pred, gold
+    preds = [a, a.scaleb(-2)] if a_pct and not b_pct else [a]
+    golds = [b, b.scaleb(-2)] if b_pct and not a_pct else [b]
+    return any(_decimal_equal(x, y) for x in preds for y in golds)
+
+
+def _split_list(s: str) -> list[str] | None:
+    """The elements of a comma-separated list at the top level (outside brackets), or None."""
+    t = _strip_math(s)
+    if _number(s) is not None or "," not in t:
+        return None
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(t):
+        if ch in _OPEN:
+            depth += 1
+        elif ch in _CLOSE:
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(t[start:i])
+            start = i + 1
+    parts.append(t[start:])
+    return parts if len(parts) > 1 and all(parts) else None
+
+
+def _lists_equal(pred: list[str], gold: list[str], timeout_s: float) -> bool:
+    """One-to-one in any order (greedy is enough: equality is transitive)."""
+    if len(pred) != len(gold):
+        return False
+    left = list(gold)
+    for p in pred:
+        hit = next((i for i, g in enumerate(left) if math_equal(p, g, timeout_s)), None)
+        if hit is None:
+            return False
+        left.pop(hit)
+    return True
+
+
+def _for_math_verify(s: str) -> str:
+    return _ENOTATION.sub(lambda m: f"{m[1]}\\times10^{{{int(m[2])}}}", s)
 
 
 class _MathVerifier:
@@ -149,19 +255,25 @@ _VERIFIER = _MathVerifier()
 
 
 def math_equal(pred: str | None, gold: str, timeout_s: float = 5.0) -> bool:
-    """Is ``pred`` mathematically equal to ``gold``? ``\\boxed{}`` is extracted; LaTeX and numbers compared.
+    """Is ``pred`` mathematically equal to ``gold``? ``\\boxed{}`` is extracted; numbers, percentages and lists
+    are compared here (rules above), the rest by math-verify (LaTeX, expressions, sets, intervals).
 
     Never hangs: a comparison past ``timeout_s`` seconds returns False.
     """
     if pred is None or str(pred).strip() == "" or str(gold).strip() == "":
         return False
-    pred, gold = str(pred), str(gold)
+    pred, gold = _prepare(str(pred)), _prepare(str(gold))
+    if not pred or not gold:
+        return False
     if _strip_math(pred) == _strip_math(gold):
         return True
-    a, b = _as_float(pred), _as_float(gold)
-    if a is not None and b is not None:  # plain numbers: 1e3, 1,000, 13138980.0
-        return abs(a - b) <= 1e-9 * max(1.0, abs(b))
-    return _VERIFIER(pred, gold, timeout_s)
+    a, b = _number(pred), _number(gold)
+    if a is not None and b is not None:
+        return _numbers_equal(a, b)
+    pl, gl = _split_list(pred), _split_list(gold)
+    if pl is not None and gl is not None:
+        return _lists_equal(pl, gl, timeout_s)
+    return _VERIFIER(_for_math_verify(pred), _for_math_verify(gold), timeout_s)
 
 
 # ---------------------------------------------------------------- one entry point

@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -145,3 +146,220 @@ def test_questions_to_separate_is_the_first_n_where_the_intervals_part():
     assert apart(n) and not apart(n - 1)
     assert questions_to_separate(0.3, 0.6) is None and questions_to_separate(0.5, 0.5) is None
     assert questions_to_separate(0.134, 0.133, n_max=1000) is None
+
+
+# ---- the grader's classes (issue 29). ``authors`` is the numeric rule of the authors' grader
+# (exps_research/unified_framework/math_utils/qwen_math_grader.py: parse_digits, include_percentage, isclose
+# rel_tol=1e-4), copied below; None where their numeric rule does not apply (not both plain numbers).
+def _authors_parse_digits(num):
+    num = str(num).replace(",", "")
+    try:
+        return float(num)
+    except ValueError:
+        if num.endswith("%"):
+            num = num[:-1].removesuffix("\\")
+            try:
+                return float(num) / 100
+            except ValueError:
+                pass
+    return None
+
+
+def _authors_numeric(pred, gold):
+    import math
+
+    a, b = _authors_parse_digits(pred), _authors_parse_digits(gold)
+    if a is None or b is None:
+        return None
+    return any(math.isclose(x, a, rel_tol=1e-4) for x in (b / 100, b, b * 100))
+
+
+GRADER_CLASSES = [
+    # (class, pred, gold, ours, authors' numeric rule)
+    ("list", "3, 1", "1,3", True, None),
+    ("list", "1,3", "3, 1", True, None),
+    ("list", "3, 5, 7", "7,5,3", True, None),
+    ("list", "x=1, x=-2", "1,-2", True, None),
+    ("list", r"\boxed{-2, 1}", "1,-2", True, None),
+    ("list", "3, 5", "7,5,3", False, None),
+    ("list", "1,1,3", "1,3", False, False),  # a multiset: math-verify's sets say True
+    ("list", "13", "1,3", False, True),
+    ("list", "1,3", "13", False, True),
+    ("list", "(1,2)", "(2,1)", False, None),  # a tuple is ordered (math-verify)
+    ("thousands", "1,000", "1000", True, True),
+    ("thousands", "12,345", "12345", True, True),
+    ("thousands", r"10,\!080", "10080", True, None),
+    ("thousands", "11,\\! 111,\\! 111,\\! 100", "11111111100", True, None),
+    ("thousands", "58,500", "58,500.0", True, True),
+    ("dollar", r"\$150", "150", True, None),
+    ("dollar", "150", r"\$150", True, None),
+    ("dollar", r"\$32,\!348", r"\$32,\!348", True, None),
+    ("dollar", "32348", r"\$32,\!348", True, None),
+    ("dollar", r"\$18.90", "18.9", True, None),
+    ("dollar", r"The total is \$36.", r"\$36", True, None),
+    ("percent", r"50\%", "50", True, True),
+    ("percent", "50%", "50", True, True),
+    ("percent", "50", r"50\%", True, True),
+    ("percent", "0.5", r"50\%", True, True),
+    ("percent", r"50\%", "0.5", True, True),
+    ("percent", "10", r"10\%", True, True),
+    ("percent", "50%", r"50\%", True, True),
+    ("percent", "0.5", "50", False, True),  # no percent sign, no scaling (the authors scale by 100 always)
+    ("percent", "500", "5", False, True),
+    ("relative", "2.01e-06", "2.0107e-06", False, False),
+    ("relative", r"2.01\times 10^{-6}", "2.0107e-06", False, None),
+    ("relative", "2.0107e-06", "2.0107e-06", True, True),
+    ("relative", "0.0000020107", "2.0107e-06", True, True),
+    ("relative", r"2.0107\times10^{-6}", "2.0107e-06", True, None),
+    ("relative", "-0.000025", "-2.4967e-05", False, False),
+    ("relative", "1e-10", "2e-10", False, False),  # the old absolute tolerance accepted these
+    ("precision", "5031.98", "5031.9785714286", True, True),
+    ("precision", "5031.9786", "5031.9785714286", True, True),
+    ("precision", "5032", "5031.9785714286", True, True),
+    ("precision", "5031.97", "5031.9785714286", False, True),
+    ("precision", "5.333", "5.3333333333", True, True),
+    ("precision", "10.67", "10.6666666667", True, False),  # 4 digits, the gold rounded: right
+    ("precision", "5.33", "5.3333333333", False, False),  # 3 digits: too coarse to tell
+    ("precision", "40", "39.9999834113", False, True),
+    ("precision", "40.00", "39.9999834113", True, True),
+    ("precision", "561161.7", "561161.7000000001", True, True),
+    ("precision", "9189480", "9189480.000000002", True, True),
+    ("precision", "3", "2.5", False, False),
+    ("integer", "28801", "28800", False, True),
+    ("integer", "28800.0", "28800", True, True),
+    ("integer", "28800.4", "28800", False, True),
+    ("integer", "13138980", "13138980.0", True, True),
+    ("integer", "-9867630", "-9867630.0", True, True),
+    ("integer", "100000001", "100000000", False, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("cls", "pred", "gold", "ours", "authors"), GRADER_CLASSES)
+def test_grader_classes(cls, pred, gold, ours, authors):
+    assert math_equal(pred, gold) is ours
+    assert _authors_numeric(pred, gold) is authors  # where we differ from the authors, it is on purpose
+
+
+def test_grader_classes_cover_every_class_in_both_directions():
+    by_class = {}
+    for cls, *_, ours, _authors in GRADER_CLASSES:
+        by_class.setdefault(cls, set()).add(ours)
+    assert set(by_class) == {"list", "thousands", "dollar", "percent", "relative", "precision", "integer"}
+    assert all(v == {True, False} for k, v in by_class.items() if k not in ("thousands", "dollar"))
+
+
+# ---- cross-check with math-verify on the published teacher trajectories' math answers
+def _math_verify(pred: str, gold: str) -> bool:
+    """math-verify used directly: the gold boxed, a bare prediction put in $...$ (as its README does)."""
+    import logging
+
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    g = parse(f"\\boxed{{{gold}}}")
+    p = parse(pred if ("$" in pred or "\\boxed" in pred) else f"${pred}$")
+    return bool(g and p and verify(g, p))
+
+
+# Where we and math-verify disagree on purpose; each is asserted in test_grader_departs_from_math_verify.
+MATH_VERIFY_DEPARTURES = [
+    # (why, pred, gold, ours, math-verify)
+    ("math-verify extracts nothing after an escaped dollar sign", r"\$150", "150", True, False),
+    ("math-verify reads the e of e-notation as Euler's number", "0.0000020107", "2.0107e-06", True, False),
+    ("a list is a multiset here, a set in math-verify", "1,1,3", "1,3", False, True),
+    ("GSM-Hard's stated precision: the gold rounded to the prediction's decimals", "5031.98", "5031.9785714286",
+     True, False),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("why", "pred", "gold", "ours", "mv"), MATH_VERIFY_DEPARTURES)
+def test_grader_departs_from_math_verify(why, pred, gold, ours, mv):
+    assert math_equal(pred, gold) is ours
+    assert _math_verify(pred, gold) is mv
+
+
+def _published_math_records():
+    from pathlib import Path
+
+    from agentlib.trajectory import read_records
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    paths = [root / "teacher_trajectories_cpu.jsonl.gz", *sorted(root.glob("teacher_trial_cpu*.jsonl.gz"))]
+    return [r for p in paths for r in read_records(p) if r["benchmark"].startswith("math")]
+
+
+def test_grader_agrees_with_math_verify_on_published_predictions():
+    """Every (prediction, gold) pair of the published trajectories, and every published prediction against
+    every other question's gold (real strings that must not match), graded by both: they agree except in the
+    documented departures, and the recorded scores are ours."""
+    records = _published_math_records()
+    assert len(records) >= 90
+    pairs = {(r["prediction"], r["gold"]) for r in records if r["prediction"]}
+    for r in records:
+        if r["prediction"]:
+            assert math_equal(r["prediction"], r["gold"]) == bool(r["score"]), r
+    preds = sorted({p for p, _ in pairs})
+    golds = sorted({r["gold"] for r in records})
+    departures = {(p, g) for _, p, g, _, _ in MATH_VERIFY_DEPARTURES}
+    agree, correct, disagree = 0, 0, []
+    for p in preds:
+        for g in golds:
+            ours, mv = math_equal(p, g), _math_verify(p, g)
+            agree += ours == mv
+            correct += ours
+            if ours != mv and (p, g) not in departures:
+                disagree.append((p, g, ours, mv))
+    assert not disagree
+    assert len(preds) * len(golds) >= 1200 and agree == len(preds) * len(golds)  # 45 x 28: no departure occurs
+    assert correct >= 20
+
+
+# ---- every benchmark gold grades equal to itself and to its common re-writings
+def _rewritings(gold: str) -> list[str]:
+    from decimal import Decimal
+
+    from agentlib.metrics import _number, _prepare, _split_list
+
+    g = _prepare(gold)
+    out = [gold, g, f"The final answer is $\\boxed{{{gold}}}$.", f"${gold}$", f"\\boxed{{{gold}}}", gold + "."]
+    num = _number(g)
+    if num is not None and not num[1]:
+        d = num[0]
+        if d == d.to_integral_value():
+            out += [f"{int(d):,}", f"{int(d)}.0", f"\\${int(d)}", f"{int(d):,}".replace(",", ",\\!")]
+        else:
+            out.append(format(d, "f"))
+            if len(Decimal(f"{d:.2f}").as_tuple().digits) >= 4:
+                out.append(f"{d:.2f}")  # GSM-Hard's money to the cent
+    parts = _split_list(g)
+    if parts:
+        out += [", ".join(reversed(parts)), ",".join(parts)]
+    return out
+
+
+def _wrong(gold: str) -> list[str]:
+    from agentlib.metrics import _number, _prepare, _split_list
+
+    g = _prepare(gold)
+    num = _number(g)
+    if num is not None and not num[1] and num[0] == num[0].to_integral_value():
+        d = int(num[0])
+        return [str(d + 1), str(d - 1), str(d * 10 if d else 7)]
+    parts = _split_list(g)
+    return [", ".join(parts[:-1])] if parts else []
+
+
+def test_every_benchmark_gold_equals_itself_and_its_rewritings(monkeypatch):
+    from agentlib.data import load_benchmark
+    from agentlib.metrics import _VERIFIER, _for_math_verify, _prepare
+
+    monkeypatch.setenv("AGENTLIB_DATA_DIR", os.environ.get("AGENTLIB_DATA_DIR", "/work/shared/data"))
+    golds = [(n, ex.answer) for n in ("gsm_hard", "math500", "aime", "olymath") for ex in load_benchmark(n, "test")]
+    assert len(golds) == 1290
+    fails = [(n, g, r) for n, g in golds for r in _rewritings(g) if not math_equal(r, g)]
+    assert not fails
+    wrong = [(n, g, w) for n, g in golds for w in _wrong(g) if math_equal(w, g)]
+    assert not wrong
+    # and math-verify on its own can read every gold (after our preparation) as equal to itself
+    unread = [(n, g) for n, g in golds if not _VERIFIER(_for_math_verify(_prepare(g)), _for_math_verify(_prepare(g)), 5.0)]
+    assert not unread
