@@ -331,54 +331,185 @@ def questions_to_separate(p_high: float, p_low: float, z: float = 1.96, n_max: i
     return hi
 
 
-# ---------------------------------------------------------------- optional LLM judge
-JUDGE_PROMPT = (
-    "You are grading an answer to a question.\nQuestion: {question}\nGold answer: {gold}\n"
-    "Predicted answer: {pred}\nIs the predicted answer correct (same meaning as the gold answer)? "
-    "Reply with exactly one word: yes or no."
-)
+# ---------------------------------------------------------------- LLM judge (factual answers)
+# The authors' judge prompt, word for word (exps_research/unified_framework/score_answers.py,
+# evaluate_factual_answer); they asked gpt-4o-mini for a JSON object {explanation, score} with structured output.
+JUDGE_PROMPT = """Compare the following predicted answer with the gold (correct) answer and determine if they match in meaning given the question.
+Be reasonable - phrasing differences are okay if the core meaning is the same. You should accept the aliases and the answer conveying the same conclusion.
+If the predicted answer is overly verbose and fails to capture the key information found in the gold answer (i.e., low recall), consider it a false answer.
+
+Question: {question}
+Predicted answer: {predicted}
+Gold answer: {gold}
+
+Output your evaluation as a JSON object with two fields:
+- explanation: Brief explanation of your scoring decision
+- score: 0 or 1 indicating if answers match
+"""
+JUDGE_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "ResponseFormat",
+        "strict": True,
+        "schema": {
+            "type": "object",
+            "properties": {"explanation": {"type": "string"}, "score": {"type": "integer"}},
+            "required": ["explanation", "score"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def parse_verdict(text: str) -> tuple[bool, str] | None:
+    """(score == 1, explanation) from the judge's reply: a JSON object, or ``"score": 0|1`` found in the text."""
+    text = text.strip()
+    fenced = re.search(r"\{.*\}", text, re.S)
+    for candidate in (text, fenced[0] if fenced else None):
+        if candidate is None:
+            continue
+        try:
+            obj = json.loads(candidate)
+        except ValueError:
+            continue
+        if isinstance(obj, dict) and "score" in obj:
+            try:
+                return int(obj["score"]) == 1, str(obj.get("explanation", ""))
+            except (TypeError, ValueError):
+                return None
+    m = re.search(r'"?score"?\s*[:=]\s*"?([01])\b', text)
+    return (m[1] == "1", text) if m else None
 
 
 class LLMJudge:
-    """Judge factual answers with any OpenAI-compatible chat endpoint; verdicts cached on disk.
+    """Judge factual answers with any OpenAI-compatible chat endpoint, with the authors' prompt; verdicts cached.
 
-    Never required for a run: it is used only when a profile or notebook configures one.
+    ``judge(question, gold, prediction) -> bool``. ``gold``: the question's answer string (a list: its first
+    element, the answer, as the authors passed one string). A verdict is kept in ``cache_path`` (JSONL, one line
+    per verdict, keyed by model and prompt), so a rerun sends no request; concurrent calls with the same
+    question, gold and prediction send one request (threads of one process; appends are whole lines).
+
+    Departures from the authors' scorer: temperature 0 (they used the API default), a None prediction is False
+    without a request, and a reply that is not a verdict counts as 0 (theirs raised). ``structured=True`` asks for
+    their JSON schema (``response_format``); a server that rejects it (HTTP 400) is asked again without it.
+    ``max_pred_chars``: the authors meant to cut predictions at 1,000 characters (a typo left them whole); None
+    keeps them whole, as their scorer ran. Never required for a run: used when a profile configures a judge.
     """
 
-    def __init__(self, base_url: str, model: str, cache_path: Path, api_key: str = "EMPTY") -> None:
-        self.base_url, self.model, self.api_key = base_url.rstrip("/"), model, api_key
+    def __init__(self, base_url: str, model: str, cache_path: str | Path, api_key: str | None = None,
+                 timeout_s: float = 120.0, max_retries: int = 4, structured: bool = True,
+                 max_pred_chars: int | None = None, temperature: float = 0.0) -> None:
+        import os
+
+        self.base_url, self.model = base_url.rstrip("/"), model
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        self.api_key = api_key or os.environ.get("OPENAI_API_KEY", "EMPTY")
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.structured, self.max_pred_chars, self.temperature = structured, max_pred_chars, temperature
         self.cache_path = Path(cache_path)
         self.cache: dict[str, bool] = {}
+        self.requests = 0  # HTTP requests sent by this judge (retries included)
+        self._lock = threading.Lock()
+        self._inflight: dict[str, threading.Event] = {}
+        self._client = None
         if self.cache_path.is_file():
             for line in self.cache_path.read_text().splitlines():
-                rec = json.loads(line)
-                self.cache[rec["key"]] = rec["verdict"]
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line
+                self.cache[rec["key"]] = bool(rec.get("verdict"))
 
-    def key(self, question: str, gold: str, pred: str) -> str:
-        return hashlib.sha256(json.dumps([self.model, question, gold, pred]).encode()).hexdigest()
+    def prompt(self, question: str, gold: str | Sequence[str], prediction: str) -> str:
+        gold = gold if isinstance(gold, str) else (list(gold) or [""])[0]
+        pred = str(prediction)
+        if self.max_pred_chars is not None:
+            pred = pred[: self.max_pred_chars]
+        return JUDGE_PROMPT.format(question=question, predicted=pred, gold=gold)
 
-    def __call__(self, question: str, gold: str, pred: str | None) -> bool:
-        if pred is None:
+    def key(self, prompt: str) -> str:
+        return hashlib.sha256(json.dumps([self.model, prompt]).encode()).hexdigest()
+
+    def __call__(self, question: str, gold: str | Sequence[str], prediction: str | None) -> bool:
+        if prediction is None:
             return False
-        k = self.key(question, gold, pred)
-        if k not in self.cache:
-            import httpx
+        prompt = self.prompt(question, gold, prediction)
+        k = self.key(prompt)
+        while True:
+            with self._lock:
+                if k in self.cache:
+                    return self.cache[k]
+                waiting = self._inflight.get(k)
+                if waiting is None:
+                    self._inflight[k] = threading.Event()
+                    break
+            waiting.wait()  # the same question is being judged on another thread: use its verdict
+        try:
+            verdict, explanation = self._ask(prompt)
+            with self._lock:
+                self.cache[k] = verdict
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.cache_path.open("a") as f:
+                    f.write(json.dumps({"key": k, "verdict": verdict, "model": self.model, "question": question,
+                                        "prediction": str(prediction), "explanation": explanation}) + "\n")
+            return verdict
+        finally:
+            with self._lock:
+                self._inflight.pop(k).set()
 
-            r = httpx.post(
-                f"{self.base_url}/chat/completions",
-                headers={"Authorization": f"Bearer {self.api_key}"},
-                json={
-                    "model": self.model,
-                    "temperature": 0.0,
-                    "max_tokens": 3,
-                    "messages": [{"role": "user", "content": JUDGE_PROMPT.format(question=question, gold=gold, pred=pred)}],
-                },
-                timeout=60,
-            )
-            r.raise_for_status()
-            text = r.json()["choices"][0]["message"]["content"].strip().lower()
-            self.cache[k] = text.startswith("yes")
-            self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.cache_path.open("a") as f:
-                f.write(json.dumps({"key": k, "verdict": self.cache[k]}) + "\n")
-        return self.cache[k]
+    def _ask(self, prompt: str) -> tuple[bool, str]:
+        import time
+
+        import httpx
+
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = httpx.Client(timeout=self.timeout_s,
+                                                headers={"Authorization": f"Bearer {self.api_key}"})
+        last: Exception | None = None
+        for attempt in range(self.max_retries + 1):
+            body = {"model": self.model, "temperature": self.temperature,
+                    "messages": [{"role": "user", "content": prompt}]}
+            if self.structured:
+                body["response_format"] = JUDGE_SCHEMA
+            with self._lock:
+                self.requests += 1
+            try:
+                r = self._client.post(f"{self.base_url}/chat/completions", json=body)
+            except httpx.HTTPError as e:
+                last = e
+            else:
+                if r.status_code == 400 and self.structured:  # no structured output here: ask plainly
+                    self.structured = False
+                    continue
+                if r.status_code < 400:
+                    text = r.json()["choices"][0]["message"].get("content") or ""
+                    return parse_verdict(text) or (False, f"unparsed reply: {text[:500]}")
+                last = RuntimeError(f"judge: HTTP {r.status_code}: {r.text[:300]}")
+                if r.status_code != 429 and r.status_code < 500:
+                    raise last
+            time.sleep(min(30.0, 0.5 * 2**attempt))
+        raise ConnectionError(f"judge: no verdict after {self.max_retries + 1} attempts: {last!r}")
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def judge_records(records: Sequence[dict], judge: LLMJudge, max_workers: int = 8) -> list[float]:
+    """The judge's 1.0/0.0 for each factual record (keys ``question``, ``gold``, ``prediction``: trajectory
+    records or ``Example``-like dicts with ``answer``), ``max_workers`` requests at a time; cached verdicts cost
+    nothing. Records without a prediction score 0.0 without a request."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(r: dict) -> float:
+        gold = r["gold"] if "gold" in r else r["answer"]
+        return float(judge(r["question"], gold, r.get("prediction")))
+
+    if not records:
+        return []
+    with ThreadPoolExecutor(max(1, min(max_workers, len(records)))) as pool:
+        return list(pool.map(one, records))
