@@ -1,16 +1,19 @@
 """Known-harmless warnings of the libraries agentlib loads, silenced narrowly: by logger or category, and message.
 
 Each entry says why it is harmless; anything else still shows. Installed when ``agentlib`` is imported, so
-the filters are in place before bitsandbytes, peft or transformers load.
+the filters are in place before bitsandbytes, peft or transformers load. In a notebook run headless
+(papermill), the libraries' own widget progress bars are turned off too: saved, they only ever show 0%.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+import sys
 import warnings
 
-__all__ = ["KNOWN_HARMLESS_LOGS", "KNOWN_HARMLESS_WARNINGS", "filter_known_warnings"]
+__all__ = ["KNOWN_HARMLESS_LOGS", "KNOWN_HARMLESS_WARNINGS", "filter_known_warnings", "headless_library_bars"]
 
 # (logger, the start of the message as a regex, why it is harmless)
 KNOWN_HARMLESS_LOGS = (
@@ -44,3 +47,15 @@ def filter_known_warnings() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(patterns))
+
+
+def headless_library_bars() -> None:
+    """In a kernel without a live frontend, turn off transformers' and huggingface_hub's progress bars: their
+    widgets would be saved frozen at 0%. agentlib's own bars (``viz.progress_bar``) print a final line instead."""
+    from agentlib.viz import live_frontend
+
+    if "ipykernel" not in sys.modules or live_frontend():
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+    if "transformers" in sys.modules:  # already imported: its switch was read then
+        sys.modules["transformers"].utils.logging.disable_progress_bar()

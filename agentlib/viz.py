@@ -232,9 +232,9 @@ def progress_bar(iterable: Any = None, **kw: Any) -> Any:
 
 def _figure(**kw: Any) -> Any:
     """A matplotlib ``Figure`` that shows itself in a notebook as a PNG (``_repr_png_``)."""
-    from matplotlib.figure import Figure
+    import matplotlib.figure
 
-    class NotebookFigure(Figure):
+    class Figure(matplotlib.figure.Figure):  # the same name in reprs: "<Figure size 600x350 with 1 Axes>"
         def _repr_png_(self) -> bytes:
             import io
 
@@ -254,7 +254,7 @@ def _figure(**kw: Any) -> Any:
             display({"image/png": self._repr_png_(), "text/plain": repr(self)}, raw=True)
 
     kw.setdefault("layout", "constrained")  # no tight_layout() call, no tight_layout warnings
-    return NotebookFigure(**kw)
+    return Figure(**kw)
 
 
 def _save(fig: Any, path: str | Path) -> Any:

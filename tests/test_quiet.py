@@ -28,3 +28,22 @@ def test_known_warnings_are_dropped_others_kept():
         warnings.warn("`is_gradient_checkpointing` is deprecated (another category)", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["`something_else` is deprecated",
                                               "`is_gradient_checkpointing` is deprecated (another category)"]
+
+
+def test_library_bars_off_only_in_a_headless_kernel(monkeypatch):
+    import os
+    import sys
+    import types
+
+    monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
+    monkeypatch.delenv("AGENTLIB_PROGRESS", raising=False)
+    monkeypatch.delitem(sys.modules, "transformers", raising=False)  # as before transformers is imported
+    quiet.headless_library_bars()  # not in a kernel: nothing changes
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    monkeypatch.setenv("JPY_SESSION_NAME", "lab.ipynb")  # a live JupyterLab: widgets render, bars stay
+    quiet.headless_library_bars()
+    assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ
+    monkeypatch.delenv("JPY_SESSION_NAME")  # papermill: no frontend
+    quiet.headless_library_bars()
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
