@@ -57,6 +57,8 @@ __all__ = [
     "extract_answer",
     "filter_trajectories",
     "first_thought_prefix",
+    "ftp_prefix",
+    "prefixes_from_cot",
     "make_prefixes",
     "parse_step",
     "run_agent",
@@ -188,6 +190,7 @@ class AgentConfig:
     memory_mb: int = 1024
     method: str = "agent"
     stop_on_repeat: bool = False  # end a loop that repeats its previous step (not in the paper)
+    sag_vote: str = "logs"  # SAG groups candidates by printed logs ("logs", the authors') or "logs+answer" (ours)
 
     @classmethod
     def teacher(cls, **kw: Any) -> AgentConfig:
@@ -210,10 +213,17 @@ def _norm(text: Any) -> str:
     return " ".join(str(text).split()).lower()
 
 
-def outcome_key(result: Any) -> str:
-    """The normalized outcome SAG votes on: printed output and (if called) the final answer."""
+SAG_VOTES = ("logs", "logs+answer")
+
+
+def outcome_key(result: Any, vote_on: str = "logs+answer") -> str:
+    """The normalized outcome SAG votes on: the printed output (``"logs"``, the authors' key) and, with
+    ``"logs+answer"``, the final answer too (two candidates that print nothing but answer differently
+    differ)."""
+    if vote_on not in SAG_VOTES:
+        raise ValueError(f"unknown SAG vote key {vote_on!r}; choose from {SAG_VOTES}")
     key = _norm(result.stdout)
-    if result.called_final_answer:
+    if vote_on == "logs+answer" and result.called_final_answer:
         key += " || final_answer=" + _norm(result.final_answer)
     return key
 
@@ -241,7 +251,8 @@ def _run_safely(fn: Callable[[], Any], n: int) -> list[Any]:
         from types import SimpleNamespace
 
         return [SimpleNamespace(stdout="", error=f"SandboxError: {type(e).__name__}: {e}", final_answer=None,
-                                called_final_answer=False, duration_s=0.0, timed_out=False)] * n
+                                called_final_answer=False, last_output=None, duration_s=0.0, timed_out=False,
+                                candidate=None) for _ in range(n)]
 
 
 def vote(outcomes: Sequence[str | None]) -> int | None:
@@ -258,8 +269,10 @@ def vote(outcomes: Sequence[str | None]) -> int | None:
     return max(groups.values(), key=lambda g: (len(g), -g[0]))[0]
 
 
-def select_action(texts: Sequence[str], sb: Any) -> Action:
-    """Self-consistent action generation over candidate turns ``texts`` (a single text: plain execution)."""
+def select_action(texts: Sequence[str], sb: Any, vote_on: str = "logs+answer") -> Action:
+    """Self-consistent action generation over candidate turns ``texts`` (a single text: plain execution).
+
+    ``vote_on``: the outcome key candidates are grouped by (see :func:`outcome_key`)."""
     parsed: list[Step | ParseError] = []
     for t in texts:
         try:
@@ -274,13 +287,18 @@ def select_action(texts: Sequence[str], sb: Any) -> Action:
     elif runnable:
         out = _run_safely(lambda: sb.run_candidates([parsed[i].code for i in runnable]), len(runnable))
         results = dict(zip(runnable, out, strict=True))
-    keys = [outcome_key(results[i]) if i in results and not _failed(results[i]) else None for i in range(len(texts))]
+    keys = [outcome_key(results[i], vote_on) if i in results and not _failed(results[i]) else None
+            for i in range(len(texts))]
     groups = Counter(k for k in keys if k is not None)
     chosen = vote(keys)
     if chosen is None:
         chosen = runnable[0] if runnable else 0
-    if chosen in results and len(texts) > 1 and not getattr(results[chosen], "timed_out", False):
-        sb.commit(results[chosen])  # a failed (not timed-out) candidate keeps its partial effects, like run()
+    chosen_result = results.get(chosen)
+    if (len(texts) > 1 and chosen_result is not None and getattr(chosen_result, "candidate", None) is not None
+            and not getattr(chosen_result, "timed_out", False)):
+        # a failed (not timed-out) candidate keeps its partial effects, like run(); a result the sandbox
+        # could not produce (it failed itself) has no candidate to adopt
+        _run_safely(lambda: [sb.commit(chosen_result)], 1)
     candidates = []
     for i, p in enumerate(parsed):
         r = results.get(i)
@@ -289,7 +307,7 @@ def select_action(texts: Sequence[str], sb: Any) -> Action:
         elif _failed(r):
             cand = {"code": p.code, "outcome": "error", "error": r.error or "timed out", "votes": 0}
         else:
-            key = outcome_key(r)
+            key = outcome_key(r, vote_on)
             cand = {"code": p.code, "outcome": key, "error": None, "votes": groups[key]}
         candidates.append({**cand, "chosen": i == chosen})
     p = parsed[chosen]
@@ -310,14 +328,22 @@ def observation(action: Action, max_chars: int = OBS_MAX_CHARS) -> str:
         body = "Error:\n" + render(p["parse_error"], error=str(action.parse_error)) + "\n" + p["retry"]
     else:
         r = action.result
-        stdout = r.stdout if len(r.stdout) <= max_chars else r.stdout[:max_chars] + "\n..._This content has been truncated_..."
+        stdout = _truncate(r.stdout, max_chars)
         body = "Execution logs:\n" + stdout
         if _failed(r):
             body += ("\n" if stdout and not stdout.endswith("\n") else "") + "Error:\n"
             body += (r.error or "Code execution timed out.") + "\n" + p["retry"]
         elif r.called_final_answer:
             body += ("\n" if stdout and not stdout.endswith("\n") else "") + f"Final answer: {r.final_answer}"
+        else:  # smolagents' observation: the logs, then the value of the code's last statement
+            last = getattr(r, "last_output", None)
+            last = "None" if last is None else _truncate(last, max_chars)
+            body += ("\n" if stdout and not stdout.endswith("\n") else "") + "Last output from code snippet:\n" + last
     return render(p["observation"], body=body)
+
+
+def _truncate(text: str, max_chars: int) -> str:
+    return text if len(text) <= max_chars else text[:max_chars] + "\n..._This content has been truncated_..."
 
 
 # ----------------------------------------------------------------------------- the agent loop
@@ -362,7 +388,8 @@ class _Trajectory:
         self.done = False
 
     def step_prefix(self) -> str | None:
-        return f"Thought: {self.prefix}" if self.prefix and not self.steps else None
+        """The forced start of the first step (the first-thought prefix), verbatim."""
+        return self.prefix if self.prefix and not self.steps else None
 
 
 def _free_text_answer(text: str) -> str | None:
@@ -501,7 +528,7 @@ def run_agent(
     try:
         for t, cands, info in session.run(refill):
             prefix = t.step_prefix() or ""
-            step = _apply(t, select_action([prefix + c for c in cands], t.sb), config)
+            step = _apply(t, select_action([prefix + c for c in cands], t.sb, config.sag_vote), config)
             step.update(info)
             step["duration_s"] = step["gen_s"] + step["exec_s"]
             if not t.done:
@@ -538,9 +565,24 @@ def _progress(total: int, enabled: bool) -> Any:
 
 # ----------------------------------------------------------------------------- first-thought prefix
 
+def ftp_prefix(cot_answer: str) -> str:
+    """The first-thought prefix as the authors build it (``exps_research/build_prefix_memory.py``): the
+    first paragraph of the teacher's own chain-of-thought answer, ``"Thought: " + first + "\n\n"``.
+
+    Leading whitespace is dropped first, so an answer that opens with a blank line still gives its first
+    paragraph. The agent's first step starts with this text verbatim and the model continues it.
+    """
+    return "Thought: " + (cot_answer or "").lstrip().split("\n\n")[0] + "\n\n"
+
+
+def prefixes_from_cot(records: Sequence[dict]) -> dict[str, str]:
+    """FTP prefixes from CoT records (``run_cot`` output): id -> :func:`ftp_prefix` of the chosen answer."""
+    return {r["id"]: ftp_prefix(r["messages"][-1]["content"]) for r in records if r.get("messages")}
+
+
 def first_thought_prefix(text: str, max_chars: int = 800) -> str:
     """The first paragraph (up to the first blank line) of a chain-of-thought, without a ``Thought:``/
-    ``<think>`` lead-in; cut at a sentence end if longer than ``max_chars``."""
+    ``<think>`` lead-in; cut at a sentence end if longer than ``max_chars`` (the plan-prompted variant)."""
     text = re.sub(r"^\s*(?:<think>|thought\s*:)\s*", "", text or "", flags=re.IGNORECASE)
     para = re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0].strip()
     if len(para) > max_chars:
@@ -557,8 +599,9 @@ def make_prefixes(
     batch_size: int = 16,
     temperature: float = 0.0,
 ) -> dict[str, str]:
-    """FTP step 1: the teacher answers each question as chain-of-thought (``cot.yaml`` ftp prompt);
-    returns id -> first paragraph (ids whose paragraph is empty are left out)."""
+    """The plan-prompted FTP variant (an ablation; the authors' FTP is :func:`prefixes_from_cot`): the
+    teacher is asked how it will approach each question (``cot.yaml`` ftp prompt); returns id -> first-step
+    prefix ``"Thought: <first paragraph>"`` (ids whose paragraph is empty are left out)."""
     p = prompts("cot")
     out: dict[str, str] = {}
     for i in range(0, len(examples), batch_size):
@@ -574,7 +617,7 @@ def make_prefixes(
                 texts[i] = t
         for ex, t in zip(chunk, texts, strict=True):
             if prefix := first_thought_prefix(t[0]):
-                out[str(ex.id)] = prefix
+                out[str(ex.id)] = f"Thought: {prefix}"
     return out
 
 

@@ -13,6 +13,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +117,38 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
             close()
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): batched bf16 transformers then beat
+    llama.cpp for the teacher (``bench/bench_teacher.py``); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def teacher_backend(p: Profile) -> str:
+    """The profile's teacher backend; ``"auto"`` picks ``"hf"`` on CPUs with native bf16, else ``"llamacpp"``."""
+    if p.teacher_backend != "auto":
+        return p.teacher_backend
+    return "hf" if native_bf16() else "llamacpp"
+
+
 @contextmanager
-def open_teacher(p: Profile) -> Iterator[Any]:
-    """The profile's teacher; a llama.cpp teacher gets ``p.teacher_slots`` slots."""
-    kw = {"n_parallel": p.teacher_slots} if p.teacher_backend == "llamacpp" else {}
-    with open_model(p.teacher, p.teacher_backend, **kw) as model:
+def open_teacher(p: Profile, backend: str | None = None) -> Iterator[Any]:
+    """The profile's teacher (backend: :func:`teacher_backend`); a llama.cpp teacher gets ``p.teacher_slots``
+    slots, an in-process one batches ``TEACHER_BATCH`` trajectories."""
+    backend = backend or teacher_backend(p)
+    kw: dict[str, Any] = {}
+    if backend == "llamacpp":
+        kw = {"n_parallel": p.teacher_slots}
+    elif backend == "hf":
+        kw = {"max_batch": TEACHER_BATCH}
+    with open_model(p.teacher, backend, **kw) as model:
         yield model
+
+
+TEACHER_BATCH = 16  # trajectories decoding together in-process: ~9x one row's tokens/s on 2 cores (bf16)
 
 
 def _batch(backend: str, n_samples: int = 1, slots: int = SLOTS) -> int:
@@ -133,7 +160,7 @@ def _batch(backend: str, n_samples: int = 1, slots: int = SLOTS) -> int:
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
     base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
                 max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars,
-                batch_size=_batch(p.teacher_backend, slots=p.teacher_slots), method="teacher",
+                batch_size=_batch(teacher_backend(p), slots=p.teacher_slots), method="teacher",
                 short_prompt=p.teacher_short_prompt, stop_on_repeat=p.stop_on_repeat)  # fmt: skip
     return AgentConfig.teacher(**{**base, **kw})
 
@@ -142,7 +169,7 @@ def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
     n_samples = kw.get("n_samples", p.sag_n) if sag else 1
     base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k,
                 search_chars=p.passage_chars, batch_size=_batch(p.student_backend, n_samples),
-                stop_on_repeat=p.stop_on_repeat)  # fmt: skip
+                stop_on_repeat=p.stop_on_repeat, sag_vote=p.sag_vote)  # fmt: skip
     if sag:
         base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)
         return AgentConfig.sag(**{**base, **kw})
@@ -162,51 +189,146 @@ def base_id(record_id: str) -> str:
 TEACHER_RUNS = ("cot", "agent", "agent_ftp")
 
 
+def teacher_chunks(p: Profile) -> list[list[Example]]:
+    """The training questions in chunks of ``p.teacher_chunk``, factual and math interleaved in proportion, so
+    every chunk (a checkpoint of the teacher run, and an increment of the published set) has both domains."""
+    sets = training_sets(p)
+    fact, math = sets["factual"], sets["math"]
+    n = max(1, -(-(len(fact) + len(math)) // max(1, p.teacher_chunk)))
+    cut = lambda xs, i: xs[len(xs) * i // n : len(xs) * (i + 1) // n]  # noqa: E731
+    return [cut(fact, i) + cut(math, i) for i in range(n)]
+
+
+def _sharded(fn: Any, models: Sequence[Any], examples: Sequence[Example]) -> list[dict]:
+    """``fn(model, examples)`` with the examples dealt round-robin over ``models`` (one thread each, e.g. one
+    llama.cpp server per core); records come back in the examples' order."""
+    if len(models) == 1 or len(examples) <= 1:
+        return fn(models[0], examples)
+    from concurrent.futures import ThreadPoolExecutor
+
+    shards = [list(examples[i :: len(models)]) for i in range(len(models))]
+    with ThreadPoolExecutor(len(models)) as pool:
+        parts = list(pool.map(fn, models, shards))
+    by_id = {r["id"]: r for part in parts for r in part}
+    return [by_id[str(ex.id)] for ex in examples]
+
+
 def teacher_stage(
-    p: Profile, model: Any, retriever: Any, out_dir: Path, progress: bool = True, runs: Sequence[str] = TEACHER_RUNS
-) -> dict[str, list]:
+    p: Profile, model: Any, retriever: Any, out_dir: Path, progress: bool = True, runs: Sequence[str] = TEACHER_RUNS,
+    on_chunk: Any = None,
+) -> dict[str, list]:  # fmt: skip
     """Run the teacher on the training questions; return all trajectory records by run name.
 
     - ``cot``: chain-of-thought answers (CoT-distillation data);
-    - ``agent``: CodeAct agent without FTP, sample 0 greedy (the paper) plus ``teacher_samples - 1``
-      samples at the profile's temperature (rejection sampling: a documented departure);
-    - ``agent_ftp``: the same with the first-thought prefix from the teacher's own CoT.
+    - ``agent``: CodeAct agent without FTP;
+    - ``agent_ftp``: the same, the first step starting with the first-thought prefix built from the ``cot``
+      run's own answer as the authors do (:func:`agentlib.agent.ftp_prefix`; ``p.ftp_source="plan"``: the
+      plan-prompted variant, an ablation).
 
-    ``runs`` names the runs to make (all three by default; the notebook makes all three).
+    Sample 0 of every run is greedy (the paper). With ``p.teacher_samples > 1`` a question that no sample of
+    a run has solved yet gets another sample at the profile's temperature, up to ``teacher_samples`` (rejection
+    sampling, a documented departure). Questions go in chunks (:func:`teacher_chunks`): each chunk gets all of
+    its samples of all runs, then ``on_chunk(done, total, records_so_far)`` (notebook 01 publishes there).
+    Every record is appended to ``out_dir/<run>.jsonl`` as it finishes, so an interrupted stage resumes.
+    ``model``: one model, or a list of models the trajectories are dealt over (one server per core).
     """
     unknown = set(runs) - set(TEACHER_RUNS)
     if unknown:
         raise ValueError(f"unknown teacher runs {sorted(unknown)}; choose from {TEACHER_RUNS}")
+    if "agent_ftp" in runs and p.ftp_source == "cot" and "cot" not in runs:
+        raise ValueError("the agent_ftp run takes its prefixes from the cot run: add 'cot' to runs")
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
     out_dir.mkdir(parents=True, exist_ok=True)
-    sets = training_sets(p)
-    questions = sets["factual"] + sets["math"]
-    out: dict[str, list] = {}
-    if "cot" in runs:
-        out["cot"] = run_cot(model, questions, max_tokens=p.cot_tokens, out_path=out_dir / "cot.jsonl",
-                             progress=progress)  # fmt: skip
-    prefix_path = out_dir / "prefixes.json"
-    if "agent_ftp" not in runs:
-        prefixes = {}
-    elif prefix_path.exists():
-        prefixes = json.loads(prefix_path.read_text())
-    else:
-        # only the first paragraph is kept, so a short generation suffices
-        prefixes = make_prefixes(model, questions, max_tokens=min(p.teacher_max_tokens, 160))
-        prefix_path.write_text(json.dumps(prefixes, indent=1))
-    for name, use_ftp in (("agent", False), ("agent_ftp", True)):
-        if name not in runs:
-            continue
-        records = []
-        for j in range(p.teacher_samples):
-            cfg = teacher_config(p, method=f"teacher_{name}")
-            if j == 0:
-                cfg = replace(cfg, temperature=0.0)
-            copies = _copies(questions, f"s{j}")
-            pre = {f"{qid}#s{j}": text for qid, text in prefixes.items()} if use_ftp else None
-            records += run_agent(model, copies, cfg, out_path=out_dir / f"{name}.jsonl", retriever=retriever,
-                                 prefixes=pre, progress=progress)  # fmt: skip
-        out[name] = records
+    chunks = teacher_chunks(p)
+    out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
+    for i, chunk in enumerate(chunks):
+        for name, records in _teacher_chunk(p, models, retriever, out_dir, chunk, runs, progress).items():
+            out[name] += records
+        if on_chunk is not None:
+            on_chunk(i + 1, len(chunks), out)
     return out
+
+
+TEACHER_SOURCES = ("published", "generate")
+
+
+def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = None, progress: bool = True,
+                 publish: bool = True) -> dict[str, list]:  # fmt: skip
+    """Notebook 01's teacher data: ``source="published"`` loads and checks ``data/``'s set
+    (:func:`load_published`); ``"generate"`` runs the teacher (:func:`teacher_stage`, resumable) and, with
+    ``publish``, rewrites the published set after every chunk. ``None``: the profile's ``teacher_source``."""
+    from agentlib.paths import runs_dir
+
+    source = source or p.teacher_source
+    if source not in TEACHER_SOURCES:
+        raise ValueError(f"unknown teacher_source {source!r}; choose from {TEACHER_SOURCES}")
+    if source == "published":
+        runs = load_published(p)
+    else:
+        backend = teacher_backend(p)
+        out_dir = out_dir or runs_dir(p.name, "teacher")
+
+        def on_chunk(done: int, total: int, out: dict[str, list]) -> None:
+            if publish:
+                path = publish_teacher(p, out, backend=backend)
+                print(f"chunk {done}/{total}: published {path.name} ({path.stat().st_size / 1024:.0f} KiB)", flush=True)
+
+        with open_teacher(p, backend) as model:
+            runs = teacher_stage(p, model, open_retriever(p), out_dir, progress=progress, on_chunk=on_chunk)
+            usage = getattr(model, "usage", None)
+        if usage is not None and usage.seconds:
+            print(f"teacher ({backend}): {usage.completion_tokens:,} tokens generated, {usage.prompt_tokens:,} "
+                  f"prompt tokens, {usage.seconds / 60:.1f} min generating, {usage.tokens_per_s:.1f} tokens/s")  # fmt: skip
+    coverage = {name: len({base_id(r["id"]) for r in records}) for name, records in runs.items()}
+    wanted = sum(len(v) for v in training_sets(p).values())
+    print(f"teacher data ({source}): " + ", ".join(f"{n} {k} trajectories over {coverage[k]} of {wanted} questions"
+                                                for k, n in ((k, len(v)) for k, v in runs.items())))  # fmt: skip
+    return runs
+
+
+def _teacher_chunk(p: Profile, models: list, retriever: Any, out_dir: Path, chunk: list[Example],
+                   runs: Sequence[str], progress: bool) -> dict[str, list]:  # fmt: skip
+    out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
+    solved: dict[str, set] = {name: set() for name in out}
+    prefixes: dict[str, str] = {}
+    for j in range(max(1, p.teacher_samples)):
+        temperature = 0.0 if j == 0 else p.teacher_temperature
+        for name in out:
+            todo = [ex for ex in chunk if ex.id not in solved[name]]
+            if not todo:
+                continue
+            copies = _copies(todo, f"s{j}")
+            if name == "cot":
+                run = partial(run_cot, temperature=temperature, top_p=p.teacher_top_p, max_tokens=p.cot_tokens,
+                              out_path=out_dir / "cot.jsonl", progress=progress)  # fmt: skip
+            else:
+                if name == "agent_ftp" and not prefixes:
+                    prefixes = _ftp_prefixes(p, models[0], chunk, out_dir, out.get("cot", []))
+                cfg = teacher_config(p, method=f"teacher_{name}", temperature=temperature)
+                pre = {f"{ex.id}#s{j}": prefixes[ex.id] for ex in todo if ex.id in prefixes} if name == "agent_ftp" else None
+                run = partial(run_agent, config=cfg, out_path=out_dir / f"{name}.jsonl",
+                              retriever=retriever, prefixes=pre, progress=progress)  # fmt: skip
+            records = _sharded(run, models, copies)
+            out[name] += records
+            solved[name] |= {base_id(r["id"]) for r in filter_trajectories(records)}
+    return out
+
+
+def _ftp_prefixes(p: Profile, model: Any, chunk: list[Example], out_dir: Path, cot: list[dict]) -> dict[str, str]:
+    """Question id -> first-step prefix: from the greedy CoT answer (the authors'), or the plan prompt."""
+    from agentlib.agent import prefixes_from_cot
+
+    if p.ftp_source == "cot":
+        return {base_id(k): v for k, v in prefixes_from_cot([r for r in cot if r["id"].endswith("#s0")]).items()}
+    if p.ftp_source != "plan":
+        raise ValueError(f"unknown ftp_source {p.ftp_source!r}; choose 'cot' or 'plan'")
+    path = out_dir / "prefixes_plan.json"
+    cached = json.loads(path.read_text()) if path.exists() else {}
+    missing = [ex for ex in chunk if ex.id not in cached]
+    if missing:  # only the first paragraph is kept, so a short generation suffices
+        cached |= make_prefixes(model, missing, max_tokens=min(p.teacher_max_tokens, 160))
+        path.write_text(json.dumps(cached, indent=1))
+    return cached
 
 
 def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool = False,
@@ -334,7 +456,10 @@ def evaluate_method(
     records = []
     if plan["kind"] != "cot":
         examples = [replace(ex, id=f"{bench}/{ex.id}", source=bench) for bench, exs in sets.items() for ex in exs]
-        cfg = student_config(p, sag=plan["sag"], method=method, **config_overrides)
+        # a model that was not fine-tuned gets the full few-shot prompt, as the authors give it
+        # (use_short_system_message=fine_tuned); a distilled student the short prompt it was trained on
+        untuned = {"short_prompt": False} if plan["adapter"] is None else {}
+        cfg = student_config(p, sag=plan["sag"], method=method, **{**untuned, **config_overrides})
         recs = run_agent(model, examples, cfg, out_path=out_dir / f"{method}__all.jsonl", retriever=retriever,
                          progress=progress)  # fmt: skip
         return [{**r, "method": method} for r in recs]
@@ -444,46 +569,106 @@ def trajectory_shape(record: dict, run: str) -> dict:
 
 
 # ------------------------------------------------------------------ publishing the teacher's trajectories
-def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None) -> Path:
+def published_path(p: Profile) -> Path:
+    from agentlib.paths import ROOT
+
+    return ROOT / "data" / f"teacher_trajectories_{p.name}.jsonl.gz"
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name.replace(".jsonl.gz", ".manifest.json"))
+
+
+def teacher_settings(p: Profile) -> dict[str, Any]:
+    """What makes two teacher runs comparable: model and its sha256, prompts, sampling, budgets, questions.
+
+    A published set is reused only where these match the profile (:func:`load_published`)."""
+    import hashlib
+    import importlib.resources
+
+    from agentlib import registry
+
+    spec = registry.MODELS.get(p.teacher)
+    prompts = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+               for path in importlib.resources.files("agentlib.prompts").iterdir() if path.name.endswith(".yaml")}  # fmt: skip
+    return {
+        "teacher": p.teacher, "teacher_gguf_sha256": getattr(spec, "sha256", None), "prompts_sha256": prompts,
+        "teacher_samples": p.teacher_samples, "temperature": p.teacher_temperature, "top_p": p.teacher_top_p,
+        "teacher_max_tokens": p.teacher_max_tokens, "cot_max_tokens": p.cot_tokens, "max_steps": p.max_steps,
+        "top_k": p.top_k, "passage_chars": p.passage_chars, "retriever": p.retriever,
+        "stop_on_repeat": p.stop_on_repeat, "short_prompt": p.teacher_short_prompt, "ftp_source": p.ftp_source,
+        "train_factual": [list(x) for x in p.train_factual], "train_math": [list(x) for x in p.train_math],
+    }  # fmt: skip
+
+
+def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None, backend: str | None = None) -> Path:
     """Write ``data/teacher_trajectories_<profile>.jsonl.gz`` (+ ``.manifest.json``) from a teacher run.
 
-    The manifest names the teacher model and its GGUF sha256, the prompts' hashes, the date and the code
-    version, so a lab can start from these trajectories (``TEACHER=published``) instead of regenerating.
+    Each record gains ``run`` and ``domain``. The manifest holds :func:`teacher_settings`, the backend that
+    made the set, the questions covered per run and domain, the date, the code version and the file's
+    sha256, so notebook 01 (``teacher_source="published"``) and the lab start from it instead of regenerating.
     """
     import datetime
     import gzip
     import hashlib
-    import importlib.resources
     import subprocess
 
-    from agentlib import registry
     from agentlib.paths import ROOT
 
-    dest = dest or ROOT / "data" / f"teacher_trajectories_{p.name}.jsonl.gz"
+    dest = dest or published_path(p)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    lines = [json.dumps({**r, "run": name}, ensure_ascii=False) for name, records in runs.items() for r in records]
+    domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
+    lines = [json.dumps({**r, "run": name, "domain": r.get("domain") or domain.get(base_id(r["id"]), "")},
+                        ensure_ascii=False) for name, records in runs.items() for r in records]  # fmt: skip
     with gzip.GzipFile(dest, "wb", mtime=0) as f:  # mtime=0: the same trajectories give the same bytes
         f.write(("\n".join(lines) + "\n").encode())
-    prompts = {
-        path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-        for path in importlib.resources.files("agentlib.prompts").iterdir()
-        if path.name.endswith(".yaml")
-    }
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = ""
-    spec = registry.MODELS.get(p.teacher)
+    covered: dict[str, dict[str, int]] = {}
+    for name, records in runs.items():
+        qs = {base_id(r["id"]) for r in records}
+        covered[name] = {d: sum(domain.get(q) == d for q in qs) for d in ("factual", "math")}
     manifest = {
-        "profile": p.name, "teacher": p.teacher, "teacher_gguf_sha256": getattr(spec, "sha256", None),
-        "teacher_samples": p.teacher_samples, "temperature": p.teacher_temperature, "top_p": p.teacher_top_p,
-        "max_steps": p.max_steps, "top_k": p.top_k, "prompts_sha256": prompts,
-        "counts": {name: len(records) for name, records in runs.items()},
+        "profile": p.name, **teacher_settings(p), "backend": backend or p.teacher_backend,
+        "counts": {name: len(records) for name, records in runs.items()}, "questions": covered,
         "date": datetime.date.today().isoformat(), "code_version": commit,
         "file_sha256": hashlib.sha256(dest.read_bytes()).hexdigest(),
     }  # fmt: skip
-    dest.with_name(dest.name.replace(".jsonl.gz", ".manifest.json")).write_text(json.dumps(manifest, indent=2))
+    _manifest_path(dest).write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
+
+
+class PublishedMismatch(ValueError):
+    """A published teacher set does not match its manifest, or the manifest does not match the profile."""
+
+
+def load_published(p: Profile, path: Path | None = None, check_settings: bool = True) -> dict[str, list]:
+    """The published teacher set of profile ``p`` as records by run name, checked before use.
+
+    Raises :class:`PublishedMismatch` when the file's sha256 differs from its manifest's, or (with
+    ``check_settings``) when a setting of :func:`teacher_settings` differs from the profile's, naming each.
+    """
+    import hashlib
+
+    path = path or published_path(p)
+    mpath = _manifest_path(path)
+    if not path.exists() or not mpath.exists():
+        raise FileNotFoundError(f"no published teacher set at {path} (+ manifest): run notebook 01 with "
+                                f"teacher_source='generate'")  # fmt: skip
+    manifest = json.loads(mpath.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != manifest.get("file_sha256"):
+        raise PublishedMismatch(f"{path.name}: sha256 {digest[:12]} is not the manifest's "
+                                f"{str(manifest.get('file_sha256'))[:12]}")  # fmt: skip
+    if check_settings:
+        want = teacher_settings(p)
+        bad = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
+        if bad:
+            lines = "; ".join(f"{k}: published {a!r}, profile {b!r}" for k, (a, b) in bad.items())
+            raise PublishedMismatch(f"{path.name} was made with other settings than profile {p.name!r}: {lines}")
+    return read_published(path)
 
 
 def read_published(path: Path) -> dict[str, list]:

@@ -33,7 +33,7 @@ class Profile:
     expected_wall: str
     # teacher
     teacher: str
-    teacher_backend: str  # "llamacpp" (local server), "hf" (in-process), "vllm" (server pool)
+    teacher_backend: str  # "llamacpp" (local server), "hf" (in-process), "vllm" (server pool), "auto" (per machine)
     teacher_max_tokens: int
     teacher_temperature: float
     teacher_top_p: float
@@ -64,6 +64,12 @@ class Profile:
     stop_on_repeat: bool = False  # end an agent loop at a step that repeats the previous one (not in the paper)
     teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
     cot_max_tokens: int | None = None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
+    teacher_source: str = "generate"  # notebook 01: "generate" runs the teacher, "published" loads data/'s set
+    teacher_chunk: int = 25  # training questions per teacher chunk: all three runs, then a checkpoint/publish
+    ftp_source: str = "cot"  # first-thought prefix from the CoT run's answers (the authors'); "plan": asked for
+    sag_vote: str = "logs"  # SAG groups candidates by printed logs (the authors'); "logs+answer" adds the answer
+    students: tuple[str, ...] = ()  # the student sizes of Table 2 (notebooks 02/03); () = (student,)
+    judge: tuple[str, str] | None = None  # (OpenAI-compatible base URL, model) scoring factual answers, or None
     # ablations
     sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
     k_sweep: tuple[int, ...] = (1, 3, 5)
@@ -75,8 +81,13 @@ class Profile:
         return self.cot_max_tokens or 2 * self.student_max_tokens
 
     @property
+    def student_models(self) -> list[str]:
+        """The students to train and evaluate, in Table 2's order (smallest first)."""
+        return list(self.students or (self.student,))
+
+    @property
     def models(self) -> list[str]:
-        return list(dict.fromkeys([self.teacher, self.student]))
+        return list(dict.fromkeys([self.teacher, *self.student_models]))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,11 +131,12 @@ PROFILES: dict[str, Profile] = {
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
         expected_wall="~46-76 min on 2 cores (measured in one invocation each: 45.5 min of notebooks + 2.5 set-up on AVX2, 2026-12-02; 43.3 + 2.3 with native bf16, 2026-12-03; the previous settings took 73 on a slower machine)",
         teacher="qwen2.5-coder-1.5b",
-        teacher_backend="llamacpp",
+        teacher_backend="auto",  # the faster of llama.cpp and batched bf16 transformers on this CPU (pipeline)
         teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops
         teacher_temperature=0.7,
         teacher_top_p=0.8,
-        teacher_samples=1,
+        teacher_samples=3,  # rejection sampling: an unsolved question gets up to two more samples
+        teacher_source="published",  # the set in data/ (hours to regenerate on 2 cores)
         student="qwen2.5-coder-0.5b",
         student_backend="llamacpp",
         student_max_tokens=192,
@@ -138,8 +150,10 @@ PROFILES: dict[str, Profile] = {
         # Sized for 2 AVX2 cores (no native bf16): llama.cpp prefills the 1.5B at ~34 tokens/s there, fp32 LoRA
         # trains the 0.5B at ~31 tokens/s. Training questions have their evidence in the mini-corpus and are in
         # no test set; eval subsets are each set's first answerable rows.
-        train_factual=(("extra", "hotpotqa_dev300", 6), ("extra", "hotpotqa_train100", 3)),
-        train_math=(("train", "math_medium", 2), ("train", "math", 1)),
+        # Every factual training question with its evidence in the mini-corpus (dev rows 100+ are test items);
+        # MATH levels 2-3 first, then 4-5 (neither file shares a question with MATH-500).
+        train_factual=(("extra", "hotpotqa_dev300", 100), ("extra", "hotpotqa_train100", 100)),
+        train_math=(("train", "math_medium", 200), ("train", "math", 100)),
         eval_sets=(("test", "hotpotqa", 3), ("extra", "musique_train100", 1), ("test", "math500", 1),
                    ("test", "gsm_hard", 1), ("test", "aime", 1), ("test", "olymath", 1)),  # fmt: skip
         answerable_only=True,
@@ -149,13 +163,13 @@ PROFILES: dict[str, Profile] = {
         # trained for one epoch capped at 2 steps saw one optimizer step and behaved as the untuned model.
         lora=LoRASettings(r=16, alpha=32, epochs=2, grad_accum=2, max_length_agent=3072, max_length_cot=1024,
                           load_in_4bit=False),  # fmt: skip
-        # The teacher's greedy CoT on 5 MATH training questions (max 1,024 tokens) ran 277, 319, 387 and 618
-        # tokens, and one ran away to the limit: at 256 (the agent's step budget) 27 of 30 MATH answers of the
-        # teacher trial were cut off before their \boxed{} answer. Students' CoT methods get the same budget.
-        cot_max_tokens=640,
+        # Long enough that the teacher's CoT is not cut before its answer (at 640 most MATH answers were);
+        # students' CoT methods get the same budget. The paper gives 4,096.
+        cot_max_tokens=2048,
         # In the previous run 8 of 18 teacher and 28 of 40 student agent trajectories repeated a step (same
         # code, same observation) and ran on into the step limit; stopping there took the run from 103 to 77 min.
         stop_on_repeat=True,
+        sag_vote="logs+answer",  # ours: candidates that print nothing but answer differently are not one group
         # One teacher trajectory at a time (bench/bench_teacher_slots.py, 6 training questions, greedy): 537 s
         # with 1 slot vs 962 s with 6. On 2 cores 6 slots decode no faster than one, each slot prefills the
         # 1.9k-token prompt, and the batch waits for its slowest step; one slot keeps each conversation cached.
@@ -177,6 +191,8 @@ PROFILES: dict[str, Profile] = {
         teacher_top_p=0.8,
         teacher_samples=1,
         student="Qwen/Qwen2.5-0.5B-Instruct",
+        students=("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-3B-Instruct",
+                  "Qwen/Qwen2.5-7B-Instruct"),  # Table 2's rows
         student_backend="vllm",
         student_max_tokens=1024,
         max_steps=5,
@@ -192,6 +208,8 @@ PROFILES: dict[str, Profile] = {
                    ("test", "2wikimultihopqa", 500), ("test", "math500", 500), ("test", "gsm_hard", 500),
                    ("test", "aime", 90), ("test", "olymath", 200)),  # fmt: skip
         answerable_only=False,
+        cot_max_tokens=4096,  # the authors' CoT budget (teacher data and student evaluation)
+        judge=("https://api.openai.com/v1", "gpt-4o-mini"),  # the paper's judge; any OpenAI-compatible server
         lora=LoRASettings(gradient_checkpointing=True),  # docs/gpu.md: 7B at ~9.8k tokens needs it on one H100
     ),
 }

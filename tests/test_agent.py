@@ -15,9 +15,11 @@ from agentlib.agent import (
     Step,
     extract_answer,
     first_thought_prefix,
+    ftp_prefix,
     make_prefixes,
     observation,
     parse_step,
+    prefixes_from_cot,
     repeats_previous,
     run_agent,
     run_cot,
@@ -180,7 +182,7 @@ def test_same_code_with_a_new_observation_is_not_a_repeat():
     code = "try:\n    n += 1\nexcept NameError:\n    n = 1\nprint(n)"
     model = ScriptedModel(lambda conv, prefix, i: turn("count", code) if len(conv) < 7 else turn("t", "final_answer(n)"))
     (r,) = run(model, [Ex("1", "q", "3")], AgentConfig(stop_on_repeat=True))
-    assert [s["observation"].split() for s in r["steps"][:3]] == [["Execution", "logs:", str(i)] for i in (1, 2, 3)]
+    assert [s["observation"].split()[:3] for s in r["steps"][:3]] == [["Execution", "logs:", str(i)] for i in (1, 2, 3)]
     assert r["prediction"] == "3" and not r["stopped_on_repeat"] and len(r["steps"]) == 4
 
 
@@ -244,25 +246,34 @@ def test_make_prefixes_stops_at_the_blank_line_and_retries_a_leading_one():
     model = ScriptedModel(lambda conv, prefix, i: "\n\nLate start.\n\nrest" if "Bob" in conv[-1]["content"]
                           else "Plan: look it up.\n\nrest")
     prefixes = make_prefixes(model, [Ex("1", "When was Ada born?", "1815"), Ex("2", "Who is Bob?", "b")])
-    assert prefixes == {"1": "Plan: look it up.", "2": "Late start."}
+    assert prefixes == {"1": "Thought: Plan: look it up.", "2": "Thought: Late start."}
     assert model.calls[0]["stop"] == ["\n\n"] and model.calls[1]["stop"] is None
     assert len(model.calls[1]["conversations"]) == 1  # only the empty one is asked again
+
+
+def test_ftp_prefix_is_the_authors_first_paragraph_of_the_cot_answer():
+    assert ftp_prefix("I need X.\nThen Y.\n\nSecond para.\n\n<answer>1</answer>") == "Thought: I need X.\nThen Y.\n\n"
+    assert ftp_prefix("\n\nLate start.\n\nrest") == "Thought: Late start.\n\n"  # a leading blank line is skipped
+    assert ftp_prefix("one paragraph only") == "Thought: one paragraph only\n\n"
+    cot = [{"id": "1#s0", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "A.\n\nB."}]}]
+    assert prefixes_from_cot(cot) == {"1#s0": "Thought: A.\n\n"}
 
 
 def test_ftp_prefix_forced_in_first_turn_only():
     para = "I need the birth year of Ada Lovelace."
     cot = ScriptedModel(lambda conv, prefix, i: f"{para}\n\nShe was born in 1815.\n<answer>1815</answer>")
-    prefixes = make_prefixes(cot, [Ex("1", "When was Ada born?", "1815")])
-    assert prefixes == {"1": para}
-    assert "blank line" in cot.calls[0]["conversations"][0][0]["content"]
+    (c,) = run_cot(cot, [Ex("1", "When was Ada born?", "1815")], score_fn=exact_score, progress=False)
+    prefixes = prefixes_from_cot([c])
+    assert prefixes == {"1": f"Thought: {para}\n\n"}
 
-    full = f"Thought: {para} I will search.\nCode:\n```py\nprint(search('Ada Lovelace'))\n```"
-    model = ScriptedModel(by_question({"Ada": [full, turn("done", "final_answer('1815')")]}))
+    rest = "I will search.\nCode:\n```py\nprint(search('Ada Lovelace'))\n```"
+    model = ScriptedModel(by_question({"Ada": [rest, turn("done", "final_answer('1815')")]}))
     (r,) = run(model, [Ex("1", "When was Ada born?", "1815")], prefixes=prefixes)
-    assert model.calls[0]["prefixes"] == [f"Thought: {para}"]
+    assert model.calls[0]["prefixes"] == [f"Thought: {para}\n\n"]
     assert model.calls[1]["prefixes"] == [None]
-    assert r["messages"][2]["content"] == full + "<end_code>"
-    assert r["steps"][0]["thought"].startswith(para) and r["used_prefix"] and r["prefix"] == para
+    # the first assistant turn is the prefix, verbatim, then what the model wrote after it
+    assert r["messages"][2]["content"] == f"Thought: {para}\n\n" + rest + "<end_code>"
+    assert r["steps"][0]["thought"].startswith(para) and r["used_prefix"] and r["prefix"] == prefixes["1"]
     assert r["method"] == "agent" and r["prediction"] == "1815"
 
 

@@ -7,10 +7,12 @@ from agentlib.profiles import get_profile
 
 
 def test_one_trajectory_per_llamacpp_slot():
-    cpu = get_profile("cpu")  # teacher and student on local llama.cpp servers
+    cpu = get_profile("cpu", teacher_backend="llamacpp")  # teacher and student on local llama.cpp servers
     assert cpu.teacher_backend == cpu.student_backend == "llamacpp"
     assert pipeline.teacher_config(cpu).batch_size == cpu.teacher_slots == 1  # one trajectory at a time
-    assert pipeline.teacher_config(get_profile("cpu", teacher_slots=4)).batch_size == 4
+    assert pipeline.teacher_config(get_profile("cpu", teacher_slots=4, teacher_backend="llamacpp")).batch_size == 4
+    # the in-process teacher batches continuously
+    assert pipeline.teacher_config(get_profile("cpu", teacher_backend="hf")).batch_size == 16
     assert pipeline.student_config(cpu).batch_size == pipeline.SLOTS
     # a SAG step asks for N samples, each taking a slot
     assert pipeline.student_config(cpu, sag=True).batch_size == max(1, pipeline.SLOTS // cpu.sag_n)
@@ -96,8 +98,8 @@ def test_training_question_ids_are_unique_across_sets():
         ids = [ex.id for exs in sets.values() for ex in exs]
         assert len(ids) == len(set(ids)) == sum(spec[2] for spec in p.train_factual + p.train_math)
     cpu = pipeline.training_sets(get_profile("cpu"))["math"]
-    assert [ex.id for ex in cpu] == ["0", "1", "math/0"]  # the first set keeps its ids (published runs resume)
-    assert cpu[0].question != cpu[2].question
+    assert [ex.id for ex in cpu][199:202] == ["199", "math/0", "math/1"]  # the first set keeps its ids
+    assert cpu[0].question != cpu[200].question
 
 
 def test_a_training_spec_with_a_first_row_takes_the_rows_after_it():
@@ -154,3 +156,77 @@ def test_answer_seen_counts_span_questions_whose_observations_hold_the_gold():
     assert out["seen"] == 200 / 3
     assert out["seen_correct"] == 50.0
     assert pipeline.answer_seen(records[3:])["n_span"] == 0
+
+
+def _teacher_fixture(monkeypatch):
+    """Three factual questions and a scripted teacher: France solved at once; Italy's CoT only on its second
+    sample and its agent never; Spain's agent at once. CoT answers open with a one-paragraph first thought."""
+    from fakes import ScriptedModel, turn
+
+    from agentlib.data import Example
+
+    qs = [Example("0", "Capital of France?", "Paris"), Example("1", "Capital of Italy?", "Rome"),
+          Example("2", "Capital of Spain?", "Madrid")]  # fmt: skip
+    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
+    cot_asked: dict[str, int] = {}
+    answers = {"France": "Paris", "Italy": "Milan", "Spain": "Madrid"}
+
+    def script(conv, prefix, i):
+        country = next(c for c in answers if c in conv[1]["content"])
+        if "final_answer" not in conv[0]["content"]:  # a CoT request
+            cot_asked[country] = cot_asked.get(country, 0) + 1
+            answer = "Rome" if country == "Italy" and cot_asked[country] > 1 else answers[country]
+            return f"The capital of {country} is a city.\nI recall it.\n\nSo it is {answer}.\n<answer>{answer}</answer>"
+        return (prefix or "") + turn("I know it.", f"final_answer('{answers[country]}')")
+
+    return qs, ScriptedModel(script)
+
+
+def test_teacher_stage_builds_ftp_from_the_cot_run_and_resamples_only_unsolved_questions(tmp_path, monkeypatch):
+    qs, model = _teacher_fixture(monkeypatch)
+    p = get_profile("smoke", teacher_samples=3, teacher_chunk=2)
+    chunks = []
+    runs = pipeline.teacher_stage(p, model, None, tmp_path, progress=False,
+                                  on_chunk=lambda done, total, out: chunks.append((done, total, len(out["agent"]))))  # fmt: skip
+    assert chunks == [(1, 2, 1), (2, 2, 5)]  # France alone, then Italy and Spain; progress published per chunk
+    assert [r["id"] for r in runs["cot"]] == ["0#s0", "1#s0", "2#s0", "1#s1"]  # Italy's CoT solved by sample 1
+    assert [r["id"] for r in runs["agent"]] == ["0#s0", "1#s0", "2#s0", "1#s1", "1#s2"]  # never solved: 3 samples
+    sampled = [c["temperature"] for c in model.calls]
+    assert sampled[0] == 0.0 and p.teacher_temperature in sampled  # sample 0 greedy, the others sampled
+    # FTP: "Thought: " + the first paragraph of the same question's greedy CoT answer + a blank line
+    for r in runs["agent_ftp"]:
+        cot = next(c for c in runs["cot"] if c["id"] == pipeline.base_id(r["id"]) + "#s0")
+        first = cot["messages"][-1]["content"].split("\n\n")[0]
+        assert r["prefix"] == f"Thought: {first}\n\n"
+        assert r["messages"][2]["content"].startswith(f"Thought: {first}\n\nThought: I know it.")
+    calls = len(model.calls)
+    again = pipeline.teacher_stage(p, model, None, tmp_path, progress=False)  # resumed: nothing is asked again
+    assert len(model.calls) == calls and again == runs
+
+
+def test_published_teacher_set_round_trips_and_is_checked(tmp_path, monkeypatch):
+    import gzip
+    import json
+
+    import pytest
+
+    qs, model = _teacher_fixture(monkeypatch)
+    p = get_profile("smoke", teacher_samples=2)
+    runs = pipeline.teacher_stage(p, model, None, tmp_path / "teacher", progress=False)
+    dest = pipeline.publish_teacher(p, runs, dest=tmp_path / "t.jsonl.gz", backend="hf")
+    manifest = json.loads((tmp_path / "t.manifest.json").read_text())
+    assert manifest["backend"] == "hf" and manifest["ftp_source"] == "cot" and manifest["teacher_samples"] == 2
+    assert manifest["questions"]["agent_ftp"] == {"factual": 3, "math": 0}
+    loaded = pipeline.load_published(p, dest)
+    assert {k: [{x: r[x] for x in r if x not in ("run", "domain")} for r in v] for k, v in loaded.items()} == runs
+    assert {r["domain"] for v in loaded.values() for r in v} == {"factual"}
+    # the SFT datasets are the same as the generating run's
+    a = pipeline.sft_datasets(runs, tmp_path / "teacher")
+    b = pipeline.sft_datasets(loaded, tmp_path)
+    assert {k: [r["id"] for r in v] for k, v in a.items()} == {k: [r["id"] for r in v] for k, v in b.items()}
+    with pytest.raises(pipeline.PublishedMismatch, match="top_k: published 2, profile 5"):
+        pipeline.load_published(get_profile("smoke", teacher_samples=2, top_k=5), dest)
+    with gzip.open(dest, "ab") as f:
+        f.write(b'{"id": "forged", "run": "agent"}\n')
+    with pytest.raises(pipeline.PublishedMismatch, match="sha256"):
+        pipeline.load_published(p, dest)
