@@ -13,7 +13,7 @@ strings cut off. ``.usage`` counts prompt/completion tokens and generation secon
   continuous batching with a prefix cache (``agentlib.decoding``).
 - ``OpenAIModel``: one or more OpenAI-compatible servers (vLLM, llama.cpp, hosted APIs) as one pool:
   bounded concurrency, retries with backoff, least-outstanding routing, health checks, failover.
-- ``load_model(name_or_path, backend="hf" | "openai" | "llamacpp")``.
+- ``load_model(name_or_path, backend="hf" | "openai" | "vllm" | "llamacpp")``.
 """
 
 from __future__ import annotations
@@ -485,7 +485,8 @@ class OpenAIModel(ChatModel):
     """A pool of OpenAI-compatible chat servers used as one model.
 
     ``endpoints``: base URLs (``http://127.0.0.1:8000/v1``; ``/v1`` is added if missing), default
-    ``AGENTLIB_ENDPOINTS``. ``model``: the served model name (default: the first from ``/v1/models``).
+    ``AGENTLIB_ENDPOINTS``. ``model``: the model every request names (a vLLM LoRA module's name for a LoRA
+    student, see ``agentlib.serve.vllm_model``; default: the first from ``/v1/models``).
     ``prefix_style``: ``"auto"`` sends the prefix as a final assistant message with vLLM's
     ``continue_final_message``; llama.cpp prefills it on its own and echoes it, which is stripped.
     """
@@ -696,7 +697,10 @@ def load_model(name_or_path: str | os.PathLike, backend: str = "hf", **kwargs: A
     """A chat model by name.
 
     - ``backend="hf"``: ``HFModel(name_or_path, **kwargs)``.
-    - ``backend="openai"``: ``OpenAIModel(model=name_or_path, **kwargs)`` (``endpoints=`` or AGENTLIB_ENDPOINTS).
+    - ``backend="openai"``: ``OpenAIModel(model=name_or_path, **kwargs)`` (``endpoints=`` or AGENTLIB_ENDPOINTS);
+      ``adapter=`` a LoRA folder the servers serve as a module named after the folder: requests name that module.
+    - ``backend="vllm"``: ``agentlib.serve.open_vllm(name_or_path, adapter=None, **kwargs)``: vLLM servers from
+      AGENTLIB_ENDPOINTS, or started here (``close()`` stops them); requests name the adapter's LoRA module.
     - ``backend="llamacpp"``: starts a local llama.cpp server over the model's GGUF (registry name or file)
       and returns an ``OpenAIModel`` on it; ``close()`` stops the server. Server options: ``n_parallel``,
       ``n_ctx``, ``threads``; ``adapter=`` a peft LoRA folder, converted to a GGUF LoRA the server applies.
@@ -704,7 +708,16 @@ def load_model(name_or_path: str | os.PathLike, backend: str = "hf", **kwargs: A
     if backend == "hf":
         return HFModel(name_or_path, **kwargs)
     if backend == "openai":
+        adapter = kwargs.pop("adapter", None)
+        if adapter is not None:
+            from agentlib.serve import lora_name
+
+            return OpenAIModel(model=lora_name(adapter), **kwargs)
         return OpenAIModel(model=str(name_or_path), **kwargs)
+    if backend == "vllm":
+        from agentlib.serve import open_vllm
+
+        return open_vllm(str(name_or_path), kwargs.pop("adapter", None), **kwargs)
     if backend == "llamacpp":
         from agentlib.serve import start_llamacpp
 
@@ -723,4 +736,4 @@ def load_model(name_or_path: str | os.PathLike, backend: str = "hf", **kwargs: A
         model = OpenAIModel(endpoints=[server.base_url], model=str(name_or_path), **kwargs)
         model._on_close.append(server.stop)
         return model
-    raise ValueError(f"unknown backend {backend!r}: use 'hf', 'openai' or 'llamacpp'")
+    raise ValueError(f"unknown backend {backend!r}: use 'hf', 'openai', 'vllm' or 'llamacpp'")

@@ -1,5 +1,8 @@
 """Start and stop OpenAI-compatible servers: llama.cpp on CPU (xllamacpp) and vLLM on GPU.
 
+``vllm_model(base_model, adapter)`` is a student on vLLM: its LoRA adapter served as a module named after the
+adapter's folder, every request naming it; on ``AGENTLIB_ENDPOINTS`` if set, else on servers it starts and stops.
+
 Each server is a child process in its own process group, on a free loopback port, declared ready when its
 ``/health`` endpoint answers 200 (never by reading its log), and stopped by its own process group id:
 
@@ -22,10 +25,15 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from agentlib.paths import runs_dir
+
+if TYPE_CHECKING:
+    from agentlib.models import OpenAIModel
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -208,11 +216,128 @@ def vllm_command(model: str, port: int, host: str = "127.0.0.1", tensor_parallel
 def start_vllm(model: str, port: int | None = None, host: str = "127.0.0.1", cuda_devices: str | None = None,
                ready_timeout_s: float = 900.0, **kwargs: object) -> ServerProcess:
     """A ready ``vllm serve`` (GPU); ``cuda_devices`` (``"0,1"``) sets CUDA_VISIBLE_DEVICES for it alone."""
+    return _launch_vllm(model, port, host, cuda_devices, **kwargs).wait_ready(ready_timeout_s)
+
+
+def _launch_vllm(model: str, port: int | None = None, host: str = "127.0.0.1", cuda_devices: str | None = None,
+                 **kwargs: object) -> ServerProcess:
     port = port or free_port(host)
     cmd = vllm_command(model, port, host, **kwargs)  # type: ignore[arg-type]
     env = {"CUDA_VISIBLE_DEVICES": cuda_devices} if cuda_devices is not None else None
-    name = f"vllm-{Path(model).name}"
-    return ServerProcess(cmd, port, host, name=name, env=env).wait_ready(ready_timeout_s)
+    return ServerProcess(cmd, port, host, name=f"vllm-{Path(model).name}", env=env)
+
+
+def lora_name(adapter: str | os.PathLike) -> str:
+    """The name a LoRA adapter is served and requested under: its folder's name (``runs/.../agent`` -> ``agent``)."""
+    name = Path(adapter).expanduser().resolve().name
+    if not name:
+        raise ValueError(f"no folder name in adapter path {adapter!r}")
+    return name
+
+
+def _served_models(url: str, timeout_s: float = 10.0) -> list[str] | None:
+    """The model ids a server lists at ``/v1/models`` (vLLM lists LoRA modules too), or None if it does not say."""
+    import json
+
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/models", timeout=timeout_s) as r:
+            data = json.loads(r.read())
+        return [m["id"] for m in data.get("data", [])]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _load_lora(url: str, name: str, path: str, timeout_s: float = 120.0) -> bool:
+    """Ask a running vLLM to load an adapter (needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` on the server)."""
+    import json
+
+    req = urllib.request.Request(url.rstrip("/") + "/load_lora_adapter", method="POST",
+                                 data=json.dumps({"lora_name": name, "lora_path": path}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _ensure_lora(urls: Sequence[str], name: str, path: str) -> None:
+    """Every server that lists its models must list ``name`` (loading it at runtime where allowed)."""
+    from agentlib.models import _normalize_url
+
+    missing = []
+    for url in map(_normalize_url, urls):
+        served = _served_models(url)
+        if served is None or name in served:
+            continue  # unreachable now (the pool routes around it) or already served
+        if not (_load_lora(url, name, path) and name in (_served_models(url) or [])):
+            missing.append(f"{url} (serves {served})")
+    if missing:
+        raise RuntimeError(f"LoRA module {name!r} is not served by {', '.join(missing)}: start vLLM with "
+                           f"--enable-lora --max-lora-rank 64 --lora-modules {name}={path}, or with "
+                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True so it can be loaded at run time")
+
+
+def open_vllm(base_model: str, adapter: str | os.PathLike | None = None, *, endpoints: Sequence[str] | None = None,
+              devices: Sequence[str | None] | None = None, max_lora_rank: int = 64,
+              server_kw: Mapping[str, object] | None = None, ready_timeout_s: float = 900.0,
+              **model_kw: Any) -> OpenAIModel:
+    """``vllm_model`` without the ``with``: the model's ``close()`` stops any server this started."""
+    from agentlib.models import OpenAIModel, endpoints_from_env
+
+    name, path = base_model, None
+    if adapter is not None:
+        path = str(Path(adapter).expanduser().resolve())
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"no adapter folder {path}")
+        name = lora_name(path)
+    urls = list(endpoints) if endpoints else endpoints_from_env()
+    if urls:
+        if path is not None:
+            _ensure_lora(urls, name, path)
+        return OpenAIModel(endpoints=urls, model=name, **model_kw)
+    kw = dict(server_kw or {})
+    if path is not None:
+        kw.update(lora_modules={name: path}, max_lora_rank=max_lora_rank)
+    servers: list[ServerProcess] = []
+    try:
+        for dev in list(devices or [None]):  # start them all, then wait: they load at the same time
+            servers.append(_launch_vllm(base_model, cuda_devices=dev, **kw))
+        for srv in servers:
+            srv.wait_ready(ready_timeout_s)
+        model = OpenAIModel(endpoints=[srv.base_url for srv in servers], model=name, **model_kw)
+    except BaseException:
+        for srv in servers:
+            srv.stop()
+        raise
+    model._on_close.extend(srv.stop for srv in servers)
+    return model
+
+
+@contextmanager
+def vllm_model(base_model: str, adapter: str | os.PathLike | None = None, *, endpoints: Sequence[str] | None = None,
+               devices: Sequence[str | None] | None = None, max_lora_rank: int = 64,
+               server_kw: Mapping[str, object] | None = None, ready_timeout_s: float = 900.0,
+               **model_kw: Any) -> Iterator[OpenAIModel]:
+    """An ``OpenAIModel`` over vLLM for ``base_model``, or for its LoRA ``adapter`` (a peft folder), for a block.
+
+    Requests name the model ``lora_name(adapter)`` (the adapter folder's name) when an adapter is given, else
+    ``base_model``. Servers: ``endpoints``, else ``AGENTLIB_ENDPOINTS`` (already up; started with
+    ``--enable-lora --max-lora-rank 64 --lora-modules NAME=PATH``: a server that lists its models without NAME is
+    asked to load it, and an error says how to start it if it cannot); with neither, one server per entry of
+    ``devices`` (CUDA_VISIBLE_DEVICES each, default one server on what is visible) is started with
+    ``start_vllm(base_model, lora_modules={NAME: PATH}, max_lora_rank=64, **server_kw)`` and stopped afterwards.
+    ``model_kw`` go to ``OpenAIModel`` (``max_concurrency``, ``seed``, ``timeout_s``, ...).
+
+        with vllm_model("Qwen/Qwen2.5-0.5B-Instruct", "runs/paper/students/agent") as m:
+            m.chat([{"role": "user", "content": "Hi"}])  # POST .../chat/completions {"model": "agent", ...}
+    """
+    model = open_vllm(base_model, adapter, endpoints=endpoints, devices=devices, max_lora_rank=max_lora_rank,
+                      server_kw=server_kw, ready_timeout_s=ready_timeout_s, **model_kw)
+    try:
+        yield model
+    finally:
+        model.close()
 
 
 def main(argv: list[str] | None = None) -> None:
