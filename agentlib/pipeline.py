@@ -95,8 +95,16 @@ def open_model(name: str, backend: str, adapter: str | Path | None = None, **kw:
     """A chat model for the duration of a ``with`` block (a llama.cpp server is stopped afterwards)."""
     from agentlib.models import load_model
 
-    if backend == "vllm":  # a running vLLM pool (see `agentlib.serve`); endpoints from AGENTLIB_ENDPOINTS
-        backend = "openai"
+    if backend == "vllm":  # AGENTLIB_ENDPOINTS (servers already up), else its own vLLM server for the block
+        from agentlib.serve import vllm_model
+
+        with vllm_model(name, adapter, **kw) as model:  # requests name the LoRA module (the adapter's folder)
+            try:
+                yield model
+            finally:
+                if text := model.endpoint_summary():
+                    print(f"{name} served by:\n{text}")
+        return
     if backend == "llamacpp":
         # The slots decode as one batch. Each slot keeps its conversation's KV cache, so the next step only
         # prefills the new observation: the shared context must hold every slot's whole trajectory. When it
@@ -462,7 +470,7 @@ def evaluate_method(
         cfg = student_config(p, sag=plan["sag"], method=method, **{**untuned, **config_overrides})
         recs = run_agent(model, examples, cfg, out_path=out_dir / f"{method}__all.jsonl", retriever=retriever,
                          progress=progress)  # fmt: skip
-        return [{**r, "method": method} for r in recs]
+        return judge_factual(p, [{**r, "method": method} for r in recs], sets)
     for bench, examples in sets.items():
         examples = [replace(ex, source=bench) for ex in examples]  # records carry the benchmark label
         path = out_dir / f"{method}__{bench}.jsonl"
@@ -470,6 +478,38 @@ def evaluate_method(
                        rag_retriever=retriever if plan["rag"] else None, k=p.top_k,
                        passage_chars=p.passage_chars)  # fmt: skip
         records += [{**r, "benchmark": bench, "method": method} for r in recs]
+    return judge_factual(p, records, sets)
+
+
+def open_judge(p: Profile) -> Any:
+    """The profile's LLM judge (``metrics.LLMJudge``, verdicts cached under ``runs/<profile>/judge/``), or None.
+
+    ``AGENTLIB_JUDGE_URL`` / ``AGENTLIB_JUDGE_MODEL`` point it at another OpenAI-compatible server (a local one,
+    e.g. the teacher's); ``OPENAI_API_KEY`` is its key."""
+    import os
+
+    from agentlib.metrics import LLMJudge
+    from agentlib.paths import runs_dir
+
+    if p.judge is None:
+        return None
+    url = os.environ.get("AGENTLIB_JUDGE_URL") or p.judge[0]
+    model = os.environ.get("AGENTLIB_JUDGE_MODEL") or p.judge[1]
+    return LLMJudge(url, model, cache_path=runs_dir(p.name, "judge") / "verdicts.jsonl")
+
+
+def judge_factual(p: Profile, records: list[dict], sets: dict[str, list[Example]], judge: Any = None) -> list[dict]:
+    """Records of factual benchmarks gain ``judge`` (1.0/0.0, the paper's metric) when the profile configures a
+    judge; exact match stays in ``score``. Cached verdicts cost no request."""
+    from agentlib.metrics import judge_records
+
+    judge = judge or open_judge(p)
+    if judge is None:
+        return records
+    factual = {b for b, exs in sets.items() if exs and exs[0].domain == "factual"}
+    todo = [r for r in records if r.get("benchmark") in factual]
+    for r, verdict in zip(todo, judge_records(todo, judge), strict=True):
+        r["judge"] = verdict
     return records
 
 
@@ -497,6 +537,8 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
                "n": len(scores), "domain": domain.get(bench, ""), "closed_book": closed_book(bench, p)}  # fmt: skip
         if domain.get(bench) == "factual":
             row["f1"] = mean_f1(recs)
+            if all("judge" in r for r in recs):  # the paper's metric, where a judge was configured
+                row["judge"] = 100 * sum(r["judge"] for r in recs) / len(recs)
         rows.append(row)
     for method in sorted({m for m, _ in by}, key=lambda m: rank(METHODS, m)):  # the paper's row order
         for avg, keep in (("factual_avg", {"factual"}), ("math_avg", {"math"}), ("overall_avg", {"factual", "math"})):

@@ -465,3 +465,37 @@ def test_passages_are_cut_at_the_configured_length():
             progress=False)
     user = model.calls[0]["conversations"][0][1]["content"]
     assert user.count("Paris is the capital") == 3  # 100 characters: three of the forty sentences
+
+
+def test_sag_turns_a_failing_sandbox_into_an_error_observation():
+    class Broken(SpySandbox):
+        def run_candidates(self, codes):
+            raise OSError("no more processes")
+
+    sb = Broken({})
+    try:
+        action = select_action([turn("a", "print(1)"), turn("b", "print(2)")], sb)
+        assert sb.commits == 0  # nothing to adopt: the sandbox produced no candidate
+        assert action.result.error.startswith("SandboxError: OSError: no more processes")
+        assert "Error:\nSandboxError" in observation(action)
+        assert [c["outcome"] for c in action.candidates] == ["error", "error"]
+    finally:
+        sb.close()
+
+
+def test_sag_vote_key_is_a_switch_between_the_authors_logs_and_ours():
+    texts = [turn("a", "final_answer('A')"), turn("b", "final_answer('B')"), turn("c", "final_answer('B')")]
+    with SpySandbox({}) as sb:
+        authors = select_action(texts, sb, vote_on="logs")  # nothing printed: one group, the first wins
+        assert authors.result.final_answer == "A" and [c["votes"] for c in authors.candidates] == [3, 3, 3]
+    with SpySandbox({}) as sb:
+        ours = select_action(texts, sb, vote_on="logs+answer")  # the answers split the group: B has two
+        assert ours.result.final_answer == "B" and [c["votes"] for c in ours.candidates] == [1, 2, 2]
+
+
+def test_observation_carries_the_last_output_as_smolagents_does():
+    with SpySandbox({}) as sb:
+        a = select_action([turn("t", "x = 6 * 7\nprint('logs')\nx")], sb)
+        assert observation(a) == "Observation:\nExecution logs:\nlogs\nLast output from code snippet:\n42"
+        b = select_action([turn("t", "print('only logs')")], sb)
+        assert observation(b).endswith("only logs\nLast output from code snippet:\nNone")
