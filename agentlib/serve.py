@@ -291,7 +291,7 @@ def open_vllm(base_model: str, adapter: str | os.PathLike | None = None, *, endp
         if not Path(path).is_dir():
             raise FileNotFoundError(f"no adapter folder {path}")
         name = lora_name(path)
-    urls = list(endpoints) if endpoints else endpoints_from_env()
+    urls = endpoints_from_env() if endpoints is None else list(endpoints)
     if urls:
         if path is not None:
             _ensure_lora(urls, name, path)
@@ -322,11 +322,11 @@ def vllm_model(base_model: str, adapter: str | os.PathLike | None = None, *, end
     """An ``OpenAIModel`` over vLLM for ``base_model``, or for its LoRA ``adapter`` (a peft folder), for a block.
 
     Requests name the model ``lora_name(adapter)`` (the adapter folder's name) when an adapter is given, else
-    ``base_model``. Servers: ``endpoints``, else ``AGENTLIB_ENDPOINTS`` (already up; started with
+    ``base_model``. Servers: ``endpoints``, else (None) ``AGENTLIB_ENDPOINTS`` (already up; started with
     ``--enable-lora --max-lora-rank 64 --lora-modules NAME=PATH``: a server that lists its models without NAME is
-    asked to load it, and an error says how to start it if it cannot); with neither, one server per entry of
-    ``devices`` (CUDA_VISIBLE_DEVICES each, default one server on what is visible) is started with
-    ``start_vllm(base_model, lora_modules={NAME: PATH}, max_lora_rank=64, **server_kw)`` and stopped afterwards.
+    asked to load it, and an error says how to start it if it cannot); with neither (or ``endpoints=[]``), one
+    server per entry of ``devices`` (CUDA_VISIBLE_DEVICES each, default one server on what is visible) is started
+    with ``start_vllm(base_model, lora_modules={NAME: PATH}, max_lora_rank=64, **server_kw)`` and stopped afterwards.
     ``model_kw`` go to ``OpenAIModel`` (``max_concurrency``, ``seed``, ``timeout_s``, ...).
 
         with vllm_model("Qwen/Qwen2.5-0.5B-Instruct", "runs/paper/students/agent") as m:

@@ -12,11 +12,17 @@ on the weights' values, so the timings hold for the real checkpoints; the losses
    finite, the last 5 steps' mean below 0.8x the first 3 steps'; the adapter is saved, reloads with
    ``HFModel(base, adapter=...)`` on cuda, lowers the loss of a training chat against the same model with the
    adapter disabled, and generates.
+   Then, when a ``vllm`` executable is found (``AGENTLIB_VLLM`` or PATH; ``--vllm on`` requires one), the same
+   adapter is served the way the ``paper`` profile serves students, through ``agentlib.serve.vllm_model``
+   (``vllm serve BASE --enable-lora --max-lora-rank 64 --lora-modules adapter-check=PATH``, started and stopped
+   here): the server lists the module, every request names it, the LoRA student and the base model generate
+   (greedy, batch of 16; SAG-style n=8 at T=0.4), and their greedy outputs differ (the adapter is applied).
 2. timing, per size: seconds per optimizer step (8 chats of ~``--seq`` tokens each; median of the steps after
    the first), peak GPU memory, and ``HFModel`` generation tokens/s (bf16, greedy, batch of 16 prompts; and
    SAG-style n=8 samples at T=0.4 for 4 prompts).
 
     python bench/gpu_check.py [--sizes 0.5b,1.5b,3b,7b] [--seq 2560] [--tokenizer DIR] [--budget-s 540]
+                              [--vllm auto|on|off]
 
 Writes ``$OUT/gpu_check.json`` when ``OUT`` is set (the device tool), else ``runs/bench/gpu_check.json``.
 """
@@ -282,6 +288,55 @@ def time_generation(model_dir: Path, batch: int = 16, max_tokens: int = 256) -> 
     return {"greedy_batch": greedy, "sag_n8_x4": sag, "batch": batch, "max_tokens": max_tokens}
 
 
+def vllm_executable() -> str | None:
+    exe = os.environ.get("AGENTLIB_VLLM")
+    if exe:
+        return exe if Path(exe).exists() or shutil.which(exe) else None
+    return shutil.which("vllm")
+
+
+def vllm_lora_check(model_dir: Path, adapter_dir: Path, n_prompts: int = 16, max_tokens: int = 64,
+                    ready_timeout_s: float = 600.0) -> dict:
+    """The student as the ``paper`` profile serves it: ``serve.vllm_model(base, adapter)`` starts vLLM with the
+    adapter as a LoRA module named after its folder; requests name it. Compares with the base model's outputs."""
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    from agentlib.serve import lora_name, vllm_model
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [c[:2] for c in chats_of_length(tok, n_prompts, 600, seed=40, steps=1)]
+    name = lora_name(adapter_dir)
+    r: dict = {"module": name, "adapter": str(adapter_dir)}
+    server_kw = {"max_model_len": 4096, "gpu_memory_utilization": 0.5, "dtype": "bfloat16",
+                 "extra_args": ["--enforce-eager"]}
+    t0 = time.perf_counter()
+    with vllm_model(str(model_dir), adapter_dir, endpoints=[], server_kw=server_kw,
+                    ready_timeout_s=ready_timeout_s) as m:
+        r["start_s"] = round(time.perf_counter() - t0, 1)
+        with urllib.request.urlopen(m.urls[0] + "/models", timeout=30) as resp:
+            r["served_models"] = [x["id"] for x in json.loads(resp.read())["data"]]
+        r["requests_name"] = m.model
+        lora = m.chat_batch(prompts, max_tokens=max_tokens)
+        r["lora_greedy"] = {"completion_tokens": m.usage.completion_tokens, "seconds": round(m.usage.seconds, 2),
+                            "tokens_per_s": round(m.usage.tokens_per_s, 1)}
+        m.usage.reset()
+        m.chat_batch(prompts[:4], n=8, temperature=0.4, top_p=0.8, max_tokens=max_tokens)
+        r["lora_sag_n8_x4"] = {"completion_tokens": m.usage.completion_tokens, "seconds": round(m.usage.seconds, 2),
+                               "tokens_per_s": round(m.usage.tokens_per_s, 1)}
+        base_model = type(m)(endpoints=m.urls, model=str(model_dir))  # the same server, the base model
+        try:
+            base = base_model.chat_batch(prompts, max_tokens=max_tokens)
+        finally:
+            base_model.close()
+    r["outputs_differ_from_base"] = sum(a != b for a, b in zip(lora, base, strict=True))
+    r["lora_sample"] = lora[0][0][:80]
+    r["passed"] = bool(name in r["served_models"] and r["requests_name"] == name
+                       and r["lora_greedy"]["completion_tokens"] > 0 and r["outputs_differ_from_base"] > 0)
+    return r
+
+
 # ------------------------------------------------------------------------------------------ main
 
 
@@ -305,6 +360,13 @@ def print_table(result: dict) -> None:
               f"loss {c.get('loss_first3')} -> {c.get('loss_last5')} over {c.get('steps')} steps; "
               f"reload loss adapter/disabled {c.get('reload_loss_with_adapter')}/{c.get('reload_loss_adapter_disabled')}"
               f"; peak {c.get('peak_gpu_gib')} GiB")
+    v = result.get("vllm_lora")
+    if v:
+        print(f"vLLM LoRA student: {v.get('skipped') or v.get('error') or ''}" if "passed" not in v else
+              f"vLLM LoRA student: passed={v['passed']} module {v['module']!r} served={v['module'] in v['served_models']}"
+              f" requests name {v['requests_name']!r}; greedy {v['lora_greedy']['tokens_per_s']} tok/s, SAG n8x4 "
+              f"{v['lora_sag_n8_x4']['tokens_per_s']} tok/s; {v['outputs_differ_from_base']}/16 outputs differ from base"
+              f"; start {v['start_s']} s")
     print(f"\n{'size':>5} | {'tok/step':>8} | {'s/step':>7} | {'train tok/s':>11} | {'peak GiB':>8} | "
           f"{'gen tok/s b16':>13} | {'gen tok/s n8x4':>14}")
     for size, r in sorted(result.get("sizes", {}).items(), key=lambda kv: list(SHAPES).index(kv[0])):
@@ -334,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--long-sizes", default="", help="sizes also timed at --long-seq tokens per chat (2 steps)")
     ap.add_argument("--long-seq", type=int, default=9800)
     ap.add_argument("--long-gc", default="7b", help="sizes timed at --long-seq with gradient checkpointing")
+    ap.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
+                    help="serve the check's adapter with vLLM as a LoRA module (auto: when a vllm executable is found)")
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -365,6 +429,23 @@ def main(argv: list[str] | None = None) -> int:
             result["check"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
         print(json.dumps(result["check"], default=str)[:2000], flush=True)
         save()
+        adapter = work / "adapter-check"
+        if args.vllm == "off":
+            pass
+        elif not vllm_executable() and args.vllm == "auto":
+            result["vllm_lora"] = {"skipped": "no vllm executable (AGENTLIB_VLLM or PATH)"}
+        elif not (adapter / "adapter_config.json").exists():
+            result["vllm_lora"] = {"skipped": "the QLoRA check saved no adapter"}
+        else:
+            try:
+                result["vllm_lora"] = vllm_lora_check(d, adapter, ready_timeout_s=max(60.0, min(600.0, left() - 60)))
+            except Exception as err:  # noqa: BLE001
+                result["vllm_lora"] = {"error": f"{type(err).__name__}: {err}",
+                                       "traceback": traceback.format_exc()[-3000:]}
+            free_memory()
+        if "vllm_lora" in result:
+            print("vllm_lora", json.dumps(result["vllm_lora"], default=str)[:2000], flush=True)
+            save()
     for size in [s for s in args.sizes.split(",") if s]:
         if left() < 30:
             result["sizes"][size] = {"error": "skipped: time budget spent"}

@@ -233,3 +233,34 @@ def test_a_server_that_fails_to_start_is_stopped_and_reported(tmp_path, monkeypa
         with vllm_model(BASE, _adapter(tmp_path), ready_timeout_s=30):
             pass
     assert os.environ.get("AGENTLIB_ENDPOINTS") is None
+
+
+def test_gpu_check_vllm_stage_runs_the_served_lora_path(fake_vllm, tmp_path, monkeypatch):
+    """bench/gpu_check.py's vLLM stage against the fake ``vllm``: it serves the adapter as a module, names it in
+    every request and compares with the base model (on a GPU machine with vLLM the same code runs for real)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    monkeypatch.setenv("AGENTLIB_ENDPOINTS", "http://127.0.0.1:9")  # ignored: the check starts its own server
+    try:
+        tok = gpu_check.find_tokenizer(None)
+    except FileNotFoundError:
+        pytest.skip("no Qwen tokenizer here")
+    model_dir = tmp_path / "qwen2.5-tiny-random"
+    gpu_check.copy_tokenizer(tok, model_dir)
+    adapter = model_dir.parent / "adapter-check"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    assert gpu_check.vllm_executable() is not None
+    r = gpu_check.vllm_lora_check(model_dir, adapter, n_prompts=4, max_tokens=8, ready_timeout_s=60)
+    assert r["passed"] and r["module"] == "adapter-check" and r["requests_name"] == "adapter-check"
+    assert r["served_models"] == [str(model_dir), "adapter-check"] and r["outputs_differ_from_base"] == 4
+    (argv,) = fake_vllm("argv")
+    assert argv[argv.index("--lora-modules") + 1] == f"adapter-check={adapter.resolve()}"
+    assert argv[argv.index("--max-lora-rank") + 1] == "64" and "--enforce-eager" in argv
+    models = [r["model"] for r in fake_vllm("request")]
+    # greedy 4; SAG 4 prompts x 8 samples (the fake returns one choice a request)
+    assert models.count("adapter-check") == 4 + 32 and models.count(str(model_dir)) == 4
