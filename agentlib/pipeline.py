@@ -398,8 +398,20 @@ def _student_system_prompt() -> str:
 UNTRAINED = "untrained.json"  # in a student's folder: no trajectory survived filtering, no adapter
 
 
-def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bool = True) -> dict[str, Any]:
-    """Train the three students (CoT-, agent-, agent+FTP-distilled); adapters under ``out_dir/<name>``.
+def student_dir(p: Profile, student: str | None, base: Path) -> Path:
+    """Where one student size's adapters live: ``base`` itself for a profile with one student (``cpu``), else
+    ``base/<size>`` (``paper``: ``students/Qwen2.5-0.5B-Instruct/agent``). The adapter folders keep the names
+    ``cot``, ``agent`` and ``agent_ftp``, which vLLM serves them under."""
+    student = student or p.student
+    if p.student_models == [student]:
+        return base
+    return base / student.rsplit("/", 1)[-1]
+
+
+def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bool = True,
+              student: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train the three students (CoT-, agent-, agent+FTP-distilled) of size ``student`` (default: the profile's
+    ``student``); adapters under ``out_dir/<name>`` (use :func:`student_dir` for one folder per size).
 
     A student whose dataset is empty (the teacher solved none of its questions) is not trained: its folder
     gets an ``untrained.json`` marker, :func:`adapter_dirs` maps it to ``None``, and evaluation runs the
@@ -423,7 +435,7 @@ def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bo
             continue
         marker.unlink(missing_ok=True)
         kind = "cot" if name == "cot" else "agent"
-        results[name] = train(sft_config(p, kind), records, p.student, folder, progress=progress)
+        results[name] = train(sft_config(p, kind), records, student or p.student, folder, progress=progress)
     return results
 
 

@@ -215,6 +215,63 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+@dataclass(frozen=True)
+class Departure:
+    """One way this suite differs from the authors' code (Nardien/agent-distillation @ 0f6cae3)."""
+
+    what: str
+    theirs: str
+    ours: str
+    why: str
+    profiles: str  # where it applies
+
+
+DEPARTURES: tuple[Departure, ...] = (
+    Departure("Retriever", "dense e5 over the DPR Wikipedia (21M passages)",
+              "Pyserini BM25: the DPR Wikipedia prebuilt index (`paper`), a 12k-passage offline mini-corpus "
+              "(`cpu`, `smoke`)", "no embedding model or GPU offline; BM25 is exact and reproducible", "all"),
+    Departure("Student fine-tuning precision", "bf16 LoRA", "4-bit QLoRA (NF4) on a GPU; bf16/fp32 LoRA on a CPU",
+              "one GPU for every student size, and the same code on a laptop", "`paper`; `cpu` uses bf16/fp32"),
+    Departure("Teacher", "Qwen2.5-32B-Instruct", "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
+              "the largest instruct model installable offline", "`cpu`"),
+    Departure("Teacher samples", "one greedy run per question",
+              "sample 0 greedy; a question no sample has solved gets up to 2 more at T=0.7 (rejection sampling)",
+              "a 1.5B teacher solves ~10-20% greedily: too few trajectories to train on", "`cpu`"),
+    Departure("Training filter", "correct answer, no parse error (the step-limit check never fires)",
+              "also drops trajectories that hit the step limit or repeated a step",
+              "the paper's text asks for it; the code's check was dead", "all"),
+    Departure("Repeated steps", "a loop runs into the step limit", "a step repeating the previous one (same code, "
+              "same observation) ends the loop with one request for the answer (`stop_on_repeat`)",
+              "small models loop; each repeat costs a full step on 2 cores", "`cpu`, `smoke`"),
+    Departure("SAG vote key", "printed logs", "printed logs and the final answer (`sag_vote='logs+answer'`)",
+              "candidates that print nothing but answer differently would otherwise be one group",
+              "`cpu`, `smoke` (the `paper` profile votes as the authors)"),
+    Departure("SAG samples", "N = 8", "N = 2", "N samples cost N times the student's decoding on a CPU", "`cpu`"),
+    Departure("CoT budget", "4,096 tokens", "2,048 tokens", "long enough that the teacher's CoT is rarely cut "
+              "before its answer, at half the worst-case cost", "`cpu`"),
+    Departure("Factual metric", "LLM judge (gpt-4o-mini)", "exact match, and the judge where the profile "
+              "configures one (`judge`)", "no judge offline; exact match needs no server", "`cpu`, `smoke`"),
+    Departure("Math grader", "Qwen2.5-Math's grader: numbers equal within 1e-4 relative",
+              "integers exact; other numbers to the precision the prediction states; lists as multisets; "
+              "math-verify for expressions", "1e-4 accepted 28801 for 28800", "all"),
+    Departure("Passages in observations", "whole passages", "each passage cut at 400 characters",
+              "observations are most of a CPU teacher's prefill", "`cpu`"),
+    Departure("Training and test questions", "1,000 HotpotQA + 2,000 MATH; full test sets",
+              "200 HotpotQA questions with evidence in the mini-corpus + 300 MATH; test subsets",
+              "what 2 CPU cores can generate and score", "`cpu`"),
+)
+
+
+def departures_markdown() -> str:
+    """The departures as a Markdown table (``docs/departures.md`` is this text; a test keeps them equal)."""
+    lines = ["# Departures from the authors' method", "",
+             "Generated from `agentlib/profiles.py` (`python -m agentlib.profiles departures`); the authors' code is "
+             "Nardien/agent-distillation at 0f6cae3.", "",
+             "| what | theirs | ours | why | profiles |", "|---|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {d.what} | {d.theirs} | {d.ours} | {d.why} | {d.profiles} |" for d in DEPARTURES]
+    return "\n".join(lines) + "\n"
+
+
 def get_profile(name: str = "cpu", **overrides) -> Profile:
     """The profile ``name`` with single fields overridden (unknown fields raise)."""
     if name not in PROFILES:
@@ -230,5 +287,7 @@ def get_profile(name: str = "cpu", **overrides) -> Profile:
 if __name__ == "__main__":  # `python -m agentlib.profiles models cpu` lists the models to fetch
     if len(sys.argv) == 3 and sys.argv[1] == "models":
         print(" ".join(m for m in get_profile(sys.argv[2]).models if "/" not in m))
+    elif sys.argv[1:] == ["departures"]:
+        print(departures_markdown(), end="")
     else:
-        sys.exit("usage: python -m agentlib.profiles models PROFILE")
+        sys.exit("usage: python -m agentlib.profiles models PROFILE | departures")

@@ -230,3 +230,21 @@ def test_published_teacher_set_round_trips_and_is_checked(tmp_path, monkeypatch)
         f.write(b'{"id": "forged", "run": "agent"}\n')
     with pytest.raises(pipeline.PublishedMismatch, match="sha256"):
         pipeline.load_published(p, dest)
+
+
+def test_the_paper_profile_has_table_2s_four_students_a_4096_token_cot_and_a_judge(tmp_path):
+    paper, cpu = get_profile("paper"), get_profile("cpu")
+    assert [s.split("-")[1] for s in paper.student_models] == ["0.5B", "1.5B", "3B", "7B"]
+    assert paper.cot_tokens == 4096 and paper.judge == ("https://api.openai.com/v1", "gpt-4o-mini")
+    assert paper.sag_vote == "logs" and paper.ftp_source == "cot"  # the authors' choices
+    assert cpu.student_models == ["qwen2.5-coder-0.5b"] and cpu.judge is None
+    assert pipeline.student_dir(cpu, None, tmp_path) == tmp_path  # one student: the folder as before
+    assert pipeline.student_dir(paper, "Qwen/Qwen2.5-7B-Instruct", tmp_path) == tmp_path / "Qwen2.5-7B-Instruct"
+    assert set(paper.models) >= set(paper.student_models) | {paper.teacher}
+
+
+def test_the_departures_page_is_the_profiles_table():
+    from agentlib.paths import ROOT
+    from agentlib.profiles import departures_markdown
+
+    assert (ROOT / "docs" / "departures.md").read_text() == departures_markdown()
