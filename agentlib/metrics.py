@@ -183,6 +183,7 @@ def _split_list(s: str) -> list[str] | None:
             parts.append(t[start:i])
             start = i + 1
     parts.append(t[start:])
+    parts = [re.sub(r"^(?:and|or)(?=[-+\d\\(\[{.])", "", p) for p in parts]  # "1, 2, and 3"
     return parts if len(parts) > 1 and all(parts) else None
 
 

@@ -180,6 +180,7 @@ GRADER_CLASSES = [
     ("list", "1,3", "3, 1", True, None),
     ("list", "3, 5, 7", "7,5,3", True, None),
     ("list", "x=1, x=-2", "1,-2", True, None),
+    ("list", "1, 2, and 3", "3,2,1", True, None),
     ("list", r"\boxed{-2, 1}", "1,-2", True, None),
     ("list", "3, 5", "7,5,3", False, None),
     ("list", "1,1,3", "1,3", False, False),  # a multiset: math-verify's sets say True
