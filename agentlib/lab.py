@@ -632,10 +632,11 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
 
     ``teacher="published"``: ``data/teacher_trajectories_<profile>.jsonl.gz`` (tracked, described by its
     manifest), else any other published profile's file. Otherwise (or when nothing is published yet) the
-    records of ``runs/<teacher or profile>/teacher`` and then ``runs/smoke/teacher``; failing all of those, a
+    records of ``runs/<teacher or profile>/teacher`` and then ``runs/smoke/teacher`` (``runs/`` as
+    ``paths.runs_dir`` finds it); failing all of those, a
     small built-in example trajectory, so the lab's last section always runs.
     """
-    from agentlib.paths import ROOT
+    from agentlib.paths import ROOT, runs_dir
     from agentlib.trajectory import read_records
 
     data = ROOT / "data"
@@ -650,11 +651,12 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
                 return records
         print(f"no published teacher trajectories yet (data/teacher_trajectories_{profile}.jsonl.gz)", end="; ")
     for name in dict.fromkeys([profile if teacher == "published" else teacher, "smoke"]):
-        folder = ROOT / "runs" / name / "teacher"
+        folder = runs_dir(name, "teacher", create=False)
         records = [r for run in ("agent_ftp", "agent") if (folder / f"{run}.jsonl").exists()
                    for r in read_records(folder / f"{run}.jsonl") if r.get("messages")]  # fmt: skip
         if records:
-            print(f"using the teacher run in {folder.relative_to(ROOT)} ({len(records)} records)")
+            shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+            print(f"using the teacher run in {shown} ({len(records)} records)")
             return records
     print("no teacher run found either: using the built-in example trajectory")
     return [copy.deepcopy(EXAMPLE_TRAJECTORY)]

@@ -42,8 +42,8 @@ def corpus_path() -> Path:
     return data_dir() / "corpus" / "wiki_mini.jsonl"
 
 
-def runs_dir(*parts: str) -> Path:
-    """``runs/`` (executed notebooks, trajectories, adapters): git-ignored.
+def runs_dir(*parts: str, create: bool = True) -> Path:
+    """``runs/`` (executed notebooks, trajectories, adapters): git-ignored; created unless ``create=False``.
 
     ``AGENTLIB_RUNS_DIR`` puts it elsewhere (a bigger disk, a test's temp folder); give an absolute path,
     since notebooks run with ``notebooks/`` as their working directory.
@@ -51,7 +51,8 @@ def runs_dir(*parts: str) -> Path:
     env = os.environ.get("AGENTLIB_RUNS_DIR")
     base = Path(env).expanduser().resolve() if env else ROOT / "runs"
     path = base.joinpath(*parts)
-    path.mkdir(parents=True, exist_ok=True)
+    if create:
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 

@@ -304,6 +304,7 @@ def test_published_file_first_then_the_built_in_example(tmp_path, monkeypatch, c
     import agentlib.paths
 
     monkeypatch.setattr(agentlib.paths, "ROOT", tmp_path)
+    monkeypatch.delenv("AGENTLIB_RUNS_DIR", raising=False)
     assert lab.published_trajectories("published", "cpu") == [lab.EXAMPLE_TRAJECTORY]
     assert "built-in example" in capsys.readouterr().out
     (tmp_path / "data").mkdir()
@@ -312,6 +313,18 @@ def test_published_file_first_then_the_built_in_example(tmp_path, monkeypatch, c
         f.write(json.dumps(rec) + "\n")
     assert lab.published_trajectories("published", "cpu") == [rec]
     assert "data/teacher_trajectories_cpu.jsonl.gz (1 records)" in capsys.readouterr().out
+
+
+def test_a_teacher_run_under_agentlib_runs_dir_is_found(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("AGENTLIB_RUNS_DIR", str(tmp_path / "runs"))
+    folder = tmp_path / "runs" / "myprofile" / "teacher"
+    folder.mkdir(parents=True)
+    rec = {**lab.EXAMPLE_TRAJECTORY, "id": "from-runs-dir"}
+    (folder / "agent.jsonl").write_text(json.dumps(rec) + "\n")
+    assert lab.published_trajectories("myprofile", "myprofile") == [rec]
+    assert f"using the teacher run in {folder} (1 records)" in capsys.readouterr().out
 
 
 def test_compare_parsers_counts_agreement(capsys):
