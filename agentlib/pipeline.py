@@ -144,14 +144,29 @@ def teacher_backend(p: Profile) -> str:
 
 @contextmanager
 def open_teacher(p: Profile, backend: str | None = None) -> Iterator[Any]:
-    """The profile's teacher (backend: :func:`teacher_backend`); a llama.cpp teacher gets ``p.teacher_slots``
-    slots, an in-process one batches ``TEACHER_BATCH`` trajectories."""
+    """The profile's teacher (backend: :func:`teacher_backend`).
+
+    llama.cpp: ``p.teacher_servers`` servers, each with ``p.teacher_slots`` slots and an equal share of the
+    cores, as a list of models that :func:`teacher_stage` deals trajectories over (one 1-thread server per
+    core does not stall when another process takes a core, as a 2-thread one does). In-process (``hf``): one
+    model batching ``TEACHER_BATCH`` trajectories.
+    """
+    import os
+    from contextlib import ExitStack
+
     backend = backend or teacher_backend(p)
-    kw: dict[str, Any] = {}
     if backend == "llamacpp":
-        kw = {"n_parallel": p.teacher_slots}
-    elif backend == "hf":
-        kw = {"max_batch": TEACHER_BATCH}
+        threads = max(1, (os.cpu_count() or 1) // p.teacher_servers)
+        with ExitStack() as stack:
+            # 8k tokens a slot: the 1.9k-token few-shot prompt and five long steps with their observations
+            models = [stack.enter_context(open_model(p.teacher, backend, n_parallel=p.teacher_slots, threads=threads,
+                                                     n_ctx=p.teacher_slots * 8192))
+                      for _ in range(p.teacher_servers)]  # fmt: skip
+            yield models[0] if len(models) == 1 else models
+        return
+    kw: dict[str, Any] = {}
+    if backend == "hf":  # every trajectory's previous turn stays cached: ~29 KB a token for the 1.5B
+        kw = {"max_batch": TEACHER_BATCH, "prefix_cache_mb": 4096}
     with open_model(p.teacher, backend, **kw) as model:
         yield model
 

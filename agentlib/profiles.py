@@ -63,6 +63,7 @@ class Profile:
     train_unfiltered_if_empty: bool = False  # smoke: exercise SFT even when the tiny teacher solves nothing
     stop_on_repeat: bool = False  # end an agent loop at a step that repeats the previous one (not in the paper)
     teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
+    teacher_servers: int = 1  # llama.cpp teacher servers, each with an equal share of the cores
     cot_max_tokens: int | None = None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
     teacher_source: str = "generate"  # notebook 01: "generate" runs the teacher, "published" loads data/'s set
     teacher_chunk: int = 25  # training questions per teacher chunk: all three runs, then a checkpoint/publish
@@ -131,7 +132,7 @@ PROFILES: dict[str, Profile] = {
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
         expected_wall="~46-76 min on 2 cores (measured in one invocation each: 45.5 min of notebooks + 2.5 set-up on AVX2, 2026-12-02; 43.3 + 2.3 with native bf16, 2026-12-03; the previous settings took 73 on a slower machine)",
         teacher="qwen2.5-coder-1.5b",
-        teacher_backend="auto",  # the faster of llama.cpp and batched bf16 transformers on this CPU (pipeline)
+        teacher_backend="llamacpp",  # "auto" would pick batched bf16 transformers on a bf16 CPU (bench_teacher)
         teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops
         teacher_temperature=0.7,
         teacher_top_p=0.8,
@@ -174,6 +175,7 @@ PROFILES: dict[str, Profile] = {
         # with 1 slot vs 962 s with 6. On 2 cores 6 slots decode no faster than one, each slot prefills the
         # 1.9k-token prompt, and the batch waits for its slowest step; one slot keeps each conversation cached.
         teacher_slots=1,
+        teacher_servers=2,  # one 1-thread server per core, trajectories dealt over them
         # The teacher keeps its few-shot prompt: on the short zero-shot prompt the 1.5B wrote its own
         # `search` with `requests` and read made-up files. Its 1.9k tokens are prefilled once per server
         # slot (llama.cpp reuses each slot's prompt prefix), ~55 s per slot on 2 cores.
