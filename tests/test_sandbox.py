@@ -1,4 +1,5 @@
-"""Functional tests of agentlib.sandbox against the real worker processes."""
+"""Functional tests of agentlib.sandbox against the real worker processes, in both isolation modes
+(``kernel``: namespaces; ``process``: the in-process layers only)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,28 @@ import time
 
 import pytest
 
-from agentlib.sandbox import ExecResult, Sandbox, SandboxError, _zygote, sweep_stale_dirs
+from agentlib.sandbox import (
+    ExecResult,
+    Sandbox,
+    SandboxError,
+    _zygote,
+    kernel_isolation_problem,
+    sweep_stale_dirs,
+)
+
+KERNEL_PROBLEM = kernel_isolation_problem()
+ISOLATIONS = [pytest.param("kernel", marks=pytest.mark.skipif(bool(KERNEL_PROBLEM), reason=str(KERNEL_PROBLEM))),
+              "process"]
 
 
-@pytest.fixture
-def sb():
+def inner_pid(pid: int) -> int:
+    """`pid` as its own PID namespace numbers it (what the code sees from os.getpid())."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(line for line in f if line.startswith("NSpid:")).split()[-1])
+
+
+@pytest.fixture(params=ISOLATIONS)
+def sb(request):
     calls: list[tuple] = []
 
     def search(query: str, k: int = 3) -> str:
@@ -23,7 +41,7 @@ def sb():
     def broken(x):
         raise ValueError(f"bad input {x}")
 
-    with Sandbox(tools={"search": search, "broken": broken}, timeout_s=2) as box:
+    with Sandbox(tools={"search": search, "broken": broken}, timeout_s=2, isolation=request.param) as box:
         box.calls = calls
         yield box
 
@@ -38,7 +56,8 @@ def test_state_persists_and_stdout_is_captured(sb):
 
 def test_code_runs_in_another_process(sb):
     r = sb.run("import random\nprint(random._os.getpid())")
-    assert int(r.stdout) == sb.pid != os.getpid()
+    assert int(r.stdout) == inner_pid(sb.pid) and sb.pid != os.getpid()
+    assert sb.isolation in ("kernel", "process")
 
 
 def test_final_answer_ends_the_step(sb):
@@ -64,7 +83,7 @@ def test_tool_bridge_runs_tools_in_the_parent(sb):
     r = sb.run("res = search('Eiffel Tower', k=2)\nprint(res)\nfinal_answer(len(res))")
     assert r.stdout == "2 passages about Eiffel Tower\n"
     assert r.final_answer == len("2 passages about Eiffel Tower")
-    assert sb.calls == [("Eiffel Tower", 2, os.getpid(), threading.get_ident())]
+    assert sb.calls[0][:3] == ("Eiffel Tower", 2, os.getpid())  # in a helper thread of this process
 
 
 def test_tool_error_is_raised_inside_the_code(sb):
@@ -126,6 +145,37 @@ def test_timeout_restarts_with_fresh_state(sb):
     assert "NameError" in sb.run("print(kept)").error
 
 
+def test_last_output_is_the_value_of_the_last_statement(sb):
+    assert sb.run("x = 2\nx * 21").last_output == "42"
+    assert sb.run("y = [1, 2]").last_output == "[1, 2]"
+    assert sb.run("print(1)").last_output == "None"
+    assert sb.run("1 / 0").last_output is None
+    assert sb.run("final_answer(3)").last_output is None
+
+
+def test_ordinary_code_that_the_interpreter_imports_for(sb):
+    r = sb.run("import datetime, time\n"
+               "print(datetime.datetime.strptime('2024-03-05', '%Y-%m-%d').date())\n"
+               "print(time.strptime('5 Mar 2024', '%d %b %Y').tm_yday)\n"
+               "print('bücher.de'.encode('idna'), b'xn--bcher-kva.de'.decode('idna'))\n"
+               "print('ü'.encode('latin-1'), 'x'.encode('utf-16-le'), 'abc'.encode('punycode'))")
+    assert r.error is None, r.error
+    assert r.stdout.splitlines() == ["2024-03-05", "65", "b'xn--bcher-kva.de' bücher.de",
+                                     "b'\\xfc' b'x\\x00' b'abc-'"]
+
+
+def test_big_integer_answers_are_strings(sb):
+    r = sb.run("import math\nn = math.factorial(2000)\nfinal_answer(n)")
+    assert r.called_final_answer and isinstance(r.final_answer, str) and len(r.final_answer) == 5736
+    assert r.final_answer.startswith("33162750924506332411") and str(r.final_answer) == r.final_answer
+    r = sb.run("final_answer(10**4999)")
+    assert r.final_answer == "1" + "0" * 4999
+    r = sb.run("final_answer({'n': [10**5000 + 1], 'small': 10**100})")
+    assert r.final_answer == {"n": ["1" + "0" * 4999 + "1"], "small": 10**100}
+    r = sb.run("final_answer(10**100_000)")
+    assert r.final_answer == "<integer of about 100001 digits>"
+
+
 def test_run_candidates_are_independent_and_commit_does_not_rerun(sb):
     sb.run("log = []\ncounter = 0")
     codes = [f"log.append({i})\ncounter += {i}\nsearch('q{i}')\nopen('f{i}.txt', 'w').write('x')\nfinal_answer(counter)"
@@ -146,14 +196,15 @@ def test_run_candidates_are_independent_and_commit_does_not_rerun(sb):
 
 def test_candidates_do_not_leak_processes(sb):
     zygote = _zygote(sb._preload).proc.pid  # counted under the zygote: other tests' processes don't matter
+    base = len(_descendants(zygote))  # the worker (and with kernel isolation, the box's pid 1)
     results = sb.run_candidates(["a = 1"] * 6)
-    assert len(_descendants(zygote)) >= 7  # the template worker + 6 forked candidates
+    assert len(_descendants(zygote)) >= base + 6  # the template worker + 6 forked candidates
     sb.commit(results[0])
     sb.run("pass")
     deadline = time.monotonic() + 20  # SIGKILLed processes vanish asynchronously; slow under load
-    while len(_descendants(zygote)) > 1 and time.monotonic() < deadline:
+    while len(_descendants(zygote)) > base and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(_descendants(zygote)) == 1  # only the committed worker is left
+    assert len(_descendants(zygote)) == base  # only the committed worker is left
 
 
 def test_candidate_timeout_is_isolated(sb):
@@ -168,12 +219,13 @@ def test_candidate_timeout_is_isolated(sb):
     assert "NameError" in sb.run("print(base)").error
 
 
-def test_tool_calls_from_candidates_are_served_concurrently():
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_tool_calls_from_candidates_are_served_concurrently(isolation):
     def slow(q):
         time.sleep(0.5)
         return q.upper()
 
-    with Sandbox(tools={"slow": slow}, timeout_s=5, max_parallel=2) as box:
+    with Sandbox(tools={"slow": slow}, timeout_s=5, max_parallel=2, isolation=isolation) as box:
         t0 = time.monotonic()
         results = box.run_candidates(["final_answer(slow('a'))", "final_answer(slow('b'))"])
         elapsed = time.monotonic() - t0
@@ -185,7 +237,8 @@ def test_environment_is_empty_and_workdir_private(sb, monkeypatch):
     r = sb.run("import random\nenv = dict(random._os.environ)\nprint(sorted(env))\nprint(random._os.getcwd())")
     names, cwd = r.stdout.splitlines()
     assert "OPENAI_API_KEY" not in names and "AGENTLIB_DATA_DIR" not in names
-    assert cwd == sb.workdir and cwd.startswith(tempfile.gettempdir())
+    assert cwd == sb.workdir
+    assert cwd == "/tmp/work" if sb.isolation == "kernel" else cwd.startswith(tempfile.gettempdir())
 
 
 def test_closed_sandbox_refuses_work():
@@ -261,7 +314,7 @@ def test_sweep_removes_only_dirs_of_dead_owners(tmp_path):
 
 
 def test_sandbox_dir_names_its_owner_and_is_removed_on_close():
-    with Sandbox() as box:
+    with Sandbox(isolation="process") as box:
         base = box._base
         assert os.path.basename(base).startswith(f"agentlib-sandbox-{os.getpid()}-")
         assert os.path.isdir(base)

@@ -169,7 +169,14 @@ def test_hook_rules_cannot_be_cleared_through_the_worker_module(sb):
 
 def test_runs_as_an_unprivileged_user_when_root(sb):
     r = sb.run("print(find('os').getuid())")
-    assert r.stdout == ("65534\n" if os.geteuid() == 0 else f"{os.geteuid()}\n")
+    if sb.isolation == "kernel":  # root of its own user namespace, without any capability
+        assert r.stdout == "0\n"
+        with open(f"/proc/{sb.pid}/status") as f:
+            status = dict(line.split(":", 1) for line in f)
+        assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+        assert status["Uid"].split()[0] == ("65534" if os.geteuid() == 0 else str(os.geteuid()))
+    else:
+        assert r.stdout == ("65534\n" if os.geteuid() == 0 else f"{os.geteuid()}\n")
     r = sb.run("find('resource').setrlimit(find('resource').RLIMIT_AS, (-1, -1))")
     assert "not allowed" in r.error or "LookupError" in r.error
 
@@ -189,7 +196,8 @@ def test_runs_as_an_unprivileged_user_when_root(sb):
 ])
 def test_file_access_outside_the_workdir_is_refused(sb, code):
     r = sb.run(code)
-    assert _last(r).startswith("PermissionError"), r.error
+    if not (sb.isolation == "kernel" and code.startswith(f"open('{OUTSIDE}'")):  # (the box's own /tmp)
+        assert _last(r).startswith("PermissionError"), r.error
     assert not os.path.exists(OUTSIDE)
     _still_works(sb, state_kept=True)
 
@@ -265,7 +273,7 @@ def test_huge_and_unpicklable_return_values(sb):
     r = sb.run("class Evil:\n    def __str__(self):\n        raise RuntimeError('no')\nfinal_answer(Evil())")
     assert r.final_answer == "<unprintable Evil>"
     r = sb.run("final_answer(10**100_000)")
-    assert r.final_answer == 10**100_000
+    assert r.final_answer == "<integer of about 100001 digits>"
     r = sb.run("echo(find('os'))")  # an unpicklable tool argument is sent as text
     assert r.error is None
     _still_works(sb, state_kept=True)
