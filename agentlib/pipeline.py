@@ -222,7 +222,7 @@ def teacher_chunks(p: Profile) -> list[list[Example]]:
     return [cut(fact, i) + cut(math, i) for i in range(n)]
 
 
-def _sharded(fn: Any, models: Sequence[Any], examples: Sequence[Example]) -> list[dict]:
+def sharded(fn: Any, models: Sequence[Any], examples: Sequence[Example]) -> list[dict]:
     """``fn(model, examples)`` with the examples dealt round-robin over ``models`` (one thread each, e.g. one
     llama.cpp server per core); records come back in the examples' order."""
     if len(models) == 1 or len(examples) <= 1:
@@ -331,7 +331,7 @@ def _teacher_chunk(p: Profile, models: list, retriever: Any, out_dir: Path, chun
                 pre = {f"{ex.id}#s{j}": prefixes[ex.id] for ex in todo if ex.id in prefixes} if name == "agent_ftp" else None
                 run = partial(run_agent, config=cfg, out_path=out_dir / f"{name}.jsonl",
                               retriever=retriever, prefixes=pre, progress=progress)  # fmt: skip
-            records = _sharded(run, models, copies)
+            records = sharded(run, models, copies)
             out[name] += records
             solved[name] |= {base_id(r["id"]) for r in filter_trajectories(records)}
     return out

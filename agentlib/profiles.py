@@ -171,7 +171,7 @@ PROFILES: dict[str, Profile] = {
         # code, same observation) and ran on into the step limit; stopping there took the run from 103 to 77 min.
         stop_on_repeat=True,
         sag_vote="logs+answer",  # ours: candidates that print nothing but answer differently are not one group
-        # One teacher trajectory at a time (bench/bench_teacher_slots.py, 6 training questions, greedy): 537 s
+        # One teacher trajectory per server (6 training questions, greedy, retired bench_teacher_slots.py): 537 s
         # with 1 slot vs 962 s with 6. On 2 cores 6 slots decode no faster than one, each slot prefills the
         # 1.9k-token prompt, and the batch waits for its slowest step; one slot keeps each conversation cached.
         teacher_slots=1,
