@@ -136,7 +136,7 @@ PROFILES: dict[str, Profile] = {
         teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops
         teacher_temperature=0.7,
         teacher_top_p=0.8,
-        teacher_samples=3,  # rejection sampling: an unsolved question gets up to two more samples
+        teacher_samples=2,  # rejection sampling: a question the greedy run did not solve gets one more sample
         teacher_source="published",  # the set in data/ (hours to regenerate on 2 cores)
         student="qwen2.5-coder-0.5b",
         student_backend="llamacpp",
@@ -237,7 +237,7 @@ DEPARTURES: tuple[Departure, ...] = (
     Departure("Teacher", "Qwen2.5-32B-Instruct", "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
               "the largest instruct model installable offline", "`cpu`"),
     Departure("Teacher samples", "one greedy run per question",
-              "sample 0 greedy; a question no sample has solved gets up to 2 more at T=0.7 (rejection sampling)",
+              "sample 0 greedy; a question it did not solve gets a second sample at T=0.7 (rejection sampling)",
               "a 1.5B teacher solves ~10-20% greedily: too few trajectories to train on", "`cpu`"),
     Departure("Training filter", "correct answer, no parse error (the step-limit check never fires)",
               "also drops trajectories that hit the step limit or repeated a step",
