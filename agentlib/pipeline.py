@@ -290,6 +290,8 @@ def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = N
     else:
         backend = teacher_backend(p)
         out_dir = out_dir or runs_dir(p.name, "teacher")
+        if publish:
+            seed_from_published(p, out_dir)
 
         def on_chunk(done: int, total: int, out: dict[str, list]) -> None:
             if publish:
@@ -307,6 +309,30 @@ def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = N
     print(f"teacher data ({source}): " + ", ".join(f"{n} {k} trajectories over {coverage[k]} of {wanted} questions"
                                                 for k, n in ((k, len(v)) for k, v in runs.items())))  # fmt: skip
     return runs
+
+
+def seed_from_published(p: Profile, out_dir: Path) -> int:
+    """Resume a generation from the published set: its records whose ids the run files of ``out_dir`` lack are
+    appended to them (a fresh checkout has the published increments but not ``runs/``). Only a set made with
+    the profile's settings is used; returns the number of records added."""
+    from agentlib.trajectory import JsonlWriter
+
+    try:
+        published = load_published(p)
+    except (FileNotFoundError, PublishedMismatch):
+        return 0
+    added = 0
+    for name, records in published.items():
+        path = out_dir / f"{name}.jsonl"
+        have = {r["id"] for r in read_records(path)} if path.exists() else set()
+        with JsonlWriter(path) as w:
+            for r in records:
+                if r["id"] not in have:
+                    w.write({k: v for k, v in r.items() if k not in ("run", "domain")})
+                    added += 1
+    if added:
+        print(f"resuming from the published set: {added} trajectories copied to {out_dir}")
+    return added
 
 
 def _teacher_chunk(p: Profile, models: list, retriever: Any, out_dir: Path, chunk: list[Example],

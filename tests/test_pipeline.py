@@ -248,3 +248,19 @@ def test_the_departures_page_is_the_profiles_table():
     from agentlib.profiles import departures_markdown
 
     assert (ROOT / "docs" / "departures.md").read_text() == departures_markdown()
+
+
+def test_a_generation_resumes_from_the_published_set_in_a_fresh_checkout(tmp_path, monkeypatch):
+    qs, model = _teacher_fixture(monkeypatch)
+    p = get_profile("smoke", teacher_samples=2)
+    runs = pipeline.teacher_stage(p, model, None, tmp_path / "old", progress=False)
+    dest = pipeline.publish_teacher(p, runs, dest=tmp_path / "t.jsonl.gz")
+    monkeypatch.setattr(pipeline, "published_path", lambda p: dest)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    assert pipeline.seed_from_published(p, fresh) == sum(map(len, runs.values()))
+    calls = len(model.calls)
+    assert pipeline.teacher_stage(p, model, None, fresh, progress=False) == runs  # nothing left to generate
+    assert len(model.calls) == calls
+    assert pipeline.seed_from_published(p, fresh) == 0  # idempotent
+    assert pipeline.seed_from_published(get_profile("smoke", top_k=9), tmp_path / "other") == 0  # other settings
