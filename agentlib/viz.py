@@ -49,17 +49,21 @@ def _text(text: str, color: str | None = None) -> str:
 
 
 def _candidates(cands: Sequence[dict]) -> str:
+    td = '<td style="text-align:left;vertical-align:top;padding:2px 6px">'  # notebook CSS right-aligns cells
+    narrow = td[:-2] + ';width:1%;white-space:nowrap">'
+    chosen = ' style="background:#f1f8e9"'
     rows = []
     for i, c in enumerate(cands, 1):
         mark = "&#10003; chosen" if c.get("chosen") else ""
         err = f'<div style="color:{RED}">{_esc(c["error"])}</div>' if c.get("error") else ""
         rows.append(
-            f'<tr style="vertical-align:top{";background:#f1f8e9" if c.get("chosen") else ""}">'
-            f"<td>{i}</td><td>{_esc(c.get('votes', 0))}</td><td>{mark}</td>"
-            f'<td style="min-width:24em;max-width:60%">{highlight_code(c.get("code") or "")}</td>'
-            f"<td>{_text(c.get('outcome', ''))}{err}</td></tr>"
+            f"<tr{chosen if c.get('chosen') else ''}>"
+            f"{narrow}{i}</td>{narrow}{_esc(c.get('votes', 0))}</td>{narrow}{mark}</td>"
+            f'{td[:-2]};min-width:24em;width:60%">{highlight_code(c.get("code") or "")}</td>'
+            f"{td}{_text(c.get('outcome', ''))}{err}</td></tr>"
         )
-    head = "<tr><th>#</th><th>votes</th><th></th><th>code</th><th>outcome</th></tr>"
+    th = '<th style="text-align:left;padding:2px 6px">'
+    head = f"<tr>{th}#</th>{th}votes</th>{th}</th>{th}code</th>{th}outcome</th></tr>"
     return f'<table style="font-size:12px;border-collapse:collapse;width:100%;table-layout:auto">{head}{"".join(rows)}</table>'
 
 
@@ -120,17 +124,21 @@ def show(record: dict) -> None:
 def browse(records: Sequence[dict]) -> Any:
     """An ipywidgets browser over a run's trajectories: previous/next and a correct/incorrect filter.
 
-    A saved or exported notebook has no live widget: there the output shows a static rendering of the first
-    trajectory instead (the widget's ``text/html`` alternative).
+    A notebook run headless (papermill) shows a static rendering of the first trajectory instead, which
+    saved and exported notebooks keep; a live notebook also carries it as the widget's ``text/html``
+    alternative.
     """
     import ipywidgets as w
 
     class Browser(w.VBox):
         def _repr_mimebundle_(self, **kwargs: Any) -> dict:
-            bundle = super()._repr_mimebundle_(**kwargs) or {}
             first = render_trajectory(records[0]) if records else "<i>no trajectory</i>"
-            note = f"<div style='font-size:11px;color:#777'>trajectory 1 of {len(records)} (static view)</div>"
-            return {**bundle, "text/html": note + first}
+            note = (f'<div style="font-size:11px;color:#777">trajectory 1 of {len(records)}; run the notebook in '
+                    "JupyterLab to page through all of them</div>")  # fmt: skip
+            static = {"text/plain": f"trajectory browser: {len(records)} trajectories", "text/html": note + first}
+            if not live_frontend():
+                return static
+            return {**(super()._repr_mimebundle_(**kwargs) or {}), "text/html": static["text/html"]}
 
     which = w.ToggleButtons(options=["all", "correct", "incorrect"], value="all")
     prev, nxt = w.Button(description="◀ prev"), w.Button(description="next ▶")
@@ -200,31 +208,40 @@ def show_mask(encoded: dict, tokenizer: Any) -> None:
 def live_frontend() -> bool:
     """True inside a kernel of a live Jupyter frontend (JupyterLab, Notebook), where widgets render; False in
     a terminal, a script, or a kernel run headless by papermill/nbclient (no ``JPY_SESSION_NAME``).
-    ``AGENTLIB_PROGRESS=text`` or ``=widget`` forces the answer for progress bars."""
+    ``AGENTLIB_WIDGETS=1`` or ``=0`` forces the answer (progress bars, ``browse``)."""
     import os
     import sys
 
-    forced = os.environ.get("AGENTLIB_PROGRESS", "")
-    if forced in ("text", "widget"):
-        return forced == "widget"
+    forced = os.environ.get("AGENTLIB_WIDGETS", "")
+    if forced in ("0", "1"):
+        return forced == "1"
     return "ipykernel" in sys.modules and bool(os.environ.get("JPY_SESSION_NAME"))
 
 
 def progress_bar(iterable: Any = None, **kw: Any) -> Any:
-    """A tqdm bar that reads well wherever it runs: the widget bar in a live notebook; elsewhere a text bar
-    refreshed at most every 10 s, whose last line (the final count and time) is what a saved notebook keeps,
-    where a widget bar would stay frozen at 0%."""
+    """A tqdm bar that reads well wherever it runs: the widget bar in a live notebook; a text bar in a terminal;
+    headless (papermill, a log), a text bar first shown after 30 s and refreshed at most every 30 s, which
+    always ends with its final line (count and time): what a saved notebook keeps, where a widget bar would
+    stay frozen at 0%."""
     import sys
 
     if live_frontend():
         from tqdm.notebook import tqdm
-    else:
-        from tqdm.std import tqdm
 
-        if not sys.stdout.isatty():  # a saved notebook or a log keeps every refresh: few of them
-            kw.setdefault("mininterval", 10.0)
-        kw.setdefault("file", sys.stdout)  # one stream: the bar's last line sits with the cell's printed text
-    return tqdm(iterable, **kw)
+        return tqdm(iterable, **kw)
+    from tqdm.std import tqdm
+
+    class TextBar(tqdm):
+        def close(self) -> None:
+            if not self.disable and getattr(self, "last_print_t", None) is not None:
+                self.delay = 0  # shown or not yet (a loop shorter than the delay): print the final line
+            super().close()
+
+    kw.setdefault("file", sys.stdout)  # one stream: the bar's last line sits with the cell's printed text
+    if not sys.stdout.isatty():  # a saved notebook or a log keeps every refresh: few of them
+        kw.setdefault("mininterval", 30.0)
+        kw.setdefault("delay", 30.0)
+    return TextBar(iterable, **kw)
 
 
 # ---------------------------------------------------------------------------------------------- plots

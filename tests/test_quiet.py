@@ -36,7 +36,7 @@ def test_library_bars_off_only_in_a_headless_kernel(monkeypatch):
     import types
 
     monkeypatch.delenv("HF_HUB_DISABLE_PROGRESS_BARS", raising=False)
-    monkeypatch.delenv("AGENTLIB_PROGRESS", raising=False)
+    monkeypatch.delenv("AGENTLIB_WIDGETS", raising=False)
     monkeypatch.delitem(sys.modules, "transformers", raising=False)  # as before transformers is imported
     quiet.headless_library_bars()  # not in a kernel: nothing changes
     assert "HF_HUB_DISABLE_PROGRESS_BARS" not in os.environ

@@ -70,7 +70,7 @@ def test_html_shows_steps_errors_candidates_and_score(monkeypatch, pygments):
     assert error and "NameError" in html.unescape(error.group(1))
     assert "ZeroDivisionError" in re.search(rf'color:{viz.RED}">([^<]*)', out.split("SAG candidates")[1]).group(1)
     assert "SAG candidates (2)" in text and "chosen" in text
-    assert re.search(r"<td>1</td><td>3</td><td>&#10003; chosen</td>", out)
+    assert re.search(r"<td[^>]*>1</td><td[^>]*>3</td><td[^>]*>&#10003; chosen</td>", out)
     assert "Prediction: Paris" in text and "Gold: Paris" in text and "score 1.0 (correct)" in text
     assert ("color: #" in out) == pygments  # highlighted only with pygments
     wrong = viz.render_trajectory(record(score=0.0))
@@ -91,6 +91,17 @@ def test_browser_pages_and_filters():
     box.filter.value = "correct"
     assert box.label.value == "1 / 2" and "Question 0" in box.view.value
     assert viz.browse([]).label.value == "0 / 0"
+
+
+def test_browser_static_view(monkeypatch):
+    box = viz.browse([record(0), record(1)])
+    monkeypatch.setenv("AGENTLIB_WIDGETS", "0")  # headless: the static first trajectory only
+    bundle = box._repr_mimebundle_()
+    assert set(bundle) == {"text/plain", "text/html"} and "Question 0" in bundle["text/html"]
+    assert "trajectory 1 of 2" in bundle["text/html"]
+    monkeypatch.setenv("AGENTLIB_WIDGETS", "1")  # live: the widget, with the static view as alternative
+    bundle = box._repr_mimebundle_()
+    assert "application/vnd.jupyter.widget-view+json" in bundle and "Question 0" in bundle["text/html"]
 
 
 def _png(path):
@@ -186,13 +197,14 @@ def test_progress_bar_is_text_outside_a_live_frontend(monkeypatch, capsys):
     from tqdm.std import tqdm
 
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
-    monkeypatch.delenv("AGENTLIB_PROGRESS", raising=False)
+    monkeypatch.delenv("AGENTLIB_WIDGETS", raising=False)
     assert not viz.live_frontend()
     with viz.progress_bar(total=3, desc="items") as bar:
-        assert type(bar) is tqdm
+        assert isinstance(bar, tqdm) and "notebook" not in type(bar).__module__
         bar.update(3)
-    assert "items: 100%" in capsys.readouterr().out
-    monkeypatch.setenv("AGENTLIB_PROGRESS", "widget")
+    out = capsys.readouterr().out
+    assert "items: 100%" in out and "items:   0%" not in out  # headless and quick: only the final line
+    monkeypatch.setenv("AGENTLIB_WIDGETS", "1")
     assert viz.live_frontend()
 
 
@@ -225,5 +237,6 @@ def test_papermill_notebook_keeps_figures_browser_and_progress(tmp_path):
     assert (tmp_path / "loss.png").stat().st_size > 1000 and (tmp_path / "sweep.png").exists()
     html_out = [o["data"]["text/html"] for o in out[3].outputs if "text/html" in o.get("data", {})]
     assert html_out and "Question 0" in html_out[0] and "Step 1" in html_out[0]
+    assert not any("application/vnd.jupyter.widget-view+json" in o.get("data", {}) for o in out[3].outputs)
     text = "".join(o.get("text", "") for o in out[4].outputs if o.output_type == "stream")
-    assert "items: 100%" in text and "3/3" in text
+    assert "items: 100%" in text and "3/3" in text and "items:   0%" not in text
