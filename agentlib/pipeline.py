@@ -287,11 +287,12 @@ def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = N
         raise ValueError(f"unknown teacher_source {source!r}; choose from {TEACHER_SOURCES}")
     if source == "published":
         runs = load_published(p)
+        seed_from_published(p, out_dir or runs_dir(p.name, "teacher"))  # later notebooks read the run files
     else:
         backend = teacher_backend(p)
         out_dir = out_dir or runs_dir(p.name, "teacher")
-        if publish:
-            seed_from_published(p, out_dir)
+        if publish and (added := seed_from_published(p, out_dir)):
+            print(f"resuming from the published set: {added} trajectories copied to {out_dir}")
 
         def on_chunk(done: int, total: int, out: dict[str, list]) -> None:
             if publish:
@@ -330,8 +331,6 @@ def seed_from_published(p: Profile, out_dir: Path) -> int:
                 if r["id"] not in have:
                     w.write({k: v for k, v in r.items() if k not in ("run", "domain")})
                     added += 1
-    if added:
-        print(f"resuming from the published set: {added} trajectories copied to {out_dir}")
     return added
 
 
