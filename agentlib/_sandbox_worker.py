@@ -605,6 +605,8 @@ class Worker:
         Each copy closes the sockets that are not its own, forks the copies it is responsible for,
         then becomes a candidate (`_become_copy`), greets on its own socket and serves it.
         """
+        if self.box and not received and KERNEL.clone_ok:
+            fds = self._clone_copies(fds)  # the rest (if cloning failed) as below
         received = received or tuple(fds)
         while fds:
             mine, rest = fds[0], fds[1:]
@@ -626,6 +628,78 @@ class Worker:
                     os._exit(1)
             for fd in (mine, *theirs):
                 os.close(fd)
+
+    @trusted
+    def _clone_copies(self, fds: list[int]) -> list[int]:
+        """Kernel box: clone(2) each candidate straight into new user, mount and PID namespaces (one
+        copy of the page tables per candidate, as a fork; a fork followed by unshare would need a
+        second fork to enter the PID namespace). Returns the sockets left if cloning stopped working
+        (say, past the kernel's 32 nested namespaces): those take the fork path."""
+        k = KERNEL
+        old = os.open("/tmp", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            empty = _only_empty_workdir(old)
+            k.prctl(PR_SET_DUMPABLE, 1)  # the copy writes its own /proc/self/uid_map
+            k.raise_setfcap()
+            for i, mine in enumerate(fds):
+                try:
+                    pid = k.clone(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID)
+                except OSError:
+                    return fds[i:]
+                if pid == 0:
+                    try:
+                        for fd in fds[i + 1:]:  # (the earlier ones are closed already)
+                            os.close(fd)
+                        self._become_clone(mine, old, empty)
+                        self.send(("ready",))
+                        self.loop()
+                    finally:
+                        os._exit(1)
+                os.close(mine)
+            return []
+        finally:
+            os.close(old)
+            k.prctl(PR_SET_DUMPABLE, 0)
+            k.drop_privileges()
+
+    @trusted
+    def _become_clone(self, fd: int, old: int, empty: bool) -> None:
+        """In a cloned candidate (pid 1 of its namespaces): its own socket, /tmp, /proc; no privileges."""
+        self.sock.close()
+        self.sock = _socket.socket(fileno=fd)
+        fds = _open_fds({0, 1, 2, fd, old})
+        try:
+            _write("/proc/self/setgroups", "deny")
+            _write("/proc/self/uid_map", "0 0 1")
+            _write("/proc/self/gid_map", "0 0 1")
+            self._private_tmp(old, empty)
+            _reopen_fds(fds, "/tmp", "/tmp")
+            os.chdir(self.workdir)
+            KERNEL.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        except BaseException as e:  # noqa: BLE001 - this candidate reports it on every run
+            self.broken = f"the candidate's copy of the sandbox could not be made ({type(e).__name__}: {e})"
+            _reopen_fds(fds, None, None)
+        finally:
+            os.close(old)
+            KERNEL.drop_privileges()
+            KERNEL.prctl(PR_SET_DUMPABLE, 0)
+
+    @trusted
+    def _private_tmp(self, old: int, empty: bool) -> None:
+        """A tmpfs over /tmp holding this candidate's copy of the sandbox's /tmp (behind `old`)."""
+        k = KERNEL
+        opts = f"size={self.cfg['disk_mb']}m,nr_inodes={self.cfg['max_files']},mode=1777"
+        k.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+        if empty:  # nothing to copy (the usual case): a fresh tmpfs is the copy
+            os.mkdir(BOX_WORKDIR, 0o700)
+            return
+        try:  # copy-on-write: the sandbox's /tmp below, this candidate's writes in its own tmpfs
+            os.mkdir("/tmp/.upper", 0o755)
+            os.mkdir("/tmp/.work", 0o700)
+            k.mount("overlay", "/tmp", "overlay", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                    f"lowerdir=/proc/self/fd/{old},upperdir=/tmp/.upper,workdir=/tmp/.work")
+        except OSError:  # overlays stack two deep at most: copy (bounded) instead
+            copy_tree(old, "/tmp", self.cfg["copy_mb"] * 2**20)
 
     @trusted
     def _become_copy(self, fd: int) -> None:
@@ -661,17 +735,9 @@ class Worker:
         try:
             k.prctl(PR_SET_DUMPABLE, 1)  # its own /proc/self/uid_map must be writable by itself
             k.raise_setfcap()
-            enter_user_namespace(CLONE_NEWNS | CLONE_NEWPID, 0, 0, 0, 0)
-            k.mount(None, "/", None, MS_REC | MS_PRIVATE)
-            opts = f"size={self.cfg['disk_mb']}m,nr_inodes={self.cfg['max_files']},mode=1777"
-            k.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
-            try:  # copy-on-write: the sandbox's /tmp below, this candidate's writes in its own tmpfs
-                os.mkdir("/tmp/.upper", 0o755)
-                os.mkdir("/tmp/.work", 0o700)
-                k.mount("overlay", "/tmp", "overlay", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                        f"lowerdir=/proc/self/fd/{old},upperdir=/tmp/.upper,workdir=/tmp/.work")
-            except OSError:  # overlays stack two deep at most: copy (bounded) instead
-                copy_tree(old, "/tmp", self.cfg["copy_mb"] * 2**20)
+            empty = _only_empty_workdir(old)
+            enter_user_namespace(CLONE_NEWNS | CLONE_NEWPID, 0, 0, 0, 0)  # (the box's mounts are private)
+            self._private_tmp(old, empty)
             _reopen_fds(fds, "/tmp", "/tmp")
         finally:
             os.close(old)
@@ -681,6 +747,19 @@ class Worker:
         k.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
         k.drop_privileges()
         k.prctl(PR_SET_DUMPABLE, 0)
+
+
+@trusted
+def _only_empty_workdir(tmp: int) -> bool:
+    """Whether the /tmp behind descriptor `tmp` holds nothing but an empty work dir."""
+    names = os.listdir(tmp)
+    if names != [os.path.basename(BOX_WORKDIR)]:
+        return False
+    fd = os.open(names[0], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=tmp)
+    try:
+        return not os.listdir(fd)
+    finally:
+        os.close(fd)
 
 
 class _Broken(Exception):
@@ -856,7 +935,7 @@ MNT_DETACH = 2
 PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 4, 24, 38, 36
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217, "i686": 217}
 CAP_SETFCAP_BIT = 1 << 31
-SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429  # the same on every architecture (added after the unification)
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_CLONE3 = 428, 429, 435  # the same on every architecture (added after the unification)
 BOX_WORKDIR = "/tmp/work"  # the code's working directory inside a kernel box (on the box's own tmpfs)
 DEV_NODES = ("null", "zero", "random", "urandom")
 
@@ -875,6 +954,12 @@ class Kernel:
             getattr(self.libc, name)  # AttributeError: no such libc function (not Linux/glibc)
         self.libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
                                     ctypes.c_char_p]
+        self.api = ctypes.pythonapi
+        for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
+            getattr(self.api, name).restype = None
+        self.pysyscall = ctypes.PyDLL(None, use_errno=True).syscall
+        self.pysyscall.restype = ctypes.c_long
+        self.clone_ok = True
 
     def _check(self, rc: int, what: str) -> int:
         if rc < 0:
@@ -898,6 +983,22 @@ class Kernel:
     @trusted
     def prctl(self, option: int, arg: int = 0) -> int:
         return self._check(self.libc.prctl(option, arg, 0, 0, 0), f"prctl {option}")
+
+    @trusted
+    def clone(self, flags: int) -> int:
+        """clone3(2) with `flags` (fork semantics otherwise), bracketed like os.fork by CPython's own
+        PyOS_BeforeFork/AfterFork hooks; called through PyDLL, so the GIL stays held across it."""
+        args = (self.ctypes.c_uint64 * 11)(flags, 0, 0, 0, signal.SIGCHLD, 0, 0, 0, 0, 0, 0)
+        self.api.PyOS_BeforeFork()
+        pid = self.pysyscall(SYS_CLONE3, args, self.ctypes.sizeof(args))
+        err = self.ctypes.get_errno()
+        if pid == 0:
+            self.api.PyOS_AfterFork_Child()
+            return 0
+        self.api.PyOS_AfterFork_Parent()
+        if pid < 0:
+            raise OSError(err, f"clone3: {os.strerror(err)}")
+        return pid
 
     def open_tree(self, path: str) -> int | None:
         """A detached copy of the mounts at `path` (open_tree(2), Linux >= 5.2), or None if unsupported."""

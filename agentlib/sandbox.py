@@ -260,12 +260,17 @@ class _Proc:
 
 
 class _Box:
-    """A kernel box seen from here: its pid 1 (a pidfd: killing it kills every process of the box), the
-    one-byte control channel to it (S = stop all, C = continue all), and its cgroups."""
+    """A kernel box seen from here: its pid 1 (a pidfd: killing it kills every process of the box) and
+    the one-byte control channel to it: S = stop every process of the box, C = continue them.
 
-    def __init__(self, init_pid: int, ctl: socket.socket, cgroups: list[str]):
+    Between runs the box is stopped by SIGSTOP, sent by its pid 1 to every other process of the box
+    (and of the namespaces nested in it). Not the cgroup v1 freezer: a frozen process that is killed
+    stays until it is thawed, where a stopped one dies at once.
+    """
+
+    def __init__(self, init_pid: int, ctl: socket.socket):
         self.init = _Proc(ctl, init_pid, "/")
-        self.ctl, self.cgroups = ctl, cgroups
+        self.ctl = ctl
         self.stopped = False
 
     def stop(self) -> None:
@@ -728,7 +733,7 @@ class Sandbox:
                 data.close()
                 ctl.close()
                 raise _Died(f"the sandbox's namespaces could not be made: {msg[1]}")
-            self._box = _Box(msg[1], ctl, list(self._cgroups or ()))
+            self._box = _Box(msg[1], ctl)
             try:
                 proc = _Proc.greeted(data, BOX_WORKDIR, deadline, self._max_message)
                 self._box.stop()
