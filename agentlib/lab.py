@@ -137,7 +137,9 @@ def _same_step(got: Any, want: Any) -> bool:
         return False  # a raised ValueError is accepted in ``check``; any returned value is wrong
     if not isinstance(got, tuple) or len(got) != 2:
         return False
-    return " ".join(str(got[0]).split()) == " ".join(want[0].split()) and str(got[1]).strip() == want[1].strip()
+    return (
+        " ".join(str(got[0]).split()) == " ".join(want[0].split()) and str(got[1]).strip() == want[1].strip()
+    )
 
 
 def _ftp_cases() -> list[Case]:
@@ -164,7 +166,10 @@ def _vote_cases() -> list[Case]:
         (["a", "b", "b", "a", "c"], "a tie of two groups of two"),
         (["q", "r", "r"], "the majority does not start at index 0"),
         (["b", "a"], "a tie: the first group wins, though its outcome sorts last"),
-        (["9", None, "10", "10", "9"], "a tie of two groups of two: the first group wins, whatever the values"),
+        (
+            ["9", None, "10", "10", "9"],
+            "a tie of two groups of two: the first group wins, whatever the values",
+        ),
     ]
     return [Case((o,), _vote_ref(o), why) for o, why in outs]
 
@@ -198,7 +203,10 @@ def _normalize_cases() -> list[Case]:
         ("U.S.A.", "punctuation is removed, not replaced by spaces"),
         ("Theatre of the Absurd", "'the' inside a word is not an article"),
         ("Yes", "a single word"),
-        ("Santa Ana, Panama", "words ending in 'a' or 'an' keep those letters: only whole words are articles"),
+        (
+            "Santa Ana, Panama",
+            "words ending in 'a' or 'an' keep those letters: only whole words are articles",
+        ),
         ("Goethe and Thoreau", "a word ending in 'the' is not an article"),
         ("Another anthem", "a word starting with 'an' is not an article"),
     ]
@@ -266,7 +274,11 @@ def _as_list(x: Any) -> Any:
 
 def _same_labels(got: Any, want: list[int]) -> bool:
     got = _as_list(got)
-    return isinstance(got, list) and len(got) == len(want) and all(int(g) == w for g, w in zip(got, want, strict=True))
+    return (
+        isinstance(got, list)
+        and len(got) == len(want)
+        and all(int(g) == w for g, w in zip(got, want, strict=True))
+    )
 
 
 def _where(case: Case, j: int) -> str:
@@ -278,7 +290,9 @@ def _where(case: Case, j: int) -> str:
         if start <= a < end:
             return f"token {j} {tok!r} lies in the content of message {i} ({role})"
         if end <= a < turn_end:
-            return f"token {j} {tok!r} lies after the content of message {i} ({role}), before the next message"
+            return (
+                f"token {j} {tok!r} lies after the content of message {i} ({role}), before the next message"
+            )
     return f"token {j} {tok!r} is chat-template text outside any message"
 
 
@@ -289,8 +303,10 @@ def _explain_labels(case: Case, got: Any) -> str:
         return f"expected one label per token: a list of {len(want)}, got {n}"
     j = next(j for j, (g, w) in enumerate(zip(got, want, strict=True)) if int(g) != w)
     say = {True: "trained (its id)", False: "masked (-100)"}
-    return (f"{_where(case, j)}: it should be {say[want[j] != IGNORE]}, yours is {say[int(got[j]) != IGNORE]}\n"
-            + _label_window(case, got, j))  # fmt: skip
+    return (
+        f"{_where(case, j)}: it should be {say[want[j] != IGNORE]}, yours is {say[int(got[j]) != IGNORE]}\n"
+        + _label_window(case, got, j)
+    )
 
 
 def _label_window(case: Case, got: list, j: int, before: int = 4, after: int = 4) -> str:
@@ -316,7 +332,9 @@ def _refs(*names: str) -> Callable[[], list[Callable]]:
     def get() -> list[Callable]:
         import importlib
 
-        return [getattr(importlib.import_module(f"agentlib.{n.split('.')[0]}"), n.split(".")[1]) for n in names]
+        return [
+            getattr(importlib.import_module(f"agentlib.{n.split('.')[0]}"), n.split(".")[1]) for n in names
+        ]
 
     return get
 
@@ -405,7 +423,9 @@ def _library_file(filename: str) -> bool:
 def _student_lines(tb: Any) -> str:
     """The traceback lines of the student's own code (never agentlib's, the stdlib's or a package's)."""
     frames = [f for f in traceback.extract_tb(tb) if not _library_file(f.filename)]
-    return "\n".join(f"   at line {f.lineno} of {f.name}" + (f": {f.line.strip()}" if f.line else "") for f in frames[-3:])
+    return "\n".join(
+        f"   at line {f.lineno} of {f.name}" + (f": {f.line.strip()}" if f.line else "") for f in frames[-3:]
+    )
 
 
 def _short(x: Any, n: int = 200) -> str:
@@ -483,7 +503,15 @@ def reveal(name: str) -> None:
 
 
 # ------------------------------------------------------------------ the lab notebook (generated)
-LAB_ORDER = ("normalize_answer", "f1", "parse_step", "first_thought_prefix", "vote", "keep", "assistant_labels")
+LAB_ORDER = (
+    "normalize_answer",
+    "f1",
+    "parse_step",
+    "first_thought_prefix",
+    "vote",
+    "keep",
+    "assistant_labels",
+)
 LAB_PATH = "notebooks/labs/lab_mechanisms.ipynb"
 KERNELSPEC = {"display_name": "Python (agentlib)", "language": "python", "name": "agentlib"}
 
@@ -530,7 +558,9 @@ def shared_text(notebook: str, openings: tuple[str, ...]) -> str:
     for opening in openings:
         found = [p for p in paras if p.startswith(opening)]
         if not found:
-            raise LookupError(f"notebooks/{notebook} has no paragraph starting with {opening!r}: update agentlib.lab")
+            raise LookupError(
+                f"notebooks/{notebook} has no paragraph starting with {opening!r}: update agentlib.lab"
+            )
         out.append(found[0])
     return "\n\n".join(out)
 
@@ -571,12 +601,18 @@ def build_notebook() -> Any:
         ex = EXERCISES[name]
         fn = _fn_name(ex.stub)
         quotes = [_quote(nb_name, shared_text(nb_name, openings)) for nb_name, openings in ex.context]
-        text = "\n\n".join([f"## Exercise {i} · {ex.title} (~{ex.minutes} min)", *quotes, f"**Your task.** {ex.goal}"])
+        text = "\n\n".join(
+            [f"## Exercise {i} · {ex.title} (~{ex.minutes} min)", *quotes, f"**Your task.** {ex.goal}"]
+        )
         cells += [
             _cell("md", f"{name}-text", text),
-            _cell("code", f"{name}-stub", ex.stub + f"\n\nif use_reference:\n    {fn} = lab.reference({name!r})"),
+            _cell(
+                "code", f"{name}-stub", ex.stub + f"\n\nif use_reference:\n    {fn} = lab.reference({name!r})"
+            ),
             _cell("code", f"{name}-check", f"lab.check({name!r}, {fn});"),
-            _cell("code", f"{name}-reveal", f"# lab.reveal({name!r})  # uncomment to see the reference solution"),
+            _cell(
+                "code", f"{name}-reveal", f"# lab.reveal({name!r})  # uncomment to see the reference solution"
+            ),
         ]
     cells += [
         _cell("md", "together-text", _END),
@@ -641,7 +677,9 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
 
     data = ROOT / "data"
     if teacher == "published":
-        files = [data / f"teacher_trajectories_{profile}.jsonl.gz"] + sorted(data.glob("teacher_trajectories_*.jsonl.gz"))
+        files = [data / f"teacher_trajectories_{profile}.jsonl.gz"] + sorted(
+            data.glob("teacher_trajectories_*.jsonl.gz")
+        )
         for path in dict.fromkeys(files):
             if not path.exists():
                 continue
@@ -649,7 +687,9 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
             if records := [r for r in read_records(path) if r.get("messages") and r.get("run") != "cot"]:
                 print(f"published teacher trajectories: {path.relative_to(ROOT)} ({len(records)} records)")
                 return records
-        print(f"no published teacher trajectories yet (data/teacher_trajectories_{profile}.jsonl.gz)", end="; ")
+        print(
+            f"no published teacher trajectories yet (data/teacher_trajectories_{profile}.jsonl.gz)", end="; "
+        )
     for name in dict.fromkeys([profile if teacher == "published" else teacher, "smoke"]):
         folder = runs_dir(name, "teacher", create=False)
         records = [r for run in ("agent_ftp", "agent") if (folder / f"{run}.jsonl").exists()
@@ -670,8 +710,11 @@ def _run_student(fn: Callable, what: str, *args: Any) -> tuple[bool, Any]:
         print(f"⏳ {what} is still a stub: using the reference.")
     except Exception as e:  # noqa: BLE001 - the student's code may raise anything
         where = _student_lines(e.__traceback__)
-        print(f"❌ your {what} raised {type(e).__name__}: {e}" + (f"\n{where}" if where else "")
-              + "\n   using the reference instead (run its check above).")
+        print(
+            f"❌ your {what} raised {type(e).__name__}: {e}"
+            + (f"\n{where}" if where else "")
+            + "\n   using the reference instead (run its check above)."
+        )
     return False, None
 
 
@@ -701,7 +744,9 @@ def compare_parsers(records: list[dict], parse_fn: Callable[[str], tuple[str, st
     print(f"your parser agrees with the library on {same} of {len(turns)} teacher turns")
     if first_diff:
         t, want, got = first_diff
-        print(f"first disagreement:\n   turn:     {_short(t)}\n   library:  {_expected(want)}\n   yours:    {_short(got)}")
+        print(
+            f"first disagreement:\n   turn:     {_short(t)}\n   library:  {_expected(want)}\n   yours:    {_short(got)}"
+        )
     return same, len(turns)
 
 
@@ -730,13 +775,20 @@ def show_training_example(records: list[dict], labels_fn: Callable[..., list[int
         chat = sft.trajectory_to_chat(EXAMPLE_TRAJECTORY, system_prompt(["search"], short=True))
     text, spans = sft.message_spans(chat, tok)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    args = (list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], spans, [m["role"] for m in chat])
+    args = (
+        list(enc["input_ids"]),
+        [tuple(o) for o in enc["offset_mapping"]],
+        spans,
+        [m["role"] for m in chat],
+    )
     ok, labels = _run_student(labels_fn, "assistant_labels", *args)
     want = _labels_ref(*args)
     if not ok:
         labels = want
     elif not _same_labels(labels, want):
-        print("⚠ your mask differs from the library's on this example (run its check above); showing the library's")
+        print(
+            "⚠ your mask differs from the library's on this example (run its check above); showing the library's"
+        )
         labels = want
     viz.show_mask({"input_ids": args[0], "labels": labels}, tok)
 

@@ -17,14 +17,20 @@ __all__ = ["KNOWN_HARMLESS_LOGS", "KNOWN_HARMLESS_WARNINGS", "filter_known_warni
 
 # (logger, the start of the message as a regex, why it is harmless)
 KNOWN_HARMLESS_LOGS = (
-    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community",
-     "an optional faster CPU kernel (the `kernels` package); bitsandbytes falls back to its own"),
-)  # fmt: skip
+    (
+        "bitsandbytes.backends.cpu.ops",
+        r"Failed to load CPU gemm_4bit_forward from kernels-community",
+        "an optional faster CPU kernel (the `kernels` package); bitsandbytes falls back to its own",
+    ),
+)
 # (category, the start of the message as a regex, why it is harmless)
 KNOWN_HARMLESS_WARNINGS = (
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated",
-     "peft reads the old attribute name; transformers still answers it"),
-)  # fmt: skip
+    (
+        FutureWarning,
+        r"`is_gradient_checkpointing` is deprecated",
+        "peft reads the old attribute name; transformers still answers it",
+    ),
+)
 
 
 class _DropMessages(logging.Filter):

@@ -36,7 +36,9 @@ def highlight_code(code: str) -> str:
         from pygments.lexers import PythonLexer
     except ImportError:
         return f'<pre style="{PRE}">{_esc(code)}</pre>'
-    return highlight(code, PythonLexer(), HtmlFormatter(noclasses=True, nobackground=True, prestyles=PRE.rstrip(";")))
+    return highlight(
+        code, PythonLexer(), HtmlFormatter(noclasses=True, nobackground=True, prestyles=PRE.rstrip(";"))
+    )
 
 
 def _block(label: str, body: str, color: str = "#555") -> str:
@@ -75,7 +77,7 @@ def render_trajectory(record: dict) -> str:
     verdict = "correct" if ok else "incorrect"
     head = (
         f'<div style="font-size:12px;color:#777">{_esc(record.get("benchmark", ""))} · {_esc(record.get("id", ""))}'
-        f' · {_esc(record.get("method", ""))}</div>'
+        f" · {_esc(record.get('method', ''))}</div>"
         f'<div style="font-size:14px;margin:4px 0"><b>Question:</b> {_esc(record.get("question", ""))}</div>'
     )
     if record.get("used_prefix") and record.get("prefix"):
@@ -94,9 +96,11 @@ def render_trajectory(record: dict) -> str:
             parts.append(_block("observation", _text(s["observation"])))
         if s.get("error"):
             parts.append(_block("error", _text(s["error"], RED), RED))
-        if s.get("candidates") and (sag or len(s["candidates"]) > 1):  # where SAG ran: one candidate says nothing
+        if s.get("candidates") and (
+            sag or len(s["candidates"]) > 1
+        ):  # where SAG ran: one candidate says nothing
             parts.append(_block(f"SAG candidates ({len(s['candidates'])})", _candidates(s["candidates"])))
-        steps.append(f'<details open><summary><b>Step {i}</b></summary>{"".join(parts)}</details>')
+        steps.append(f"<details open><summary><b>Step {i}</b></summary>{''.join(parts)}</details>")
     color = GREEN if ok else RED
     flags = []
     if record.get("hit_step_limit"):
@@ -109,7 +113,7 @@ def render_trajectory(record: dict) -> str:
         f'<div style="{BOX}border-color:{color}">'
         f"<b>Prediction:</b> {_esc(record.get('prediction'))} &nbsp; <b>Gold:</b> {_esc(record.get('gold'))}"
         f' &nbsp; <b style="color:{color}">score {_esc(score)} ({verdict})</b>'
-        f'{" &nbsp; <i>" + _esc(", ".join(flags)) + "</i>" if flags else ""}</div>'
+        f"{' &nbsp; <i>' + _esc(', '.join(flags)) + '</i>' if flags else ''}</div>"
     )
     return f'<div style="font-family:sans-serif;max-width:980px">{head}{"".join(steps)}{foot}</div>'
 
@@ -133,9 +137,14 @@ def browse(records: Sequence[dict]) -> Any:
     class Browser(w.VBox):
         def _repr_mimebundle_(self, **kwargs: Any) -> dict:
             first = render_trajectory(records[0]) if records else "<i>no trajectory</i>"
-            note = (f'<div style="font-size:11px;color:#777">trajectory 1 of {len(records)}; run the notebook in '
-                    "JupyterLab to page through all of them</div>")  # fmt: skip
-            static = {"text/plain": f"trajectory browser: {len(records)} trajectories", "text/html": note + first}
+            note = (
+                f'<div style="font-size:11px;color:#777">trajectory 1 of {len(records)}; run the notebook in '
+                "JupyterLab to page through all of them</div>"
+            )
+            static = {
+                "text/plain": f"trajectory browser: {len(records)} trajectories",
+                "text/html": note + first,
+            }
             if not live_frontend():
                 return static
             return {**(super()._repr_mimebundle_(**kwargs) or {}), "text/html": static["text/html"]}
@@ -155,8 +164,11 @@ def browse(records: Sequence[dict]) -> Any:
         view.value = render_trajectory(items[state["i"]])
 
     def refilter(*_: Any) -> None:
-        keep = {"all": lambda r: True, "correct": lambda r: (r.get("score") or 0) > 0,
-                "incorrect": lambda r: not (r.get("score") or 0) > 0}[which.value]
+        keep = {
+            "all": lambda r: True,
+            "correct": lambda r: (r.get("score") or 0) > 0,
+            "incorrect": lambda r: not (r.get("score") or 0) > 0,
+        }[which.value]
         state["items"], state["i"] = [r for r in records if keep(r)], 0
         refresh()
 
@@ -189,9 +201,11 @@ def render_mask(encoded: dict, tokenizer: Any, max_tokens: int = 4000) -> str:
     body = "".join(f'<span style="{style[t]}">{_esc(tokenizer.decode(c))}</span>' for t, c in spans)
     n = sum(lab != -100 for lab in encoded["labels"])
     more = f" (first {max_tokens} shown)" if len(encoded["input_ids"]) > max_tokens else ""
-    head = (f'<div style="font-size:12px"><b>{n}</b> of {len(encoded["input_ids"])} tokens trained'
-            f'{" · truncated" if encoded.get("truncated") else ""}{more} · '
-            f'<span style="{style[True]}">trained</span> <span style="{style[False]}">masked</span></div>')
+    head = (
+        f'<div style="font-size:12px"><b>{n}</b> of {len(encoded["input_ids"])} tokens trained'
+        f"{' · truncated' if encoded.get('truncated') else ''}{more} · "
+        f'<span style="{style[True]}">trained</span> <span style="{style[False]}">masked</span></div>'
+    )
     return f'<div style="font-family:sans-serif">{head}<pre style="{PRE}">{body}</pre></div>'
 
 
@@ -302,14 +316,22 @@ def _empty_axis(ax: Any, values: Any, percent: bool) -> None:
         ax.set_ylim(0, 100 if percent else 1)
 
 
-def plot_loss_curves(logs: dict[str, Sequence[float]], path: str | Path, title: str = "SFT training loss") -> Any:
+def plot_loss_curves(
+    logs: dict[str, Sequence[float]], path: str | Path, title: str = "SFT training loss"
+) -> Any:
     """One line per run: training loss per optimizer step."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure(figsize=(6, 3.5))
     ax = fig.subplots()
     for name, losses in logs.items():
-        ax.plot(range(1, len(losses) + 1), list(losses), marker="o" if len(losses) < 30 else None, ms=3, label=name)
+        ax.plot(
+            range(1, len(losses) + 1),
+            list(losses),
+            marker="o" if len(losses) < 30 else None,
+            ms=3,
+            label=name,
+        )
     ax.set(xlabel="optimizer step", ylabel="loss (per trained token)", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
     ax.grid(alpha=0.3)
@@ -340,7 +362,7 @@ def plot_accuracy_bars(df: Any, path: str | Path, title: str = "", xmax: float =
         ax.set_title(f"{bench} (n={int(sub['n'].max())})", fontsize=9)
         ax.set_xlim(0, xmax)
         ax.grid(axis="x", alpha=0.3)
-    for ax in axes[len(benches):]:
+    for ax in axes[len(benches) :]:
         ax.set_visible(False)
     axes[0].set_yticks(y, methods)
     for ax in axes:
@@ -384,8 +406,11 @@ def _bars(ax: Any, labels: Sequence[str], values: Sequence[float], title: str) -
 
 def plot_teacher_ftp(summary: Any, path: str | Path) -> Any:
     """Teacher runs side by side (rows of ``pipeline.teacher_summary``): greedy accuracy, yield, search calls."""
-    cols = [("accuracy_greedy", "accuracy, greedy (%)"), ("yield_pct", "questions with a kept trajectory (%)"),
-            ("mean_search_calls", "search calls / trajectory")]
+    cols = [
+        ("accuracy_greedy", "accuracy, greedy (%)"),
+        ("yield_pct", "questions with a kept trajectory (%)"),
+        ("mean_search_calls", "search calls / trajectory"),
+    ]
     cols = [(c, t) for c, t in cols if c in summary]
     fig = _figure(figsize=(3.2 * len(cols), 3.2))
     for ax, (col, title) in zip(fig.subplots(1, len(cols), squeeze=False)[0], cols, strict=True):

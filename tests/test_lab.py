@@ -26,7 +26,10 @@ def naive_normalize_spaces(s):  # punctuation replaced by spaces: "U.S.A." -> "u
 
 
 def naive_f1(pred, gold):  # sets instead of multisets, no yes/no rule
-    p, g = set(lab.reference("normalize_answer")(pred).split()), set(lab.reference("normalize_answer")(gold).split())
+    p, g = (
+        set(lab.reference("normalize_answer")(pred).split()),
+        set(lab.reference("normalize_answer")(gold).split()),
+    )
     same = len(p & g)
     if same == 0:
         return 0.0
@@ -75,7 +78,9 @@ def naive_labels(input_ids, offsets, spans, roles):  # the assistant content onl
 
 
 # ------------------------------------------------------------------ subtle mutants: right on the easy cases
-def vote_ties_by_value(outcomes):  # the largest group, ties to the smallest outcome (sorted), not the first index
+def vote_ties_by_value(
+    outcomes,
+):  # the largest group, ties to the smallest outcome (sorted), not the first index
     groups = {}
     for i, o in enumerate(outcomes):
         if o is not None:
@@ -107,17 +112,21 @@ def parse_ignoring_end_code(text):  # the first fenced block wherever it is; an 
 
 
 MUTANTS = [
-    ("vote", vote_ties_by_value), ("vote", vote_ties_by_last_value), ("normalize_answer", normalize_not_whole_word),
+    ("vote", vote_ties_by_value),
+    ("vote", vote_ties_by_last_value),
+    ("normalize_answer", normalize_not_whole_word),
     ("parse_step", parse_ignoring_end_code),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "fn"), MUTANTS, ids=[f"{n}-{f.__name__}" for n, f in MUTANTS])
 def test_subtle_mutants_are_rejected(name, fn, capsys):
     cases = lab.EXERCISES[name].cases()
-    passed = sum(lab._safe(lab.EXERCISES[name].compare, lab._expect(fn, *c.args), c.want)
-                 or (isinstance(c.want, Exception) and isinstance(lab._expect(fn, *c.args), ValueError))
-                 for c in cases)  # fmt: skip
+    passed = sum(
+        lab._safe(lab.EXERCISES[name].compare, lab._expect(fn, *c.args), c.want)
+        or (isinstance(c.want, Exception) and isinstance(lab._expect(fn, *c.args), ValueError))
+        for c in cases
+    )
     assert passed >= len(cases) - 2, f"{fn.__name__} should be right on most cases ({passed}/{len(cases)})"
     assert lab.check(name, fn) is False
     assert "not yet — hidden case" in capsys.readouterr().out
@@ -153,7 +162,10 @@ def test_naive_solutions_fail_with_the_first_failing_case(name, fn, capsys):
 def test_reference_passes_and_stub_is_not_yet(name, capsys):
     n = len(lab.EXERCISES[name].cases())
     assert lab.check(name, lab.reference(name)) is True
-    assert capsys.readouterr().out.strip() == f"✅ {lab.EXERCISES[name].title}: correct — all {n} hidden cases pass."
+    assert (
+        capsys.readouterr().out.strip()
+        == f"✅ {lab.EXERCISES[name].title}: correct — all {n} hidden cases pass."
+    )
 
     def stub(*args):
         raise NotImplementedError

@@ -21,7 +21,12 @@ def smoke_run():
 
 def test_all_notebooks_ran_without_errors(smoke_run):
     names = [nb.name for nb in reproduce.notebooks()]
-    assert names == ["01_teacher_trajectories.ipynb", "02_sft_qlora.ipynb", "03_evaluation.ipynb", "04_ablations.ipynb"]
+    assert names == [
+        "01_teacher_trajectories.ipynb",
+        "02_sft_qlora.ipynb",
+        "03_evaluation.ipynb",
+        "04_ablations.ipynb",
+    ]
     for name in names:
         nb = json.loads((smoke_run / name).read_text())
         errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
@@ -50,19 +55,38 @@ def test_rerun_resumes_without_redoing_work(smoke_run):
     assert (smoke_run / "teacher" / "agent.jsonl").read_text() == before  # nothing appended, nothing lost
 
 
-@pytest.mark.parametrize(("notebook", "first"), [("02_sft_qlora", "01_teacher_trajectories"),
-                                                 ("03_evaluation", "02_sft_qlora"), ("04_ablations", "03_evaluation")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("notebook", "first"),
+    [
+        ("02_sft_qlora", "01_teacher_trajectories"),
+        ("03_evaluation", "02_sft_qlora"),
+        ("04_ablations", "03_evaluation"),
+    ],
+)
 def test_a_notebook_before_its_upstream_stops_with_one_line(tmp_path, monkeypatch, notebook, first):
     import nbformat
     import papermill
 
-    monkeypatch.setenv("AGENTLIB_RUNS_DIR", str(tmp_path / "runs"))  # empty: nothing has run; the kernel inherits it
+    monkeypatch.setenv(
+        "AGENTLIB_RUNS_DIR", str(tmp_path / "runs")
+    )  # empty: nothing has run; the kernel inherits it
     out = tmp_path / f"{notebook}.ipynb"
     with pytest.raises(papermill.PapermillExecutionError) as err:
-        papermill.execute_notebook(str(ROOT / "notebooks" / f"{notebook}.ipynb"), str(out), kernel_name="agentlib",
-                                   parameters={"profile": "smoke"}, cwd=str(ROOT / "notebooks"), progress_bar=False)  # fmt: skip
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / f"{notebook}.ipynb"),
+            str(out),
+            kernel_name="agentlib",
+            parameters={"profile": "smoke"},
+            cwd=str(ROOT / "notebooks"),
+            progress_bar=False,
+        )
     assert err.value.ename == "StageMissing"
     assert f"run notebooks/{first}.ipynb with profile='smoke' first" in err.value.evalue
-    errors = [o for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []) if o.output_type == "error"]
+    errors = [
+        o
+        for c in nbformat.read(out, as_version=4).cells
+        for o in c.get("outputs", [])
+        if o.output_type == "error"
+    ]
     assert len(errors) == 1 and len(errors[0].traceback) == 1  # one line, no traceback
     assert not (tmp_path / "runs" / "smoke" / "students" / "cot").exists()  # nothing trained, nothing written

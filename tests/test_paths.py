@@ -21,8 +21,10 @@ def test_runs_dir_override(tmp_path, monkeypatch):
     assert paths.runs_dir("x") == tmp_path / "rel" / "x"
 
 
-@pytest.mark.parametrize(("stage", "notebook"), [("teacher", "01_teacher_trajectories"), ("students", "02_sft_qlora"),
-                                                 ("eval", "03_evaluation")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stage", "notebook"),
+    [("teacher", "01_teacher_trajectories"), ("students", "02_sft_qlora"), ("eval", "03_evaluation")],
+)
 def test_a_missing_stage_names_the_notebook_to_run_first(tmp_path, monkeypatch, stage, notebook):
     monkeypatch.setenv("AGENTLIB_RUNS_DIR", str(tmp_path))
     with pytest.raises(paths.StageMissing) as err:
@@ -44,7 +46,11 @@ def test_a_stage_that_ran_passes(tmp_path, monkeypatch):
     (teacher / "sft_agent_ftp.jsonl").write_text("")  # empty is fine: 01 ran and nothing survived
     assert paths.require_stage("smoke", "teacher") == teacher
     students = tmp_path / "smoke" / "students"
-    for name, marker in (("cot", "untrained.json"), ("agent", "adapter_config.json"), ("agent_ftp", "adapter_config.json")):
+    for name, marker in (
+        ("cot", "untrained.json"),
+        ("agent", "adapter_config.json"),
+        ("agent_ftp", "adapter_config.json"),
+    ):
         (students / name).mkdir(parents=True)
         (students / name / marker).write_text("{}")
     assert paths.require_stage("smoke", "students") == students

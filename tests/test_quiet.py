@@ -14,7 +14,9 @@ def test_known_log_lines_are_dropped_others_kept(caplog):
     log = logging.getLogger("bitsandbytes.backends.cpu.ops")
     assert sum(isinstance(f, quiet._DropMessages) for f in log.filters) == 1
     with caplog.at_level(logging.WARNING):
-        log.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no 'kernels'")
+        log.warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no 'kernels'"
+        )
         log.warning("Something else went wrong")
     assert [r.getMessage() for r in caplog.records] == ["Something else went wrong"]
 
@@ -23,11 +25,19 @@ def test_known_warnings_are_dropped_others_kept():
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         quiet.filter_known_warnings()
-        warnings.warn("`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1)
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.",
+            FutureWarning,
+            stacklevel=1,
+        )
         warnings.warn("`something_else` is deprecated", FutureWarning, stacklevel=1)
-        warnings.warn("`is_gradient_checkpointing` is deprecated (another category)", UserWarning, stacklevel=1)
-    assert [str(w.message) for w in seen] == ["`something_else` is deprecated",
-                                              "`is_gradient_checkpointing` is deprecated (another category)"]
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated (another category)", UserWarning, stacklevel=1
+        )
+    assert [str(w.message) for w in seen] == [
+        "`something_else` is deprecated",
+        "`is_gradient_checkpointing` is deprecated (another category)",
+    ]
 
 
 def test_library_bars_off_only_in_a_headless_kernel(monkeypatch):

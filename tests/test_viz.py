@@ -68,7 +68,9 @@ def test_html_shows_steps_errors_candidates_and_score(monkeypatch, pygments):
     assert "first find the capital" in text
     error = re.search(r'<pre style="[^"]*color:#c62828;">(.*?)</pre>', out, re.S)
     assert error and "NameError" in html.unescape(error.group(1))
-    assert "ZeroDivisionError" in re.search(rf'color:{viz.RED}">([^<]*)', out.split("SAG candidates")[1]).group(1)
+    assert "ZeroDivisionError" in re.search(
+        rf'color:{viz.RED}">([^<]*)', out.split("SAG candidates")[1]
+    ).group(1)
     assert "SAG candidates (2)" in text and "chosen" in text
     assert re.search(r"<td[^>]*>1</td><td[^>]*>3</td><td[^>]*>&#10003; chosen</td>", out)
     assert "Prediction: Paris" in text and "Gold: Paris" in text and "score 1.0 (correct)" in text
@@ -113,7 +115,9 @@ def _png(path):
 def test_plots_write_png(tmp_path):
     import pandas as pd
 
-    fig = viz.plot_loss_curves({"agent": [2.0, 1.5, 1.2, 1.0], "cot": [1.8, 1.6, 1.5]}, tmp_path / "f" / "loss.png")
+    fig = viz.plot_loss_curves(
+        {"agent": [2.0, 1.5, 1.2, 1.0], "cot": [1.8, 1.6, 1.5]}, tmp_path / "f" / "loss.png"
+    )
     _png(tmp_path / "f" / "loss.png")
     assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()] == [4, 3]
 
@@ -126,12 +130,18 @@ def test_plots_write_png(tmp_path):
     _png(tmp_path / "bars.png")
     # one panel per benchmark; in each, one bar per method, top to bottom in the table's order
     assert [ax.get_title() for ax in fig.axes] == ["hotpotqa (n=40)", "math500 (n=30)"]
-    widths = [[round(b.get_width(), 3) for b in sorted(ax.patches, key=lambda b: -b.get_y())] for ax in fig.axes]
+    widths = [
+        [round(b.get_width(), 3) for b in sorted(ax.patches, key=lambda b: -b.get_y())] for ax in fig.axes
+    ]
     assert widths == [[0.2, 0.35], [0.3, 0.4]]
-    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["cot", "agent"]  # the first method on top
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == [
+        "cot",
+        "agent",
+    ]  # the first method on top
 
-    fig = viz.plot_sweep([1, 2, 4, 8], [0.2, 0.25, 0.3, 0.31], [(0.1, 0.3)] * 4, tmp_path / "sweep.png",
-                         "SAG N", "EM")
+    fig = viz.plot_sweep(
+        [1, 2, 4, 8], [0.2, 0.25, 0.3, 0.31], [(0.1, 0.3)] * 4, tmp_path / "sweep.png", "SAG N", "EM"
+    )
     _png(tmp_path / "sweep.png")
     assert list(fig.axes[0].get_lines()[0].get_ydata()) == [0.2, 0.25, 0.3, 0.31]
 
@@ -141,8 +151,11 @@ def test_mask_view_highlights_trained_tokens_and_escapes():
         def decode(self, ids):
             return "".join(chr(i) for i in ids)
 
-    enc = {"input_ids": [ord(c) for c in "<s>q?A&B</s>"], "labels": [-100] * 5 + [ord(c) for c in "A&B"] + [-100] * 4,
-           "truncated": True}
+    enc = {
+        "input_ids": [ord(c) for c in "<s>q?A&B</s>"],
+        "labels": [-100] * 5 + [ord(c) for c in "A&B"] + [-100] * 4,
+        "truncated": True,
+    }
     out = viz.render_mask(enc, Tok())
     green = re.findall(r'<span style="background:#c8e6c9;color:#1b5e20">([^<]*)</span>', out)
     assert green == ["trained", "A&amp;B"]
@@ -153,13 +166,26 @@ def test_mask_view_highlights_trained_tokens_and_escapes():
 def test_teacher_and_shape_plots(tmp_path):
     import pandas as pd
 
-    summary = pd.DataFrame({"run": ["agent", "agent_ftp"], "accuracy_greedy": [30.0, 40.0], "yield_pct": [50.0, 60.0],
-                            "mean_search_calls": [1.5, None]})
+    summary = pd.DataFrame(
+        {
+            "run": ["agent", "agent_ftp"],
+            "accuracy_greedy": [30.0, 40.0],
+            "yield_pct": [50.0, 60.0],
+            "mean_search_calls": [1.5, None],
+        }
+    )
     fig = viz.plot_teacher_ftp(summary, tmp_path / "ftp.png")
     _png(tmp_path / "ftp.png")
     assert [[p.get_height() for p in ax.patches] for ax in fig.axes] == [[30, 40], [50, 60], [1.5, 0]]
-    shape = pd.DataFrame({"run": ["agent", "agent", "agent_ftp"], "steps": [2, 4, 1], "search_calls": [1, 3, 0],
-                          "code_lines": [3, 5, 2], "correct": [1.0, 0.0, 1.0]})
+    shape = pd.DataFrame(
+        {
+            "run": ["agent", "agent", "agent_ftp"],
+            "steps": [2, 4, 1],
+            "search_calls": [1, 3, 0],
+            "code_lines": [3, 5, 2],
+            "correct": [1.0, 0.0, 1.0],
+        }
+    )
     fig = viz.plot_trajectory_shape(shape, tmp_path / "shape.png")
     _png(tmp_path / "shape.png")
     assert [[p.get_height() for p in ax.patches] for ax in fig.axes] == [[3, 1], [2, 0], [4, 2]]
@@ -168,7 +194,11 @@ def test_teacher_and_shape_plots(tmp_path):
 def test_sag_candidates_only_where_sag_ran():
     rec = record()
     assert "SAG candidates (2)" in viz.render_trajectory(rec)
-    plain = {**rec, "sag_n": 1, "steps": [{**rec["steps"][0], "candidates": rec["steps"][0]["candidates"][:1]}]}
+    plain = {
+        **rec,
+        "sag_n": 1,
+        "steps": [{**rec["steps"][0], "candidates": rec["steps"][0]["candidates"][:1]}],
+    }
     assert "SAG candidates" not in viz.render_trajectory(plain)  # one "candidate" where no SAG ran: no table
     out = viz.render_trajectory(rec)
     assert "min-width:24em" in out  # the code column is readable, not squeezed
@@ -184,11 +214,15 @@ def test_figures_show_themselves_as_png(tmp_path):
 def test_all_zero_percent_axes_are_drawn_0_to_100(tmp_path):
     import pandas as pd
 
-    fig = viz.plot_sweep([1, 2], [0.0, 0.0], [(0.0, 0.0), (0.0, 0.0)], tmp_path / "s.png", "N", "accuracy (%)")
+    fig = viz.plot_sweep(
+        [1, 2], [0.0, 0.0], [(0.0, 0.0), (0.0, 0.0)], tmp_path / "s.png", "N", "accuracy (%)"
+    )
     assert fig.axes[0].get_ylim() == (0, 100)
     fig = viz.plot_sweep([1, 2], [10.0, 20.0], None, tmp_path / "s.png", "N", "accuracy (%)")
     assert fig.axes[0].get_ylim()[1] < 30
-    summary = pd.DataFrame({"run": ["agent"], "accuracy_greedy": [0.0], "yield_pct": [0.0], "mean_search_calls": [0.0]})
+    summary = pd.DataFrame(
+        {"run": ["agent"], "accuracy_greedy": [0.0], "yield_pct": [0.0], "mean_search_calls": [0.0]}
+    )
     fig = viz.plot_teacher_ftp(summary, tmp_path / "t.png")
     assert [ax.get_ylim() for ax in fig.axes] == [(0, 100), (0, 100), (0, 1)]
 
@@ -224,10 +258,19 @@ def test_papermill_notebook_keeps_figures_browser_and_progress(tmp_path):
         'for _ in viz.progress_bar(range(3), desc="items"):\n    pass',
     ]
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(c) for c in cells])
-    nb.metadata["kernelspec"] = {"name": "agentlib", "display_name": "Python (agentlib)", "language": "python"}
+    nb.metadata["kernelspec"] = {
+        "name": "agentlib",
+        "display_name": "Python (agentlib)",
+        "language": "python",
+    }
     nbformat.write(nb, tmp_path / "in.ipynb")
-    papermill.execute_notebook(str(tmp_path / "in.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="agentlib",
-                               cwd=str(tmp_path), progress_bar=False)  # fmt: skip
+    papermill.execute_notebook(
+        str(tmp_path / "in.ipynb"),
+        str(tmp_path / "out.ipynb"),
+        kernel_name="agentlib",
+        cwd=str(tmp_path),
+        progress_bar=False,
+    )
     out = nbformat.read(tmp_path / "out.ipynb", as_version=4).cells
 
     def pngs(cell):
