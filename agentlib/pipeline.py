@@ -17,7 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agentlib.agent import AgentConfig, make_prefixes, run_agent, run_cot
+from agentlib.agent import SAG_VOTES, AgentConfig, make_prefixes, run_agent, run_cot
 from agentlib.data import Example, load_benchmark, load_extra
 from agentlib.metrics import answer_in_text, bootstrap_ci, f1, is_span_question
 from agentlib.profiles import Profile
@@ -189,6 +189,8 @@ def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
 
 
 def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
+    if p.sag_vote not in SAG_VOTES:
+        raise ValueError(f"unknown sag_vote {p.sag_vote!r}; choose from {SAG_VOTES}")
     n_samples = kw.get("n_samples", p.sag_n) if sag else 1
     base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k,
                 search_chars=p.passage_chars, batch_size=_batch(p.student_backend, n_samples),
@@ -446,6 +448,12 @@ def student_dir(p: Profile, student: str | None, base: Path) -> Path:
     if p.student_models == [student]:
         return base
     return base / student.rsplit("/", 1)[-1]
+
+
+def method_label(p: Profile, method: str, student: str) -> str:
+    """A method's name in the tables: as is for a profile with one student, else ``method@size``
+    (``agent_distill@Qwen2.5-7B-Instruct``), one row per Table 2 row."""
+    return method if p.student_models == [student] else f"{method}@{student.rsplit('/', 1)[-1]}"
 
 
 def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bool = True,
