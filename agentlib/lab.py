@@ -62,9 +62,9 @@ def _parse_step_ref(text: str) -> tuple[str, str]:
 
 
 def _ftp_ref(cot_text: str) -> str:
-    from agentlib.agent import first_thought_prefix
+    from agentlib.agent import ftp_prefix
 
-    return "Thought: " + first_thought_prefix(cot_text)
+    return ftp_prefix(cot_text)
 
 
 def _vote_ref(outcomes: list[str | None]) -> int | None:
@@ -146,11 +146,11 @@ def _ftp_cases() -> list[Case]:
     texts = [
         ("First I find the director of the film, then his birthplace.\n\nThe film is ...", "a plain first paragraph"),
         ("  We need the sum of the roots.\nVieta gives it directly.\n\nBy Vieta, ...",
-         "leading spaces, and a paragraph of two lines (keep both)"),
-        ("Thought: Look up both bands and compare their founding years.\n\nBand A ...",
-         "the CoT starts with 'Thought:': do not repeat it"),
+         "leading spaces (dropped), and a paragraph of two lines (keep both)"),
+        ("\n\nLook up both bands and compare their founding years.\n\nBand A ...",
+         "the answer opens with a blank line: the first paragraph is the one after it"),
         ("A single paragraph answer without any blank line.", "no blank line: the whole text"),
-        ("Split the problem in two.\n   \nThen ...", "a 'blank' line holding only spaces"),
+        ("Split the problem in two.\n   \nThen ...", "a line of spaces is not '\\n\\n': the authors split on '\\n\\n' only"),
     ]  # fmt: skip
     return [Case((t,), _ftp_ref(t), why) for t, why in texts]
 
@@ -372,10 +372,10 @@ EXERCISES: dict[str, Exercise] = {
     "first_thought_prefix": Exercise(
         "first_thought_prefix", "First-thought prefix", 15, _ftp_ref, _ftp_cases,
         stub="def ftp_start(cot_text: str) -> str:\n    # your code here\n    raise NotImplementedError\n",
-        goal="From the teacher's chain-of-thought, take the first paragraph (up to the first blank line; a line "
-             "of only spaces is blank), stripped and without a leading `Thought:`. Return the forced start of "
-             "the agent's first turn: `'Thought: ' + paragraph`.",
-        reveal=_refs("agent.first_thought_prefix"), context=((_NB01, ("1. **CoT**",)),),
+        goal="From the teacher's own CoT answer, take the first paragraph as the authors do: drop leading "
+             "whitespace, then keep everything before the first `'\\n\\n'`. Return the forced start of the "
+             "agent's first turn: `'Thought: ' + paragraph + '\\n\\n'` (the model continues after it).",
+        reveal=_refs("agent.ftp_prefix"), context=((_NB01, ("1. **CoT**",)),),
     ),
     "vote": Exercise(
         "vote", "Self-consistent action generation: the vote", 20, _vote_ref, _vote_cases,

@@ -51,9 +51,8 @@ def naive_parse(text):
     return text[: m.start()].replace("Thought:", "").replace("Code:", "").strip(), m.group(1)
 
 
-def naive_ftp(cot):  # splits on "\n\n" only: a line holding spaces is not seen as blank
-    para = cot.strip().split("\n\n")[0].strip()
-    return "Thought: " + re.sub(r"^Thought:\s*", "", para)
+def naive_ftp(cot):  # forgets the blank line after the paragraph and does not drop leading whitespace
+    return "Thought: " + cot.split("\n\n")[0]
 
 
 def naive_vote(outcomes):  # counts the failures (None) as a group
