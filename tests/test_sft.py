@@ -260,6 +260,40 @@ def test_config_from_profile():
     assert not cfg.gradient_checkpointing and SFTConfig.from_profile(PROFILES["paper"]).gradient_checkpointing
 
 
+# Each profile's SFT settings as notebook 02 trains them, and their config hashes (a hash decides whether a
+# trained adapter is reused): pinned so that reorganising the profiles changes neither.
+PINNED_SFT = {
+    "smoke": dict(lora_r=8, lora_alpha=16, num_epochs=1, batch_size=2, micro_batch_size=1, max_steps=3,
+                  load_in_4bit=False, gradient_checkpointing=False, lengths=(768, 512),
+                  hashes=("ae15db9222e74b17", "72f086e4f4ee1f2b")),
+    "cpu": dict(lora_r=16, lora_alpha=32, num_epochs=2, batch_size=2, micro_batch_size=1, max_steps=None,
+                load_in_4bit=False, gradient_checkpointing=False, lengths=(3072, 1024),
+                hashes=("f1018871af7ca211", "63e0c244428e1d6c")),
+    "paper": dict(lora_r=64, lora_alpha=128, num_epochs=2.0, batch_size=8, micro_batch_size=1, max_steps=None,
+                  load_in_4bit=True, gradient_checkpointing=True, lengths=(10240, 4096),
+                  hashes=("01b0c35d7fe40315", "adfacdf6e369833c")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_SFT))
+def test_profile_sft_settings_are_pinned(name):
+    import dataclasses
+
+    from agentlib import pipeline
+    from agentlib.profiles import PROFILES
+
+    want = dict(PINNED_SFT[name])
+    lengths, hashes = want.pop("lengths"), want.pop("hashes")
+    for kind, length, digest in zip(("agent", "cot"), lengths, hashes, strict=True):
+        cfg = pipeline.sft_config(PROFILES[name], kind)
+        assert {k: getattr(cfg, k) for k in want} == want
+        assert type(cfg.num_epochs) is type(want["num_epochs"])  # 2 and 2.0 hash differently
+        assert cfg.max_length == length
+        assert (cfg.learning_rate, cfg.lora_dropout, cfg.seed, cfg.batching) == (2e-4, 0.05, 0, "group")
+        assert (cfg.system_prompt is None) == (kind == "cot")
+        assert dataclasses.replace(cfg, system_prompt=None).hash("m", "d") == digest
+
+
 @pytest.mark.slow
 def test_smollm2_lora_loss_falls(tmp_path):
     """A real SmolLM2-135M bf16 LoRA run of a few steps on a handful of trajectories: loss goes down."""
