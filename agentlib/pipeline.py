@@ -21,6 +21,7 @@ from agentlib.agent import SAG_VOTES, AgentConfig, make_prefixes, run_agent, run
 from agentlib.data import Example, load_benchmark, load_extra
 from agentlib.metrics import answer_in_text, bootstrap_ci, f1, is_span_question
 from agentlib.profiles import Profile
+from agentlib.sft import SFTConfig
 from agentlib.trajectory import filter_trajectories, read_records, summarize
 
 # Table 2 of the paper, Qwen2.5-0.5B-Instruct student, averages over the 8 benchmarks (accuracy, %).
@@ -423,12 +424,14 @@ def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ 02: SFT
-def sft_config(p: Profile, kind: str):
-    """The profile's LoRA settings as an `SFTConfig` for ``kind`` in {"cot", "agent"}."""
-    from agentlib.sft import SFTConfig
-
-    # CoT chats keep their own system prompt; agent chats get the student's short prompt
-    return SFTConfig.from_profile(p, kind, system_prompt=None if kind == "cot" else _student_system_prompt())
+def sft_config(p: Profile, kind: str) -> SFTConfig:
+    """The profile's ``sft`` config for ``kind`` in {"cot", "agent"}: CoT chats keep their own system prompt
+    and have ``p.sft_max_length_cot`` tokens; agent chats get the student's short prompt."""
+    if kind == "cot":
+        return replace(p.sft, max_length=p.sft_max_length_cot, system_prompt=None)
+    if kind != "agent":
+        raise ValueError(f"unknown SFT kind {kind!r}; choose 'cot' or 'agent'")
+    return replace(p.sft, system_prompt=_student_system_prompt())
 
 
 def _student_system_prompt() -> str:

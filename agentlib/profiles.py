@@ -10,20 +10,7 @@ from __future__ import annotations
 import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
-
-@dataclass(frozen=True)
-class LoRASettings:
-    r: int = 64
-    alpha: int = 128
-    dropout: float = 0.05
-    lr: float = 2e-4
-    epochs: float = 2.0
-    batch_size: int = 1
-    grad_accum: int = 8  # effective batch = batch_size * grad_accum
-    max_length_agent: int = 10240
-    max_length_cot: int = 4096
-    load_in_4bit: bool = True  # QLoRA (bitsandbytes NF4); bf16 LoRA when False or unsupported
-    gradient_checkpointing: bool = False  # recompute activations: what lets 7B chats of ~10k tokens fit in 80 GB
+from agentlib.sft import SFTConfig
 
 
 @dataclass(frozen=True)
@@ -57,9 +44,10 @@ class Profile:
     train_math: tuple[tuple[str, str, int] | tuple[str, str, int, int], ...]
     eval_sets: tuple[tuple[str, str, int], ...]
     answerable_only: bool  # keep only questions whose evidence is in the offline corpus
-    lora: LoRASettings = field(default_factory=LoRASettings)
+    # fine-tuning (notebook 02): the agent students' run; the CoT students' differs only in max_length
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    sft_max_length_cot: int = 4096  # SFTConfig.max_length of the CoT students (sft.max_length: the agents')
     teacher_short_prompt: bool = False  # the student's short system prompt (319 tokens, not 1.8k) for the teacher
-    sft_max_steps: int | None = None  # cap on optimizer steps (smoke runs)
     train_unfiltered_if_empty: bool = False  # smoke: exercise SFT even when the tiny teacher solves nothing
     stop_on_repeat: bool = False  # end an agent loop at a step that repeats the previous one (not in the paper)
     teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
@@ -74,7 +62,6 @@ class Profile:
     # ablations
     sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
     k_sweep: tuple[int, ...] = (1, 3, 5)
-    seed: int = 0
 
     @property
     def cot_tokens(self) -> int:
@@ -119,9 +106,8 @@ PROFILES: dict[str, Profile] = {
         train_math=(("train", "math_medium", 2),),
         eval_sets=(("test", "hotpotqa", 2), ("test", "math500", 2)),
         answerable_only=True,
-        lora=LoRASettings(r=8, alpha=16, epochs=1, grad_accum=2, max_length_agent=768, max_length_cot=512,
-                          load_in_4bit=False),  # fmt: skip
-        sft_max_steps=3,
+        sft=SFTConfig(lora_r=8, lora_alpha=16, num_epochs=1, batch_size=2, max_length=768, max_steps=3),
+        sft_max_length_cot=512,
         train_unfiltered_if_empty=True,
         stop_on_repeat=True,
         sag_sweep=(1, 2),
@@ -162,8 +148,8 @@ PROFILES: dict[str, Profile] = {
         # at 1024, 10 of 12 were cut before their final answer. 3072 keeps them whole (fp32, 0.5B: 12 GB peak).
         # Two epochs as in the paper (one step per 2 trajectories each): with 1-4 kept trajectories a student
         # trained for one epoch capped at 2 steps saw one optimizer step and behaved as the untuned model.
-        lora=LoRASettings(r=16, alpha=32, epochs=2, grad_accum=2, max_length_agent=3072, max_length_cot=1024,
-                          load_in_4bit=False),  # fmt: skip
+        sft=SFTConfig(lora_r=16, lora_alpha=32, num_epochs=2, batch_size=2, max_length=3072),
+        sft_max_length_cot=1024,
         # Long enough that the teacher's CoT is not cut before its answer (at 640 most MATH answers were);
         # students' CoT methods get the same budget. The paper gives 4,096.
         cot_max_tokens=2048,
@@ -212,7 +198,9 @@ PROFILES: dict[str, Profile] = {
         answerable_only=False,
         cot_max_tokens=4096,  # the authors' CoT budget (teacher data and student evaluation)
         judge=("https://api.openai.com/v1", "gpt-4o-mini"),  # the paper's judge; any OpenAI-compatible server
-        lora=LoRASettings(gradient_checkpointing=True),  # docs/gpu.md: 7B at ~9.8k tokens needs it on one H100
+        # QLoRA fits every student size on one GPU; 7B chats of ~9.8k tokens need checkpointing (docs/gpu.md)
+        sft=SFTConfig(load_in_4bit=True, gradient_checkpointing=True),
+        sft_max_length_cot=4096,
     ),
 }
 

@@ -255,9 +255,13 @@ def loss_sum(model: Any, batch: dict) -> tuple[Any, int]:
 # ----------------------------------------------------------------------------------------- training
 
 
-@dataclass
+@dataclass(frozen=True)
 class SFTConfig:
-    """Everything that defines a fine-tuning run (its hash names the run). Defaults: the paper's."""
+    """Everything that defines a fine-tuning run (its hash names the run). Defaults: the paper's.
+
+    A profile holds one (``Profile.sft``); ``agentlib.pipeline.sft_config`` adds what a run takes from its
+    kind (CoT or agent): the max length and the student's system prompt.
+    """
 
     lora_r: int = 64
     lora_alpha: int = 128
@@ -265,7 +269,7 @@ class SFTConfig:
     target_modules: str | list[str] = "all-linear"
     load_in_4bit: bool = False  # 4-bit NF4 QLoRA (bitsandbytes); bf16 LoRA otherwise or when 4-bit fails
     learning_rate: float = 2e-4
-    num_epochs: float = 2
+    num_epochs: float = 2.0
     batch_size: int = 8  # effective batch (examples per optimizer step), reached by gradient accumulation
     # "group" | "pack" | "pad" (see plan_batches). Length-grouping was fastest on CPU (bench/bench_sft.py):
     # packing removes all padding, but sdpa attends over a whole packed row with a block-diagonal mask.
@@ -281,18 +285,6 @@ class SFTConfig:
     system_prompt: str | None = None  # replaces the records' system prompt (the student's); None keeps it
     seed: int = 0
     device: str = "auto"  # "auto": cuda when available, else cpu
-
-    @classmethod
-    def from_profile(cls, profile: Any, kind: str = "agent", **overrides: Any) -> SFTConfig:
-        """The config of an ``agentlib.profiles.Profile`` (its ``lora`` settings); ``kind``: "agent" or "cot"."""
-        lo = profile.lora
-        base = dict(
-            lora_r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout, load_in_4bit=lo.load_in_4bit,
-            learning_rate=lo.lr, num_epochs=lo.epochs, batch_size=lo.batch_size * lo.grad_accum,
-            micro_batch_size=lo.batch_size, max_length=lo.max_length_agent if kind == "agent" else lo.max_length_cot,
-            max_steps=profile.sft_max_steps, seed=profile.seed, gradient_checkpointing=lo.gradient_checkpointing,
-        )  # fmt: skip
-        return cls(**{**base, **overrides})
 
     def hash(self, *parts: str) -> str:
         """A short hash of the config (device excluded) and any extra strings (model, data)."""

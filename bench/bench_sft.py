@@ -19,6 +19,7 @@ import argparse
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -48,9 +49,9 @@ def main() -> None:
     args = ap.parse_args()
 
     prof = PROFILES["cpu"]
-    base = SFTConfig.from_profile(prof, "agent", lora_r=16, lora_alpha=32, num_epochs=1, max_steps=None,
-                                  batch_size=args.batch, micro_batch_size=args.micro, device="cpu",
-                                  gradient_checkpointing=True)  # 4 x 3072 padded tokens need it in 24 GB
+    base = replace(prof.sft, lora_r=16, lora_alpha=32, num_epochs=1, max_steps=None, batch_size=args.batch,
+                   micro_batch_size=args.micro, device="cpu",
+                   gradient_checkpointing=True)  # 4 x 3072 padded tokens need it in 24 GB
     records = lab.published_trajectories("published", "cpu")[: args.n]
     chats = [trajectory_to_chat(r, agent.system_prompt(["search"], short=True)) for r in records]
     model, tok = load_for_training(resolve_model_path(args.model), base, "cpu")

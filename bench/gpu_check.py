@@ -4,7 +4,7 @@
 Each Qwen2.5-{0.5,1.5,3,7}B-Instruct *shape* (layers, widths, heads, vocabulary) is built from its config with
 random weights, saved with ``save_pretrained`` and then loaded by the real code paths (4-bit NF4 base through
 bitsandbytes, LoRA r=64/alpha=128/dropout 0.05 on all linear layers, lr 2e-4, effective batch 8 = micro-batch 1
-x 8 accumulation, max length 10,240: ``SFTConfig.from_profile(get_profile("paper"))``). Speed does not depend
+x 8 accumulation, max length 10,240: ``get_profile("paper").sft``). Speed does not depend
 on the weights' values, so the timings hold for the real checkpoints; the losses do not mean anything beyond
 "finite and decreasing". The tokenizer is Qwen2.5's (any folder with tokenizer.json + chat template).
 
@@ -177,10 +177,11 @@ def free_memory() -> None:
 
 
 def paper_config(**overrides):
-    from agentlib.profiles import get_profile
-    from agentlib.sft import SFTConfig
+    from dataclasses import replace
 
-    return SFTConfig.from_profile(get_profile("paper"), kind="agent", **overrides)
+    from agentlib.profiles import get_profile
+
+    return replace(get_profile("paper").sft, **overrides)
 
 
 def qlora_check(model_dir: Path, work: Path, steps: int = 20) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -248,16 +249,17 @@ def test_train_warns_when_examples_lose_their_final_turn(tiny, tmp_path):
 
 
 def test_config_from_profile():
+    from agentlib.pipeline import sft_config
     from agentlib.profiles import PROFILES
 
     p = PROFILES["cpu"]
-    cfg = SFTConfig.from_profile(p, "cot", batching="group")
-    assert cfg.batch_size == p.lora.batch_size * p.lora.grad_accum
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.max_length) == (p.lora.r, p.lora.alpha, p.lora.max_length_cot)
+    cfg = replace(sft_config(p, "cot"), batching="group")
+    assert cfg.batch_size == p.sft.batch_size
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.max_length) == (p.sft.lora_r, p.sft.lora_alpha, p.sft_max_length_cot)
     assert cfg.batching == "group"
-    assert SFTConfig.from_profile(p).max_length == p.lora.max_length_agent
-    assert cfg.hash("m", "d") != SFTConfig.from_profile(p).hash("m", "d")
-    assert not cfg.gradient_checkpointing and SFTConfig.from_profile(PROFILES["paper"]).gradient_checkpointing
+    assert sft_config(p, "agent").max_length == p.sft.max_length
+    assert cfg.hash("m", "d") != sft_config(p, "agent").hash("m", "d")
+    assert not cfg.gradient_checkpointing and sft_config(PROFILES["paper"], "agent").gradient_checkpointing
 
 
 # Each profile's SFT settings as notebook 02 trains them, and their config hashes (a hash decides whether a
