@@ -686,20 +686,36 @@ class Worker:
 
     @trusted
     def _private_tmp(self, old: int, empty: bool) -> None:
-        """A tmpfs over /tmp holding this candidate's copy of the sandbox's /tmp (behind `old`)."""
+        """A tmpfs of this candidate's own over /tmp, holding its copy of the sandbox's /tmp (`old`, a
+        descriptor shared with the sandbox: its directory offset is too, so it is reopened here).
+
+        Copy-on-write where the kernel allows: an overlay whose lower layer is the sandbox's /tmp as this
+        mount namespace holds it (overlayfs takes no layer from another namespace), the upper layer on
+        the new tmpfs, mounted first at /tmp/work (in this namespace only). Otherwise a bounded copy."""
         k = KERNEL
         opts = f"size={self.cfg['disk_mb']}m,nr_inodes={self.cfg['max_files']},mode=1777"
-        k.mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, opts)
+        flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
         if empty:  # nothing to copy (the usual case): a fresh tmpfs is the copy
+            k.mount("tmpfs", "/tmp", "tmpfs", flags, opts)
             os.mkdir(BOX_WORKDIR, 0o700)
             return
-        try:  # copy-on-write: the sandbox's /tmp below, this candidate's writes in its own tmpfs
-            os.mkdir("/tmp/.upper", 0o755)
-            os.mkdir("/tmp/.work", 0o700)
-            k.mount("overlay", "/tmp", "overlay", MS_NOSUID | MS_NODEV | MS_NOEXEC,
-                    f"lowerdir=/proc/self/fd/{old},upperdir=/tmp/.upper,workdir=/tmp/.work")
-        except OSError:  # overlays stack two deep at most: copy (bounded) instead
-            copy_tree(old, "/tmp", self.cfg["copy_mb"] * 2**20)
+        own = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=old)
+        try:
+            try:
+                k.mount("tmpfs", BOX_WORKDIR, "tmpfs", flags, opts)
+                try:
+                    os.mkdir(BOX_WORKDIR + "/.upper", 0o755)
+                    os.mkdir(BOX_WORKDIR + "/.work", 0o700)
+                    k.mount("overlay", "/tmp", "overlay", flags,
+                            f"lowerdir=/tmp,upperdir={BOX_WORKDIR}/.upper,workdir={BOX_WORKDIR}/.work")
+                except OSError:
+                    k.umount(BOX_WORKDIR, MNT_DETACH)
+                    raise
+            except OSError:  # overlays stack two deep at most (a candidate of a committed candidate...)
+                k.mount("tmpfs", "/tmp", "tmpfs", flags, opts)
+                copy_tree(own, "/tmp", self.cfg["copy_mb"] * 2**20)
+        finally:
+            os.close(own)
 
     @trusted
     def _become_copy(self, fd: int) -> None:
