@@ -298,6 +298,45 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, alpha: float = 0.0
     return (sum(vals) / n, lo, hi)
 
 
+def stratified_ci(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of per-benchmark means, with a bootstrap that resamples questions within each benchmark."""
+    rng = random.Random(seed)
+    point = sum(sum(g) / len(g) for g in groups) / len(groups)
+    stats = sorted(
+        sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups) for _ in range(n_boot)
+    )
+    return point, stats[int(0.025 * n_boot)], stats[int(0.975 * n_boot) - 1]
+
+
+def paired_difference(records: Sequence[dict], a: str, b: str, benches: Sequence[str]) -> tuple[float, float, float, int]:
+    """Mean of per-benchmark mean score differences a - b over the questions both methods answered, in points,
+    with the stratified bootstrap interval (questions resampled within benchmarks, pairs kept together) and
+    the number of pairs. Records carry ``method``, ``benchmark``, ``id`` (``<benchmark>/<id>`` counts as
+    ``<id>``) and ``score``."""
+    score = {(r["method"], r["benchmark"], r["id"].split("/", 1)[-1]): float(r["score"]) for r in records}
+    groups = []
+    for bench in benches:
+        ids = sorted({k[2] for k in score if k[:2] == (a, bench)} & {k[2] for k in score if k[:2] == (b, bench)})
+        if ids:
+            groups.append([score[(a, bench, i)] - score[(b, bench, i)] for i in ids])
+    mean, lo, hi = stratified_ci(groups)
+    return 100 * mean, 100 * lo, 100 * hi, sum(map(len, groups))
+
+
+def mean_f1(records: Sequence[dict]) -> float:
+    """Token F1 of the records' predictions against their gold answers, averaged, in percent."""
+    return 100 * sum(f1(r.get("prediction"), r["gold"]) for r in records) / len(records)
+
+
+def answer_seen(records: Sequence[dict]) -> dict[str, float]:
+    """Where agent trajectories lose span answers (yes/no questions left out): ``seen``, the percent whose
+    observations contain a gold answer; ``seen_correct``, the percent of those answered correctly."""
+    spans = [r for r in records if r.get("steps") and is_span_question(r["gold"])]
+    seen = [r for r in spans if answer_in_text(" ".join(s.get("observation") or "" for s in r["steps"]), r["gold"])]
+    return {"n_span": len(spans), "seen": 100 * len(seen) / len(spans) if spans else float("nan"),
+            "seen_correct": 100 * sum(float(r["score"]) for r in seen) / len(seen) if seen else float("nan")}  # fmt: skip
+
+
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a proportion ``k / n`` (95% with the default ``z``), as fractions in [0, 1].
 

@@ -4,6 +4,9 @@
 sampling, filtering, SFT datasets). 02 SFT: ``sft_stage``. 03 evaluation: ``evaluate_method`` and
 ``results_table``. 04 ablations reuse the same calls with other settings. Every stage writes its
 outputs under ``runs/<profile>/`` and resumes from them.
+
+What the stages use lives with its kind: statistics in ``metrics``, tables in ``report``, publishing and
+loading the teacher's set in ``trajectory``, fine-tuning settings in ``Profile.sft`` (an ``sft.SFTConfig``).
 """
 
 from __future__ import annotations
@@ -19,10 +22,18 @@ from typing import Any
 
 from agentlib.agent import SAG_VOTES, AgentConfig, make_prefixes, run_agent, run_cot
 from agentlib.data import Example, load_benchmark, load_extra
-from agentlib.metrics import answer_in_text, bootstrap_ci, f1, is_span_question
+from agentlib.metrics import bootstrap_ci, mean_f1, stratified_ci
 from agentlib.profiles import Profile
 from agentlib.sft import SFTConfig
-from agentlib.trajectory import filter_trajectories, read_records, summarize
+from agentlib.trajectory import (
+    base_id,
+    filter_trajectories,
+    load_published,
+    publish_teacher,
+    read_records,
+    seed_from_published,
+    summarize,
+)
 
 # Table 2 of the paper, Qwen2.5-0.5B-Instruct student, averages over the 8 benchmarks (accuracy, %).
 PAPER_05B = {"cot_distill": 13.64, "cot_distill_rag": 15.90, "agent_distill": 19.24, "agent_distill_ftp_sag": 21.90}
@@ -208,10 +219,6 @@ def _copies(examples: Sequence[Example], tag: str) -> list[Example]:
     return [replace(ex, id=f"{ex.id}#{tag}") for ex in examples]
 
 
-def base_id(record_id: str) -> str:
-    return record_id.split("#", 1)[0]
-
-
 TEACHER_RUNS = ("cot", "agent", "agent_ftp")
 
 
@@ -313,28 +320,6 @@ def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = N
     print(f"teacher data ({source}): " + ", ".join(f"{n} {k} trajectories over {coverage[k]} of {wanted} questions"
                                                 for k, n in ((k, len(v)) for k, v in runs.items())))  # fmt: skip
     return runs
-
-
-def seed_from_published(p: Profile, out_dir: Path) -> int:
-    """Resume a generation from the published set: its records whose ids the run files of ``out_dir`` lack are
-    appended to them (a fresh checkout has the published increments but not ``runs/``). Only a set made with
-    the profile's settings is used; returns the number of records added."""
-    from agentlib.trajectory import JsonlWriter
-
-    try:
-        published = load_published(p)
-    except (FileNotFoundError, PublishedMismatch):
-        return 0
-    added = 0
-    for name, records in published.items():
-        path = out_dir / f"{name}.jsonl"
-        have = {r["id"] for r in read_records(path)} if path.exists() else set()
-        with JsonlWriter(path) as w:
-            for r in records:
-                if r["id"] not in have:
-                    w.write({k: v for k, v in r.items() if k not in ("run", "domain")})
-                    added += 1
-    return added
 
 
 def _teacher_chunk(p: Profile, models: list, retriever: Any, out_dir: Path, chunk: list[Example],
@@ -614,40 +599,6 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
     return pd.DataFrame(rows)
 
 
-def mean_f1(records: Sequence[dict]) -> float:
-    """Token F1 of the records' predictions against their gold answers, averaged, in percent."""
-    return 100 * sum(f1(r.get("prediction"), r["gold"]) for r in records) / len(records)
-
-
-def answer_seen(records: Sequence[dict]) -> dict[str, float]:
-    """Where agent trajectories lose span answers (yes/no questions left out): ``seen``, the percent whose
-    observations contain a gold answer; ``seen_correct``, the percent of those answered correctly."""
-    spans = [r for r in records if r.get("steps") and is_span_question(r["gold"])]
-    seen = [r for r in spans if answer_in_text(" ".join(s.get("observation") or "" for s in r["steps"]), r["gold"])]
-    return {"n_span": len(spans), "seen": 100 * len(seen) / len(spans) if spans else float("nan"),
-            "seen_correct": 100 * sum(float(r["score"]) for r in seen) / len(seen) if seen else float("nan")}  # fmt: skip
-
-
-def stratified_ci(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of per-benchmark means, with a bootstrap that resamples questions within each benchmark."""
-    import random
-
-    rng = random.Random(seed)
-    point = sum(sum(g) / len(g) for g in groups) / len(groups)
-    stats = sorted(
-        sum(sum(rng.choices(g, k=len(g))) / len(g) for g in groups) / len(groups) for _ in range(n_boot)
-    )
-    return point, stats[int(0.025 * n_boot)], stats[int(0.975 * n_boot) - 1]
-
-
-def wide_table(df: Any) -> Any:
-    """Method × benchmark view with "score [low, high]" cells (the paper's Table 2 layout)."""
-    cells = df.assign(cell=[f"{s:.1f} [{lo:.1f}, {hi:.1f}]" for s, lo, hi in zip(df.score, df.ci_low, df.ci_high, strict=True)])
-    wide = cells.pivot(index="method", columns="benchmark", values="cell")
-    order = [m for m in METHODS if m in wide.index]
-    return wide.loc[order]
-
-
 def run_summaries(records: Sequence[dict]) -> Any:
     """Per method: parse-error rate, step-limit rate, mean steps and search calls (agent methods)."""
     import pandas as pd
@@ -671,114 +622,3 @@ def trajectory_shape(record: dict, run: str) -> dict:
     lines = sum(len([ln for ln in (s.get("code") or "").splitlines() if ln.strip()]) for s in steps)
     return {"run": run, "id": record["id"], "steps": len(steps), "search_calls": search_calls(record),
             "code_lines": lines, "correct": float(record.get("score", 0.0))}  # fmt: skip
-
-
-# ------------------------------------------------------------------ publishing the teacher's trajectories
-def published_path(p: Profile) -> Path:
-    from agentlib.paths import ROOT
-
-    return ROOT / "data" / f"teacher_trajectories_{p.name}.jsonl.gz"
-
-
-def _manifest_path(path: Path) -> Path:
-    return path.with_name(path.name.replace(".jsonl.gz", ".manifest.json"))
-
-
-def teacher_settings(p: Profile) -> dict[str, Any]:
-    """What makes two teacher runs comparable: model and its sha256, prompts, sampling, budgets, questions.
-
-    A published set is reused only where these match the profile (:func:`load_published`)."""
-    import hashlib
-    import importlib.resources
-
-    from agentlib import registry
-
-    spec = registry.MODELS.get(p.teacher)
-    prompts = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-               for path in importlib.resources.files("agentlib.prompts").iterdir() if path.name.endswith(".yaml")}  # fmt: skip
-    return {
-        "teacher": p.teacher, "teacher_gguf_sha256": getattr(spec, "sha256", None), "prompts_sha256": prompts,
-        "teacher_samples": p.teacher_samples, "temperature": p.teacher_temperature, "top_p": p.teacher_top_p,
-        "teacher_max_tokens": p.teacher_max_tokens, "cot_max_tokens": p.cot_tokens, "max_steps": p.max_steps,
-        "top_k": p.top_k, "passage_chars": p.passage_chars, "retriever": p.retriever,
-        "stop_on_repeat": p.stop_on_repeat, "short_prompt": p.teacher_short_prompt, "ftp_source": p.ftp_source,
-        "train_factual": [list(x) for x in p.train_factual], "train_math": [list(x) for x in p.train_math],
-    }  # fmt: skip
-
-
-def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None, backend: str | None = None) -> Path:
-    """Write ``data/teacher_trajectories_<profile>.jsonl.gz`` (+ ``.manifest.json``) from a teacher run.
-
-    Each record gains ``run`` and ``domain``. The manifest holds :func:`teacher_settings`, the backend that
-    made the set, the questions covered per run and domain, the date, the code version and the file's
-    sha256, so notebook 01 (``teacher_source="published"``) and the lab start from it instead of regenerating.
-    """
-    import datetime
-    import gzip
-    import hashlib
-    import subprocess
-
-    from agentlib.paths import ROOT
-
-    dest = dest or published_path(p)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
-    lines = [json.dumps({**r, "run": name, "domain": r.get("domain") or domain.get(base_id(r["id"]), "")},
-                        ensure_ascii=False) for name, records in runs.items() for r in records]  # fmt: skip
-    with gzip.GzipFile(dest, "wb", mtime=0) as f:  # mtime=0: the same trajectories give the same bytes
-        f.write(("\n".join(lines) + "\n").encode())
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    covered: dict[str, dict[str, int]] = {}
-    for name, records in runs.items():
-        qs = {base_id(r["id"]) for r in records}
-        covered[name] = {d: sum(domain.get(q) == d for q in qs) for d in ("factual", "math")}
-    manifest = {
-        "profile": p.name, **teacher_settings(p), "backend": backend or p.teacher_backend,
-        "counts": {name: len(records) for name, records in runs.items()}, "questions": covered,
-        "date": datetime.date.today().isoformat(), "code_version": commit,
-        "file_sha256": hashlib.sha256(dest.read_bytes()).hexdigest(),
-    }  # fmt: skip
-    _manifest_path(dest).write_text(json.dumps(manifest, indent=2) + "\n")
-    return dest
-
-
-class PublishedMismatch(ValueError):
-    """A published teacher set does not match its manifest, or the manifest does not match the profile."""
-
-
-def load_published(p: Profile, path: Path | None = None, check_settings: bool = True) -> dict[str, list]:
-    """The published teacher set of profile ``p`` as records by run name, checked before use.
-
-    Raises :class:`PublishedMismatch` when the file's sha256 differs from its manifest's, or (with
-    ``check_settings``) when a setting of :func:`teacher_settings` differs from the profile's, naming each.
-    """
-    import hashlib
-
-    path = path or published_path(p)
-    mpath = _manifest_path(path)
-    if not path.exists() or not mpath.exists():
-        raise FileNotFoundError(f"no published teacher set at {path} (+ manifest): run notebook 01 with "
-                                f"teacher_source='generate'")  # fmt: skip
-    manifest = json.loads(mpath.read_text())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    if digest != manifest.get("file_sha256"):
-        raise PublishedMismatch(f"{path.name}: sha256 {digest[:12]} is not the manifest's "
-                                f"{str(manifest.get('file_sha256'))[:12]}")  # fmt: skip
-    if check_settings:
-        want = teacher_settings(p)
-        bad = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
-        if bad:
-            lines = "; ".join(f"{k}: published {a!r}, profile {b!r}" for k, (a, b) in bad.items())
-            raise PublishedMismatch(f"{path.name} was made with other settings than profile {p.name!r}: {lines}")
-    return read_published(path)
-
-
-def read_published(path: Path) -> dict[str, list]:
-    """A file written by ``publish_teacher``, back as records by run name (in the file's order)."""
-    runs: dict[str, list] = {}
-    for r in read_records(path):
-        runs.setdefault(r["run"], []).append(r)
-    return runs

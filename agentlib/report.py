@@ -11,6 +11,7 @@ import csv
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from agentlib.metrics import wilson_interval
 from agentlib.paths import ROOT, figures_dir
@@ -34,6 +35,17 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     """A Markdown table: one header row, then one row per list of cell texts."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def wide_table(df: Any) -> Any:
+    """Method × benchmark view with "score [low, high]" cells (the paper's Table 2 layout): rows in the paper's
+    method order, columns in the order of ``df`` (the eval sets' order) with the averages last."""
+    cells = df.assign(cell=[f"{s:.1f} [{lo:.1f}, {hi:.1f}]" for s, lo, hi in zip(df.score, df.ci_low, df.ci_high, strict=True)])
+    wide = cells.pivot(index="method", columns="benchmark", values="cell")
+    benches = list(dict.fromkeys(df.benchmark))
+    columns = [b for b in benches if b not in AVERAGES] + [b for b in AVERAGES if b in benches]
+    order = [m for m in METHODS if m in wide.index]
+    return wide.loc[order, columns]
 
 
 def results_markdown(profile: str = "cpu") -> str:

@@ -13,8 +13,16 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from agentlib.profiles import Profile
 
 _SEARCH_CALL = re.compile(r"\bsearch\s*\(")
+
+
+def base_id(record_id: str) -> str:
+    return record_id.split("#", 1)[0]
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -111,3 +119,134 @@ def summarize(records: list[dict]) -> dict:
         "completion_tokens": completion,
         "tokens_per_s": completion / gen_s if gen_s > 0 else None,
     }
+
+
+# ------------------------------------------------------------------ publishing the teacher's trajectories
+def published_path(p: Profile) -> Path:
+    from agentlib.paths import ROOT
+
+    return ROOT / "data" / f"teacher_trajectories_{p.name}.jsonl.gz"
+
+
+def _manifest_path(path: Path) -> Path:
+    return path.with_name(path.name.replace(".jsonl.gz", ".manifest.json"))
+
+
+def teacher_settings(p: Profile) -> dict[str, Any]:
+    """What makes two teacher runs comparable: model and its sha256, prompts, sampling, budgets, questions.
+
+    A published set is reused only where these match the profile (:func:`load_published`)."""
+    import hashlib
+    import importlib.resources
+
+    from agentlib import registry
+
+    spec = registry.MODELS.get(p.teacher)
+    prompts = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+               for path in importlib.resources.files("agentlib.prompts").iterdir() if path.name.endswith(".yaml")}  # fmt: skip
+    return {
+        "teacher": p.teacher, "teacher_gguf_sha256": getattr(spec, "sha256", None), "prompts_sha256": prompts,
+        "teacher_samples": p.teacher_samples, "temperature": p.teacher_temperature, "top_p": p.teacher_top_p,
+        "teacher_max_tokens": p.teacher_max_tokens, "cot_max_tokens": p.cot_tokens, "max_steps": p.max_steps,
+        "top_k": p.top_k, "passage_chars": p.passage_chars, "retriever": p.retriever,
+        "stop_on_repeat": p.stop_on_repeat, "short_prompt": p.teacher_short_prompt, "ftp_source": p.ftp_source,
+        "train_factual": [list(x) for x in p.train_factual], "train_math": [list(x) for x in p.train_math],
+    }  # fmt: skip
+
+
+def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None, backend: str | None = None) -> Path:
+    """Write ``data/teacher_trajectories_<profile>.jsonl.gz`` (+ ``.manifest.json``) from a teacher run.
+
+    Each record gains ``run`` and ``domain``. The manifest holds :func:`teacher_settings`, the backend that
+    made the set, the questions covered per run and domain, the date, the code version and the file's
+    sha256, so notebook 01 (``teacher_source="published"``) and the lab start from it instead of regenerating.
+    """
+    import datetime
+    import hashlib
+    import subprocess
+
+    from agentlib.paths import ROOT
+    from agentlib.pipeline import training_sets
+
+    dest = dest or published_path(p)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
+    lines = [json.dumps({**r, "run": name, "domain": r.get("domain") or domain.get(base_id(r["id"]), "")},
+                        ensure_ascii=False) for name, records in runs.items() for r in records]  # fmt: skip
+    with gzip.GzipFile(dest, "wb", mtime=0) as f:  # mtime=0: the same trajectories give the same bytes
+        f.write(("\n".join(lines) + "\n").encode())
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    covered: dict[str, dict[str, int]] = {}
+    for name, records in runs.items():
+        qs = {base_id(r["id"]) for r in records}
+        covered[name] = {d: sum(domain.get(q) == d for q in qs) for d in ("factual", "math")}
+    manifest = {
+        "profile": p.name, **teacher_settings(p), "backend": backend or p.teacher_backend,
+        "counts": {name: len(records) for name, records in runs.items()}, "questions": covered,
+        "date": datetime.date.today().isoformat(), "code_version": commit,
+        "file_sha256": hashlib.sha256(dest.read_bytes()).hexdigest(),
+    }  # fmt: skip
+    _manifest_path(dest).write_text(json.dumps(manifest, indent=2) + "\n")
+    return dest
+
+
+class PublishedMismatch(ValueError):
+    """A published teacher set does not match its manifest, or the manifest does not match the profile."""
+
+
+def load_published(p: Profile, path: Path | None = None, check_settings: bool = True) -> dict[str, list]:
+    """The published teacher set of profile ``p`` as records by run name, checked before use.
+
+    Raises :class:`PublishedMismatch` when the file's sha256 differs from its manifest's, or (with
+    ``check_settings``) when a setting of :func:`teacher_settings` differs from the profile's, naming each.
+    """
+    import hashlib
+
+    path = path or published_path(p)
+    mpath = _manifest_path(path)
+    if not path.exists() or not mpath.exists():
+        raise FileNotFoundError(f"no published teacher set at {path} (+ manifest): run notebook 01 with "
+                                f"teacher_source='generate'")  # fmt: skip
+    manifest = json.loads(mpath.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != manifest.get("file_sha256"):
+        raise PublishedMismatch(f"{path.name}: sha256 {digest[:12]} is not the manifest's "
+                                f"{str(manifest.get('file_sha256'))[:12]}")  # fmt: skip
+    if check_settings:
+        want = teacher_settings(p)
+        bad = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
+        if bad:
+            lines = "; ".join(f"{k}: published {a!r}, profile {b!r}" for k, (a, b) in bad.items())
+            raise PublishedMismatch(f"{path.name} was made with other settings than profile {p.name!r}: {lines}")
+    return read_published(path)
+
+
+def read_published(path: Path) -> dict[str, list]:
+    """A file written by ``publish_teacher``, back as records by run name (in the file's order)."""
+    runs: dict[str, list] = {}
+    for r in read_records(path):
+        runs.setdefault(r["run"], []).append(r)
+    return runs
+
+
+def seed_from_published(p: Profile, out_dir: Path) -> int:
+    """Resume a generation from the published set: its records whose ids the run files of ``out_dir`` lack are
+    appended to them (a fresh checkout has the published increments but not ``runs/``). Only a set made with
+    the profile's settings is used; returns the number of records added."""
+    try:
+        published = load_published(p)
+    except (FileNotFoundError, PublishedMismatch):
+        return 0
+    added = 0
+    for name, records in published.items():
+        path = out_dir / f"{name}.jsonl"
+        have = {r["id"] for r in read_records(path)} if path.exists() else set()
+        with JsonlWriter(path) as w:
+            for r in records:
+                if r["id"] not in have:
+                    w.write({k: v for k, v in r.items() if k not in ("run", "domain")})
+                    added += 1
+    return added

@@ -6,12 +6,14 @@ import pytest
 from agentlib.data import Example
 from agentlib.metrics import (
     answer_in_text,
+    answer_seen,
     bootstrap_ci,
     exact_match,
     f1,
     is_span_question,
     math_equal,
     normalize_answer,
+    paired_difference,
     score,
 )
 
@@ -364,3 +366,38 @@ def test_every_benchmark_gold_equals_itself_and_its_rewritings(monkeypatch):
     # and math-verify on its own can read every gold (after our preparation) as equal to itself
     unread = [(n, g) for n, g in golds if not _VERIFIER(_for_math_verify(_prepare(g)), _for_math_verify(_prepare(g)), 5.0)]
     assert not unread
+
+
+# ---- paired differences between methods (formerly bench/distill_trial.py's)
+def _paired_rec(method: str, bench: str, qid: str, score: float) -> dict:
+    return {"method": method, "benchmark": bench, "id": f"{bench}/{qid}" if method == "agent" else qid, "score": score}
+
+
+def test_paired_difference_pairs_by_question_and_weights_benchmarks_equally():
+    rec = _paired_rec
+    records = [rec("agent", "h", "1", 1), rec("agent", "h", "2", 1), rec("cot", "h", "1", 0), rec("cot", "h", "2", 1),
+               rec("agent", "m", "9", 0), rec("cot", "m", "9", 0),
+               rec("agent", "m", "only-agent", 1)]  # fmt: skip
+    mean, lo, hi, n = paired_difference(records, "agent", "cot", ["h", "m"])
+    assert n == 3  # the unpaired question is left out
+    assert mean == 25.0  # (h: +0.5, m: 0) / 2, in points
+    assert 0.0 <= lo <= mean <= hi <= 50.0
+    assert paired_difference(records, "cot", "agent", ["h", "m"])[0] == -25.0
+
+
+def test_answer_seen_counts_span_questions_whose_observations_hold_the_gold():
+    def rec(gold, observations, score):
+        return {"gold": gold, "score": score, "steps": [{"observation": o} for o in observations]}
+
+    records = [
+        rec(["Wichita"], ["Kapaun Mt. Carmel is in Wichita, Kansas."], 0.0),  # seen, answered wrong
+        rec(["Las Vegas"], ["nothing here", "Faith Lutheran ... in Las Vegas"], 1.0),  # seen in step 2, right
+        rec(["Argand lamp"], ["a lamp patented in 1780"], 0.0),  # never seen
+        rec(["no"], ["no such band"], 1.0),  # yes/no: left out
+        {"gold": ["Paris"], "score": 1.0, "steps": []},  # no steps (a CoT record): left out
+    ]
+    out = answer_seen(records)
+    assert out["n_span"] == 3
+    assert out["seen"] == 200 / 3
+    assert out["seen_correct"] == 50.0
+    assert answer_seen(records[3:])["n_span"] == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentlib import pipeline
+from agentlib import pipeline, trajectory
 from agentlib.profiles import get_profile
 
 
@@ -140,24 +140,6 @@ def test_a_student_without_data_stays_untuned_instead_of_failing(tmp_path, capsy
     assert pipeline.adapter_dirs(tmp_path)["cot"] == tmp_path / "cot"
 
 
-def test_answer_seen_counts_span_questions_whose_observations_hold_the_gold():
-    def rec(gold, observations, score):
-        return {"gold": gold, "score": score, "steps": [{"observation": o} for o in observations]}
-
-    records = [
-        rec(["Wichita"], ["Kapaun Mt. Carmel is in Wichita, Kansas."], 0.0),  # seen, answered wrong
-        rec(["Las Vegas"], ["nothing here", "Faith Lutheran ... in Las Vegas"], 1.0),  # seen in step 2, right
-        rec(["Argand lamp"], ["a lamp patented in 1780"], 0.0),  # never seen
-        rec(["no"], ["no such band"], 1.0),  # yes/no: left out
-        {"gold": ["Paris"], "score": 1.0, "steps": []},  # no steps (a CoT record): left out
-    ]
-    out = pipeline.answer_seen(records)
-    assert out["n_span"] == 3
-    assert out["seen"] == 200 / 3
-    assert out["seen_correct"] == 50.0
-    assert pipeline.answer_seen(records[3:])["n_span"] == 0
-
-
 def _teacher_fixture(monkeypatch):
     """Three factual questions and a scripted teacher: France solved at once; Italy's CoT only on its second
     sample and its agent never; Spain's agent at once. CoT answers open with a one-paragraph first thought."""
@@ -213,23 +195,23 @@ def test_published_teacher_set_round_trips_and_is_checked(tmp_path, monkeypatch)
     qs, model = _teacher_fixture(monkeypatch)
     p = get_profile("smoke", teacher_samples=2)
     runs = pipeline.teacher_stage(p, model, None, tmp_path / "teacher", progress=False)
-    dest = pipeline.publish_teacher(p, runs, dest=tmp_path / "t.jsonl.gz", backend="hf")
+    dest = trajectory.publish_teacher(p, runs, dest=tmp_path / "t.jsonl.gz", backend="hf")
     manifest = json.loads((tmp_path / "t.manifest.json").read_text())
     assert manifest["backend"] == "hf" and manifest["ftp_source"] == "cot" and manifest["teacher_samples"] == 2
     assert manifest["questions"]["agent_ftp"] == {"factual": 3, "math": 0}
-    loaded = pipeline.load_published(p, dest)
+    loaded = trajectory.load_published(p, dest)
     assert {k: [{x: r[x] for x in r if x not in ("run", "domain")} for r in v] for k, v in loaded.items()} == runs
     assert {r["domain"] for v in loaded.values() for r in v} == {"factual"}
     # the SFT datasets are the same as the generating run's
     a = pipeline.sft_datasets(runs, tmp_path / "teacher")
     b = pipeline.sft_datasets(loaded, tmp_path)
     assert {k: [r["id"] for r in v] for k, v in a.items()} == {k: [r["id"] for r in v] for k, v in b.items()}
-    with pytest.raises(pipeline.PublishedMismatch, match="top_k: published 2, profile 5"):
-        pipeline.load_published(get_profile("smoke", teacher_samples=2, top_k=5), dest)
+    with pytest.raises(trajectory.PublishedMismatch, match="top_k: published 2, profile 5"):
+        trajectory.load_published(get_profile("smoke", teacher_samples=2, top_k=5), dest)
     with gzip.open(dest, "ab") as f:
         f.write(b'{"id": "forged", "run": "agent"}\n')
-    with pytest.raises(pipeline.PublishedMismatch, match="sha256"):
-        pipeline.load_published(p, dest)
+    with pytest.raises(trajectory.PublishedMismatch, match="sha256"):
+        trajectory.load_published(p, dest)
 
 
 def test_the_paper_profile_has_table_2s_four_students_a_4096_token_cot_and_a_judge(tmp_path):
@@ -254,13 +236,13 @@ def test_a_generation_resumes_from_the_published_set_in_a_fresh_checkout(tmp_pat
     qs, model = _teacher_fixture(monkeypatch)
     p = get_profile("smoke", teacher_samples=2)
     runs = pipeline.teacher_stage(p, model, None, tmp_path / "old", progress=False)
-    dest = pipeline.publish_teacher(p, runs, dest=tmp_path / "t.jsonl.gz")
-    monkeypatch.setattr(pipeline, "published_path", lambda p: dest)
+    dest = trajectory.publish_teacher(p, runs, dest=tmp_path / "t.jsonl.gz")
+    monkeypatch.setattr(trajectory, "published_path", lambda p: dest)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    assert pipeline.seed_from_published(p, fresh) == sum(map(len, runs.values()))
+    assert trajectory.seed_from_published(p, fresh) == sum(map(len, runs.values()))
     calls = len(model.calls)
     assert pipeline.teacher_stage(p, model, None, fresh, progress=False) == runs  # nothing left to generate
     assert len(model.calls) == calls
-    assert pipeline.seed_from_published(p, fresh) == 0  # idempotent
-    assert pipeline.seed_from_published(get_profile("smoke", top_k=9), tmp_path / "other") == 0  # other settings
+    assert trajectory.seed_from_published(p, fresh) == 0  # idempotent
+    assert trajectory.seed_from_published(get_profile("smoke", top_k=9), tmp_path / "other") == 0  # other settings

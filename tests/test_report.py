@@ -108,3 +108,17 @@ def test_untrained_students_are_called_out(figs):
     assert "**The `cot` student was not trained**" in md and "so `cot_distill` ran the untuned model." in md
     assert "`agent` student was not trained" not in md
     assert "| agent | 9 | 9 | 11.1 | 1 |" in md
+
+
+def test_wide_table_keeps_the_eval_sets_order_with_the_averages_last():
+    from agentlib import pipeline
+    from agentlib.data import Example
+    from agentlib.profiles import get_profile
+
+    sets = {"math500": [Example("0", "q", "1", domain="math")], "hotpotqa": [Example("a", "q", "x")]}
+    recs = [{"method": m, "benchmark": b, "score": 1.0, "prediction": "x", "gold": "x"}
+            for m in ("agent_distill", "untuned_cot") for b in sets]  # fmt: skip
+    wide = report.wide_table(pipeline.results_table(recs, get_profile("smoke"), sets))
+    assert list(wide.columns) == ["math500", "hotpotqa", "factual_avg", "math_avg", "overall_avg"]
+    assert list(wide.index) == ["untuned_cot", "agent_distill"]
+    assert wide.loc["agent_distill", "hotpotqa"] == "100.0 [100.0, 100.0]"
