@@ -54,7 +54,7 @@ class Profile:
     teacher_servers: int = 1  # llama.cpp teacher servers, each with an equal share of the cores
     cot_max_tokens: int | None = None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
     teacher_source: str = "generate"  # notebook 01: "generate" runs the teacher, "published" loads data/'s set
-    teacher_chunk: int = 25  # training questions per teacher chunk: all three runs, then a checkpoint/publish
+    teacher_chunk: int = 10  # training questions per teacher chunk: all three runs, then a checkpoint/publish
     ftp_source: str = "cot"  # first-thought prefix from the CoT run's answers (the authors'); "plan": asked for
     sag_vote: str = "logs"  # SAG groups candidates by printed logs (the authors'); "logs+answer" adds the answer
     students: tuple[str, ...] = ()  # the student sizes of Table 2 (notebooks 02/03); () = (student,)
