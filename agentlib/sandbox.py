@@ -518,7 +518,7 @@ class Sandbox:
             "allowed": sorted(allowed_imports), "tools": sorted(self.tools),
             "uid": NOBODY if self._root else None, "gid": NOBODY if self._root else None,
             "disk_mb": int(disk_mb), "max_files": int(max_files), "copy_mb": min(64, int(disk_mb)),
-            "isolation": isolation,
+            "isolation": isolation, "cores": min(self.max_parallel, os.cpu_count() or 1),
         }
         self._cgroups = None
         if isolation == "kernel":
