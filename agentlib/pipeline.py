@@ -315,6 +315,10 @@ def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = N
         if usage is not None and usage.seconds:
             print(f"teacher ({backend}): {usage.completion_tokens:,} tokens generated, {usage.prompt_tokens:,} "
                   f"prompt tokens, {usage.seconds / 60:.1f} min generating, {usage.tokens_per_s:.1f} tokens/s")  # fmt: skip
+    domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
+    for records in runs.values():  # the summary reports per domain; published records carry it already
+        for r in records:
+            r.setdefault("domain", domain.get(base_id(r["id"]), ""))
     coverage = {name: len({base_id(r["id"]) for r in records}) for name, records in runs.items()}
     wanted = sum(len(v) for v in training_sets(p).values())
     print(f"teacher data ({source}): " + ", ".join(f"{n} {k} trajectories over {coverage[k]} of {wanted} questions"
@@ -388,23 +392,30 @@ def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool
 
 
 def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
-    """One row per teacher run: accuracy (sample 0 = the paper's greedy run), yield of any sample, kept."""
+    """One row per teacher run and domain: the greedy run's accuracy (sample 0, the paper's single run), the
+    yield of questions with a kept trajectory from sample 0 alone and from any sample (rejection sampling), the
+    greedy answers with no answer in them (a CoT cut off by its token budget, or unparsable), and the shape."""
     rows = []
     for name, records in runs.items():
-        greedy = [r for r in records if r["id"].endswith("#s0")] or records
-        questions = {base_id(r["id"]) for r in records}
-        solved = {base_id(r["id"]) for r in kept[name]}
-        s = summarize(greedy)
-        rows.append({
-            "run": name, "questions": len(questions), "trajectories": len(records),
-            "accuracy_greedy": 100 * s.get("accuracy", 0.0), "kept": len(kept[name]),
-            "questions_with_kept": len(solved), "yield_pct": 100 * len(solved) / max(1, len(questions)),
-            "parse_error_rate": 100 * s.get("parse_error_rate", 0.0),
-            "step_limit_rate": 100 * s.get("step_limit_rate", 0.0),
-            "repeat_stop_rate": 100 * s.get("repeat_stop_rate", 0.0),
-            "mean_steps": s.get("mean_steps", 0.0), "mean_search_calls": s.get("mean_search_calls", 0.0),
-            "tokens_per_s": s.get("tokens_per_s"),
-        })  # fmt: skip
+        for domain in sorted({r.get("domain", "") for r in records}):
+            recs = [r for r in records if r.get("domain", "") == domain]
+            keep = [r for r in kept[name] if r.get("domain", "") == domain]
+            greedy = [r for r in recs if r["id"].endswith("#s0")] or recs
+            n = max(1, len({base_id(r["id"]) for r in recs}))
+            solved = {base_id(r["id"]) for r in keep}
+            solved0 = {base_id(r["id"]) for r in keep if r["id"].endswith("#s0")}
+            s = summarize(greedy)
+            rows.append({
+                "run": name, "domain": domain or "all", "questions": len({base_id(r["id"]) for r in recs}),
+                "trajectories": len(recs), "accuracy_greedy": 100 * s.get("accuracy", 0.0), "kept": len(keep),
+                "yield_greedy_pct": 100 * len(solved0) / n, "yield_pct": 100 * len(solved) / n,
+                "no_answer_pct": 100 * sum(r.get("prediction") is None for r in greedy) / max(1, len(greedy)),
+                "parse_error_rate": 100 * s.get("parse_error_rate", 0.0),
+                "step_limit_rate": 100 * s.get("step_limit_rate", 0.0),
+                "repeat_stop_rate": 100 * s.get("repeat_stop_rate", 0.0),
+                "mean_steps": s.get("mean_steps", 0.0), "mean_search_calls": s.get("mean_search_calls", 0.0),
+                "tokens_per_s": s.get("tokens_per_s"),
+            })  # fmt: skip
     return rows
 
 
