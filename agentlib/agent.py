@@ -65,6 +65,16 @@ __all__ = [
     "run_cot",
     "select_action",
     "summarize",
+    "OBS_MAX_CHARS",
+    "prompts",
+    "render",
+    "system_prompt",
+    "SAG_VOTES",
+    "outcome_key",
+    "Action",
+    "vote",
+    "observation",
+    "repeats_previous",
 ]
 
 STOP = ["<end_code>", "Observation:", "Calling tools:"]  # smolagents' stop sequences for CodeAgent
@@ -558,9 +568,9 @@ class _NoBar:
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled or total == 0:
         return _NoBar()
-    from tqdm.auto import tqdm
+    from agentlib.viz import progress_bar
 
-    return tqdm(total=total, desc="questions")
+    return progress_bar(total=total, desc="questions")
 
 
 # ----------------------------------------------------------------------------- first-thought prefix

@@ -8,7 +8,6 @@ finds them (``AGENTLIB_DATA_DIR`` or ``data/cache``); ``make data`` fills ``data
 from __future__ import annotations
 
 import ast
-import hashlib
 import json
 import re
 import shutil
@@ -18,7 +17,24 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agentlib.paths import ROOT, data_dir
+from agentlib.paths import ROOT, data_dir, file_sha256
+
+__all__ = [
+    "DataError",
+    "Example",
+    "BENCHMARKS",
+    "EXTRAS",
+    "MANIFEST",
+    "ANSWER_CORRECTIONS",
+    "format_number",
+    "load_benchmark",
+    "load_extra",
+    "split_title",
+    "last_boxed",
+    "manifest",
+    "fetch",
+    "build_corpus",
+]
 
 
 class DataError(ValueError):
@@ -318,14 +334,6 @@ _EXTRA_PARSERS = {
 
 
 # ---------------------------------------------------------------- make data
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def manifest() -> list[dict]:
     """Rows of agentlib/data_manifest.tsv: path, sha256, url (the pinned public source)."""
     lines = MANIFEST.read_text().splitlines()
@@ -341,7 +349,7 @@ def fetch(dest: Path | None = None, mirror: Path | None = None) -> Path:
         mirror = candidate if candidate.is_dir() else None
     for entry in manifest():
         target = dest / entry["path"]
-        if target.is_file() and sha256(target) == entry["sha256"]:
+        if target.is_file() and file_sha256(target) == entry["sha256"]:
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(target.suffix + ".part")
@@ -353,7 +361,7 @@ def fetch(dest: Path | None = None, mirror: Path | None = None) -> Path:
             print(f"downloading {entry['url']}", file=sys.stderr)
             with urllib.request.urlopen(entry["url"], timeout=120) as r, tmp.open("wb") as f:
                 shutil.copyfileobj(r, f)
-        if sha256(tmp) != entry["sha256"]:
+        if file_sha256(tmp) != entry["sha256"]:
             tmp.unlink()
             raise DataError(f"{entry['path']}: sha256 mismatch (expected {entry['sha256']})")
         tmp.replace(target)
@@ -361,7 +369,7 @@ def fetch(dest: Path | None = None, mirror: Path | None = None) -> Path:
         target = dest / entry["path"]
         if entry["url"].startswith("build:") and not target.is_file():
             build_corpus(dest, target)
-            if sha256(target) != entry["sha256"]:
+            if file_sha256(target) != entry["sha256"]:
                 raise DataError(f"{target}: rebuilt corpus does not match its pinned sha256")
     return dest
 

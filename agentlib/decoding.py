@@ -23,6 +23,17 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+__all__ = [
+    "KV",
+    "new_cache",
+    "cache_kv",
+    "PrefixCache",
+    "sample",
+    "Request",
+    "Decoder",
+    "encode",
+]
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys, values), [rows, heads, tokens, head_dim]
 
 

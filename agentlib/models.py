@@ -28,6 +28,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "Messages",
+    "Usage",
+    "cut_at_stop",
+    "ChatModel",
+    "RoundSession",
+    "PACKED_SDPA",
+    "HFModel",
+    "HFSession",
+    "RequestError",
+    "Endpoint",
+    "endpoints_from_env",
+    "EndpointPool",
+    "OpenAIModel",
+    "load_model",
+]
+
 Messages = list[dict[str, str]]
 
 
@@ -45,6 +62,11 @@ class Usage:
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / self.seconds if self.seconds else 0.0
+
+    def __str__(self) -> str:
+        cached = f" ({self.cached_tokens:,} cached)" if self.cached_tokens else ""
+        return (f"{self.completion_tokens:,} tokens generated, {self.prompt_tokens:,} prompt tokens{cached}, "
+                f"{self.seconds:.1f} s, {self.tokens_per_s:.1f} tokens/s, {self.calls:,} calls")
 
     def reset(self) -> None:
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = self.calls = 0

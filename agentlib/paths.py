@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+__all__ = [
+    "ROOT",
+    "data_dir",
+    "cache_dir",
+    "corpus_path",
+    "runs_dir",
+    "STAGES",
+    "StageMissing",
+    "require_stage",
+    "figures_dir",
+    "file_sha256",
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +38,7 @@ def data_dir() -> Path:
     if (path / "benchmarks").is_dir():
         return path
     raise FileNotFoundError(
-        "no data found: set AGENTLIB_DATA_DIR to a data folder (e.g. ../shared/data) "
+        "no data found: set AGENTLIB_DATA_DIR to a data folder (benchmarks/, corpus/, extra/) "
         "or run `make data` to fill data/cache"
     )
 
@@ -95,3 +109,12 @@ def figures_dir() -> Path:
     path = ROOT / "figures"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -35,6 +35,46 @@ from agentlib.trajectory import (
     summarize,
 )
 
+__all__ = [
+    "PAPER_05B",
+    "SLOTS",
+    "SLOT_CTX",
+    "METHODS",
+    "training_sets",
+    "eval_sets",
+    "closed_book",
+    "open_retriever",
+    "open_model",
+    "native_bf16",
+    "teacher_backend",
+    "open_teacher",
+    "TEACHER_BATCH",
+    "teacher_config",
+    "student_config",
+    "TEACHER_RUNS",
+    "teacher_chunks",
+    "sharded",
+    "teacher_stage",
+    "TEACHER_SOURCES",
+    "teacher_runs",
+    "sft_datasets",
+    "teacher_summary",
+    "sft_config",
+    "UNTRAINED",
+    "student_dir",
+    "method_label",
+    "sft_stage",
+    "adapter_dirs",
+    "method_plan",
+    "evaluate_method",
+    "open_judge",
+    "judge_factual",
+    "results_table",
+    "run_summaries",
+    "load_records",
+    "trajectory_shape",
+]
+
 # Table 2 of the paper, Qwen2.5-0.5B-Instruct student, averages over the 8 benchmarks (accuracy, %).
 PAPER_05B = {"cot_distill": 13.64, "cot_distill_rag": 15.90, "agent_distill": 19.24, "agent_distill_ftp_sag": 21.90}
 

@@ -2,7 +2,8 @@
 
 ``smoke`` (CI, minutes), ``cpu`` (default: an offline laptop run with real small models), ``paper``
 (one GPU, vLLM, the paper's settings). Notebooks take ``profile`` as a papermill parameter and may
-override single fields: ``get_profile("cpu", sag_n=4)``.
+override single fields: ``get_profile("cpu", sag_n=4)``. Each setting's comment says why it has its
+value; the measurements behind the ``cpu`` profile's are in ``docs/profile_choices.md``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,15 @@ import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from agentlib.sft import SFTConfig
+
+__all__ = [
+    "Profile",
+    "PROFILES",
+    "Departure",
+    "DEPARTURES",
+    "departures_markdown",
+    "get_profile",
+]
 
 
 @dataclass(frozen=True)
@@ -116,55 +126,39 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile(
         name="cpu",
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
-        expected_wall="~46-76 min on 2 cores (measured in one invocation each: 45.5 min of notebooks + 2.5 set-up on AVX2, 2026-12-02; 43.3 + 2.3 with native bf16, 2026-12-03; the previous settings took 73 on a slower machine)",
+        expected_wall="~46-76 min on 2 cores (measurements: docs/profile_choices.md)",
         teacher="qwen2.5-coder-1.5b",
-        teacher_backend="llamacpp",  # "auto" would pick batched bf16 transformers on a bf16 CPU (bench_teacher)
-        teacher_max_tokens=256,  # correct teacher steps here were <= 110 tokens; longer ones were loops
+        teacher_backend="llamacpp",  # fast on every CPU; "auto" picks batched bf16 transformers where bf16 is native
+        teacher_max_tokens=256,  # room above the longest correct step; longer steps were loops
         teacher_temperature=0.7,
         teacher_top_p=0.8,
-        teacher_samples=2,  # rejection sampling: a question the greedy run did not solve gets one more sample
+        teacher_samples=2,  # rejection sampling: a 1.5B teacher solves too few questions greedily
         teacher_source="published",  # the set in data/ (hours to regenerate on 2 cores)
         student="qwen2.5-coder-0.5b",
         student_backend="llamacpp",
         student_max_tokens=192,
         max_steps=5,
-        sag_n=2,  # the paper's N=8 costs 8x the student's decoding per step; 2 fits the CPU budget
+        sag_n=2,  # N samples cost N times the student's decoding; 2 fits the CPU budget
         sag_temperature=0.4,
         sag_top_p=0.8,
         retriever="wiki_mini",
         top_k=3,
         passage_chars=400,
-        # Sized for 2 AVX2 cores (no native bf16): llama.cpp prefills the 1.5B at ~34 tokens/s there, fp32 LoRA
-        # trains the 0.5B at ~31 tokens/s. Training questions have their evidence in the mini-corpus and are in
-        # no test set; eval subsets are each set's first answerable rows.
-        # Every factual training question with its evidence in the mini-corpus (dev rows 100+ are test items);
-        # MATH levels 2-3 first, then 4-5 (neither file shares a question with MATH-500).
+        # The factual questions the mini-corpus can answer, none in a test set; MATH levels 2-3, then 4-5
         train_factual=(("extra", "hotpotqa_dev300", 100), ("extra", "hotpotqa_train100", 100)),
         train_math=(("train", "math_medium", 200), ("train", "math", 100)),
         eval_sets=(("test", "hotpotqa", 3), ("extra", "musique_train100", 1), ("test", "math500", 1),
                    ("test", "gsm_hard", 1), ("test", "aime", 1), ("test", "olymath", 1)),  # fmt: skip
         answerable_only=True,
-        # Agent trajectories of the 1.5B teacher run 0.8k-2.3k tokens (up to 5 steps of 3 passages of 400 chars):
-        # at 1024, 10 of 12 were cut before their final answer. 3072 keeps them whole (fp32, 0.5B: 12 GB peak).
-        # Two epochs as in the paper (one step per 2 trajectories each): with 1-4 kept trajectories a student
-        # trained for one epoch capped at 2 steps saw one optimizer step and behaved as the untuned model.
+        # 3072 keeps the teacher's agent trajectories whole; two epochs as in the paper, so few examples still train
         sft=SFTConfig(lora_r=16, lora_alpha=32, num_epochs=2, batch_size=2, max_length=3072),
         sft_max_length_cot=1024,
-        # Long enough that the teacher's CoT is not cut before its answer (at 640 most MATH answers were);
-        # students' CoT methods get the same budget. The paper gives 4,096.
-        cot_max_tokens=2048,
-        # In the previous run 8 of 18 teacher and 28 of 40 student agent trajectories repeated a step (same
-        # code, same observation) and ran on into the step limit; stopping there took the run from 103 to 77 min.
-        stop_on_repeat=True,
+        cot_max_tokens=2048,  # the teacher's CoT is rarely cut before its answer; half the paper's 4,096
+        stop_on_repeat=True,  # small models loop; a repeated step would run on into the step limit
         sag_vote="logs+answer",  # ours: candidates that print nothing but answer differently are not one group
-        # One teacher trajectory per server (6 training questions, greedy, retired bench_teacher_slots.py): 537 s
-        # with 1 slot vs 962 s with 6. On 2 cores 6 slots decode no faster than one, each slot prefills the
-        # 1.9k-token prompt, and the batch waits for its slowest step; one slot keeps each conversation cached.
-        teacher_slots=1,
+        teacher_slots=1,  # on 2 cores more slots decode no faster and each prefills the long prompt again
         teacher_servers=2,  # one 1-thread server per core, trajectories dealt over them
-        # The teacher keeps its few-shot prompt: on the short zero-shot prompt the 1.5B wrote its own
-        # `search` with `requests` and read made-up files. Its 1.9k tokens are prefilled once per server
-        # slot (llama.cpp reuses each slot's prompt prefix), ~55 s per slot on 2 cores.
+        # teacher_short_prompt stays False: on the zero-shot prompt the 1.5B wrote its own `search`
         sag_sweep=(1, 2),
         k_sweep=(1, 3),
     ),

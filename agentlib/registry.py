@@ -29,7 +29,23 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentlib.paths import cache_dir
+from agentlib.paths import cache_dir, file_sha256
+
+__all__ = [
+    "TABLE",
+    "CHUNK",
+    "ModelSpec",
+    "MODELS",
+    "spec",
+    "download",
+    "join_parts",
+    "gguf_file",
+    "gguf_path",
+    "convert_gguf",
+    "hf_dir",
+    "offline",
+    "resolve",
+]
 
 TABLE = Path(__file__).with_name("models.tsv")
 CHUNK = 1 << 22
@@ -85,14 +101,6 @@ def _locked(name: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _wheel_for(req: str, folder: Path) -> Path:
@@ -267,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     names = sorted(MODELS) if args.names == ["all"] else args.names
     for name in names:
         g = gguf_path(name)
-        if sha256_file(g) != spec(name).sha256:
+        if file_sha256(g) != spec(name).sha256:
             raise ValueError(f"{g} does not match its pinned sha256: delete it and fetch again")
         print(f"{name}: gguf {g} (sha256 ok)", flush=True)
         if not args.no_convert:

@@ -17,6 +17,14 @@ from agentlib.metrics import wilson_interval
 from agentlib.paths import ROOT, figures_dir
 from agentlib.pipeline import METHODS, PAPER_05B, method_plan
 
+__all__ = [
+    "AVERAGES",
+    "md_table",
+    "wide_table",
+    "results_markdown",
+    "update_readme",
+]
+
 AVERAGES = ("factual_avg", "math_avg", "overall_avg")
 
 

@@ -25,6 +25,14 @@ from pathlib import Path
 
 from agentlib.paths import ROOT, figures_dir, runs_dir
 
+__all__ = [
+    "notebooks",
+    "PeakTreeRSS",
+    "run_notebook",
+    "totals",
+    "write_timing",
+]
+
 
 def notebooks(pattern: str = "0*.ipynb") -> list[Path]:
     return sorted((ROOT / "notebooks").glob(pattern))
@@ -145,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="agentlib")
     parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 02")
     args = parser.parse_args(argv)
-    if os.environ.get("AGENTLIB_DATA_DIR"):  # kernels run in notebooks/: a relative path would break there
-        os.environ["AGENTLIB_DATA_DIR"] = str(Path(os.environ["AGENTLIB_DATA_DIR"]).expanduser().resolve())
+    for var in ("AGENTLIB_DATA_DIR", "AGENTLIB_RUNS_DIR"):  # kernels run in notebooks/: a relative path breaks
+        if os.environ.get(var):
+            os.environ[var] = str(Path(os.environ[var]).expanduser().resolve())
 
     out_dir = runs_dir(args.profile)
     invocations = _history(out_dir / "timing.json")

@@ -18,7 +18,6 @@ the 6-8 s of ``from pyserini.search.lucene import LuceneSearcher``).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -32,7 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agentlib import java
-from agentlib.paths import cache_dir, corpus_path
+from agentlib.paths import cache_dir, corpus_path, file_sha256
+
+__all__ = [
+    "META_FILE",
+    "FORMAT",
+    "MAX_QUERY_CHARS",
+    "DEFAULT_MAX_CHARS",
+    "RetrievalError",
+    "Passage",
+    "build_index",
+    "BM25Retriever",
+    "format_passages",
+    "make_search_tool",
+]
 
 META_FILE = "agentlib_index.json"
 FORMAT = "agentlib-bm25-v1"
@@ -55,15 +67,6 @@ class Passage:
 
 
 # ----------------------------------------------------------------------------- indexing
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_meta(index_dir: Path) -> dict:

@@ -35,6 +35,19 @@ from agentlib.paths import runs_dir
 if TYPE_CHECKING:
     from agentlib.models import OpenAIModel
 
+__all__ = [
+    "free_port",
+    "ServerProcess",
+    "llamacpp_command",
+    "start_llamacpp",
+    "run_llamacpp",
+    "vllm_command",
+    "start_vllm",
+    "lora_name",
+    "open_vllm",
+    "vllm_model",
+]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (the OS picks it)."""

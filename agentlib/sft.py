@@ -34,6 +34,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "IGNORE",
+    "MaskError",
+    "trajectory_to_chat",
+    "message_spans",
+    "assistant_labels",
+    "encode_chat",
+    "plan_batches",
+    "collate",
+    "loss_sum",
+    "SFTConfig",
+    "TrainResult",
+    "resolve_model_path",
+    "pick_device",
+    "load_for_training",
+    "encode_all",
+    "make_plan",
+    "fit",
+    "train",
+    "read_losses",
+]
+
 IGNORE = -100
 
 class MaskError(ValueError):
@@ -343,7 +365,7 @@ def load_for_training(model_path: str | Path, config: SFTConfig, device: str) ->
                                      bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
             model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
                                                          quantization_config=bnb, device_map={"": device})
-            # No forward pass before get_peft_model: with a 4-bit base it breaks backward later (FINDINGS.md).
+            # No forward pass before get_peft_model: with a 4-bit base it breaks backward later.
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
             # It upcasts every non-4-bit weight (embeddings, norms) to fp32, making all activations fp32: twice
             # the memory, and sdpa's math kernel (a seq x seq matrix per head; OOM at 9.5k tokens on an 80 GB
@@ -396,7 +418,8 @@ def fit(model: Any, examples: Sequence[dict], plan: list[list[list[int]]], confi
     (step, loss, lr, tokens, seconds); ``on_step(rows)`` is called after each step.
     """
     import torch
-    from tqdm.auto import tqdm
+
+    from agentlib.viz import progress_bar
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -406,7 +429,7 @@ def fit(model: Any, examples: Sequence[dict], plan: list[list[list[int]]], confi
     rows: list[dict] = []
     tokens, t0 = 0, time.perf_counter()
     model.train()
-    for step, micro_batches in enumerate(tqdm(plan, desc="sft", disable=not progress)):
+    for step, micro_batches in enumerate(progress_bar(plan, desc="sft", disable=not progress)):
         n_trained = sum(examples[i]["n_trained"] for mb in micro_batches for i in mb)
         total = 0.0
         for mb in micro_batches:

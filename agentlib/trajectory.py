@@ -18,6 +18,22 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from agentlib.profiles import Profile
 
+__all__ = [
+    "base_id",
+    "read_records",
+    "JsonlWriter",
+    "filter_trajectories",
+    "search_calls",
+    "summarize",
+    "published_path",
+    "teacher_settings",
+    "publish_teacher",
+    "PublishedMismatch",
+    "load_published",
+    "read_published",
+    "seed_from_published",
+]
+
 _SEARCH_CALL = re.compile(r"\bsearch\s*\(")
 
 
@@ -162,10 +178,9 @@ def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None,
     sha256, so notebook 01 (``teacher_source="published"``) and the lab start from it instead of regenerating.
     """
     import datetime
-    import hashlib
     import subprocess
 
-    from agentlib.paths import ROOT
+    from agentlib.paths import ROOT, file_sha256
     from agentlib.pipeline import training_sets
 
     dest = dest or published_path(p)
@@ -187,7 +202,7 @@ def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None,
         "profile": p.name, **teacher_settings(p), "backend": backend or p.teacher_backend,
         "counts": {name: len(records) for name, records in runs.items()}, "questions": covered,
         "date": datetime.date.today().isoformat(), "code_version": commit,
-        "file_sha256": hashlib.sha256(dest.read_bytes()).hexdigest(),
+        "file_sha256": file_sha256(dest),
     }  # fmt: skip
     _manifest_path(dest).write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
@@ -203,7 +218,7 @@ def load_published(p: Profile, path: Path | None = None, check_settings: bool = 
     Raises :class:`PublishedMismatch` when the file's sha256 differs from its manifest's, or (with
     ``check_settings``) when a setting of :func:`teacher_settings` differs from the profile's, naming each.
     """
-    import hashlib
+    from agentlib.paths import file_sha256
 
     path = path or published_path(p)
     mpath = _manifest_path(path)
@@ -211,7 +226,7 @@ def load_published(p: Profile, path: Path | None = None, check_settings: bool = 
         raise FileNotFoundError(f"no published teacher set at {path} (+ manifest): run notebook 01 with "
                                 f"teacher_source='generate'")  # fmt: skip
     manifest = json.loads(mpath.read_text())
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     if digest != manifest.get("file_sha256"):
         raise PublishedMismatch(f"{path.name}: sha256 {digest[:12]} is not the manifest's "
                                 f"{str(manifest.get('file_sha256'))[:12]}")  # fmt: skip

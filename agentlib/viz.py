@@ -18,6 +18,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "highlight_code",
+    "render_trajectory",
+    "show",
+    "browse",
+    "render_mask",
+    "show_mask",
+    "live_frontend",
+    "progress_bar",
+    "plot_loss_curves",
+    "plot_accuracy_bars",
+    "plot_sweep",
+    "plot_teacher_ftp",
+    "plot_trajectory_shape",
+]
+
 RED = "#c62828"
 GREEN = "#2e7d32"
 BOX = "border:1px solid #ddd;border-radius:4px;padding:6px 8px;margin:4px 0;"

@@ -5,7 +5,7 @@ throughput (k=3, 2 threads), and retrieval quality (recall of gold supporting ti
 Bars (issue 3): build <= 30 s, fresh open+query <= 3 s, p50 <= 1 ms, batch >= 1,000 q/s, HotpotQA recall@10
 >= 0.75.
 
-    AGENTLIB_DATA_DIR=../shared/data flock /tmp/agentlib-heavy.lock .venv/bin/python bench/bench_retrieval.py
+    AGENTLIB_DATA_DIR=/path/to/data .venv/bin/python bench/bench_retrieval.py
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ import pytest
 
 from agentlib import data
 from agentlib.data import BENCHMARKS, DataError, load_benchmark, load_extra
+from agentlib.paths import file_sha256
 
 EXPECTED = {
     ("test", "hotpotqa"): 500, ("test", "bamboogle"): 125, ("test", "musique"): 500,
@@ -111,12 +112,12 @@ def test_manifest_matches_files_and_corpus_rebuilds(data_root, tmp_path):
     entries = data.manifest()
     assert len(entries) == 27
     for e in entries:
-        assert data.sha256(data_root / e["path"]) == e["sha256"], e["path"]
+        assert file_sha256(data_root / e["path"]) == e["sha256"], e["path"]
         assert e["url"].startswith(("https://", "build:"))
     out = tmp_path / "wiki_mini.jsonl"
     assert data.build_corpus(data_root, out) == 11974
     corpus = next(e for e in entries if e["path"] == "corpus/wiki_mini.jsonl")
-    assert data.sha256(out) == corpus["sha256"]
+    assert file_sha256(out) == corpus["sha256"]
 
 
 def test_fetch_from_mirror_is_verified_and_idempotent(data_root, tmp_path):
@@ -125,7 +126,7 @@ def test_fetch_from_mirror_is_verified_and_idempotent(data_root, tmp_path):
     bad = dest / "benchmarks/math_dataset/test/aime_90_20250504.json"
     bad.write_text("corrupt")
     data.fetch(dest, mirror=data_root)  # re-copies the file whose sha256 is wrong
-    assert data.sha256(bad) == next(e["sha256"] for e in data.manifest() if e["path"].endswith("aime_90_20250504.json"))
+    assert file_sha256(bad) == next(e["sha256"] for e in data.manifest() if e["path"].endswith("aime_90_20250504.json"))
 
 
 def test_last_boxed():

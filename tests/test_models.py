@@ -20,6 +20,7 @@ import pytest
 
 from agentlib import registry
 from agentlib.models import EndpointPool, OpenAIModel, Usage, cut_at_stop, endpoints_from_env, load_model
+from agentlib.paths import file_sha256
 
 # ------------------------------------------------------------------------------------------ pure logic
 
@@ -36,6 +37,12 @@ def test_usage_tokens_per_s():
     assert u.tokens_per_s == 25.0
     u.reset()
     assert (u.completion_tokens, u.tokens_per_s, u.prefill_seconds) == (0, 0.0, 0.0)
+
+
+def test_usage_prints_rounded():
+    u = Usage(prompt_tokens=12345, completion_tokens=678, seconds=70.18609769999671, calls=3)
+    assert str(u) == "678 tokens generated, 12,345 prompt tokens, 70.2 s, 9.7 tokens/s, 3 calls"
+    assert "(5 cached)" in str(Usage(cached_tokens=5))
 
 
 def test_endpoints_from_env(monkeypatch):
@@ -105,7 +112,7 @@ def test_resolve_paths_hub_ids_and_offline(tmp_path, monkeypatch):
 def test_registry_smollm2_is_verified_and_converted():
     g = registry.gguf_path("smollm2-135m")
     assert g.stat().st_size == registry.spec("smollm2-135m").bytes
-    assert registry.sha256_file(g) == registry.spec("smollm2-135m").sha256
+    assert file_sha256(g) == registry.spec("smollm2-135m").sha256
     d = registry.hf_dir("smollm2-135m")
     cfg = json.loads((d / "config.json").read_text())
     assert "quantization_config" not in cfg and cfg["dtype"] == "bfloat16"
