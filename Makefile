@@ -28,11 +28,12 @@ models: $(STAMP)
 
 test: $(STAMP) data
 	$(MAKE) models PROFILE=smoke
-	$(PY) -m ruff check agentlib tests bench notebooks
+	$(PY) -m ruff check agentlib tests bench notebooks && $(PY) -m ruff format --check agentlib tests bench
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
 	$(PY) -m ruff check agentlib tests bench notebooks
+	$(PY) -m ruff format --check agentlib tests bench  # notebooks: excluded in pyproject.toml
 
 # Runs the notebooks in order with papermill into runs/$(PROFILE)/; resumable.
 reproduce: setup

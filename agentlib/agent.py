@@ -83,6 +83,7 @@ OBS_MAX_CHARS = 4000
 
 # ----------------------------------------------------------------------------- prompts
 
+
 @cache
 def prompts(name: str) -> dict:
     """A prompt file of ``agentlib/prompts`` (``codeact`` or ``cot``) as a dict."""
@@ -105,11 +106,15 @@ def system_prompt(tool_names: Sequence[str], short: bool = False) -> str:
     p = prompts("codeact")
     names = [t for t in tool_names if t != "final_answer"] + ["final_answer"]
     tools = "\n\n".join(p["tools"][t] for t in names if t in p["tools"])
-    return render(p["system_prompt_short" if short else "system_prompt"], tools=tools,
-                  authorized_imports=str(sorted(ALLOWED_IMPORTS)))
+    return render(
+        p["system_prompt_short" if short else "system_prompt"],
+        tools=tools,
+        authorized_imports=str(sorted(ALLOWED_IMPORTS)),
+    )
 
 
 # ----------------------------------------------------------------------------- parsing
+
 
 @dataclass(frozen=True)
 class Step:
@@ -183,6 +188,7 @@ def parse_step(text: str) -> Step:
 
 # ----------------------------------------------------------------------------- configuration
 
+
 @dataclass
 class AgentConfig:
     """How an agent run samples and steps. Teacher: greedy, long prompt. Student with SAG: see ``sag()``."""
@@ -200,7 +206,9 @@ class AgentConfig:
     memory_mb: int = 1024
     method: str = "agent"
     stop_on_repeat: bool = False  # end a loop that repeats its previous step (not in the paper)
-    sag_vote: str = "logs"  # SAG groups candidates by printed logs ("logs", the authors') or "logs+answer" (ours)
+    sag_vote: str = (
+        "logs"  # SAG groups candidates by printed logs ("logs", the authors') or "logs+answer" (ours)
+    )
 
     @classmethod
     def teacher(cls, **kw: Any) -> AgentConfig:
@@ -218,6 +226,7 @@ class AgentConfig:
 
 
 # ----------------------------------------------------------------------------- SAG
+
 
 def _norm(text: Any) -> str:
     return " ".join(str(text).split()).lower()
@@ -260,9 +269,19 @@ def _run_safely(fn: Callable[[], Any], n: int) -> list[Any]:
     except Exception as e:  # a sandbox failure becomes an error observation, never an exception
         from types import SimpleNamespace
 
-        return [SimpleNamespace(stdout="", error=f"SandboxError: {type(e).__name__}: {e}", final_answer=None,
-                                called_final_answer=False, last_output=None, duration_s=0.0, timed_out=False,
-                                candidate=None) for _ in range(n)]
+        return [
+            SimpleNamespace(
+                stdout="",
+                error=f"SandboxError: {type(e).__name__}: {e}",
+                final_answer=None,
+                called_final_answer=False,
+                last_output=None,
+                duration_s=0.0,
+                timed_out=False,
+                candidate=None,
+            )
+            for _ in range(n)
+        ]
 
 
 def vote(outcomes: Sequence[str | None]) -> int | None:
@@ -297,15 +316,21 @@ def select_action(texts: Sequence[str], sb: Any, vote_on: str = "logs+answer") -
     elif runnable:
         out = _run_safely(lambda: sb.run_candidates([parsed[i].code for i in runnable]), len(runnable))
         results = dict(zip(runnable, out, strict=True))
-    keys = [outcome_key(results[i], vote_on) if i in results and not _failed(results[i]) else None
-            for i in range(len(texts))]
+    keys = [
+        outcome_key(results[i], vote_on) if i in results and not _failed(results[i]) else None
+        for i in range(len(texts))
+    ]
     groups = Counter(k for k in keys if k is not None)
     chosen = vote(keys)
     if chosen is None:
         chosen = runnable[0] if runnable else 0
     chosen_result = results.get(chosen)
-    if (len(texts) > 1 and chosen_result is not None and getattr(chosen_result, "candidate", None) is not None
-            and not getattr(chosen_result, "timed_out", False)):
+    if (
+        len(texts) > 1
+        and chosen_result is not None
+        and getattr(chosen_result, "candidate", None) is not None
+        and not getattr(chosen_result, "timed_out", False)
+    ):
         # a failed (not timed-out) candidate keeps its partial effects, like run(); a result the sandbox
         # could not produce (it failed itself) has no candidate to adopt
         _run_safely(lambda: [sb.commit(chosen_result)], 1)
@@ -348,7 +373,11 @@ def observation(action: Action, max_chars: int = OBS_MAX_CHARS) -> str:
         else:  # smolagents' observation: the logs, then the value of the code's last statement
             last = getattr(r, "last_output", None)
             last = "None" if last is None else _truncate(last, max_chars)
-            body += ("\n" if stdout and not stdout.endswith("\n") else "") + "Last output from code snippet:\n" + last
+            body += (
+                ("\n" if stdout and not stdout.endswith("\n") else "")
+                + "Last output from code snippet:\n"
+                + last
+            )
     return render(p["observation"], body=body)
 
 
@@ -357,6 +386,7 @@ def _truncate(text: str, max_chars: int) -> str:
 
 
 # ----------------------------------------------------------------------------- the agent loop
+
 
 def _default_sandbox(config: AgentConfig) -> Callable[[dict], Any]:
     from agentlib.sandbox import Sandbox
@@ -522,8 +552,13 @@ def run_agent(
     writer = JsonlWriter(out_path) if out_path else None
     if queue and hasattr(model, "prime"):  # every trajectory opens with the same system prompt
         model.prime([{"role": "system", "content": system}])
-    gen = dict(n=config.n_samples, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_tokens,
-               stop=STOP)
+    gen = dict(
+        n=config.n_samples,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_tokens=config.max_tokens,
+        stop=STOP,
+    )
     session = model.session(**gen) if hasattr(model, "session") else RoundSession(model, **gen)
     bar = _progress(len(queue), progress)
     active: list[_Trajectory] = []
@@ -575,6 +610,7 @@ def _progress(total: int, enabled: bool) -> Any:
 
 # ----------------------------------------------------------------------------- first-thought prefix
 
+
 def ftp_prefix(cot_answer: str) -> str:
     """The first-thought prefix as the authors build it (``exps_research/build_prefix_memory.py``): the
     first paragraph of the teacher's own chain-of-thought answer, ``"Thought: " + first + "\n\n"``.
@@ -616,13 +652,20 @@ def make_prefixes(
     out: dict[str, str] = {}
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        convs = [[{"role": "system", "content": p["ftp_system"]},
-                  {"role": "user", "content": render(p["ftp_user"], question=ex.question)}] for ex in chunk]
+        convs = [
+            [
+                {"role": "system", "content": p["ftp_system"]},
+                {"role": "user", "content": render(p["ftp_user"], question=ex.question)},
+            ]
+            for ex in chunk
+        ]
         # only the first paragraph is kept, so generation stops at the first blank line (unless it opens with one)
         texts = model.chat_batch(convs, n=1, temperature=temperature, max_tokens=max_tokens, stop=["\n\n"])
         empty = [i for i, t in enumerate(texts) if not t[0].strip()]
         if empty:
-            again = model.chat_batch([convs[i] for i in empty], n=1, temperature=temperature, max_tokens=max_tokens)
+            again = model.chat_batch(
+                [convs[i] for i in empty], n=1, temperature=temperature, max_tokens=max_tokens
+            )
             for i, t in zip(empty, again, strict=True):
                 texts[i] = t
         for ex, t in zip(chunk, texts, strict=True):
@@ -632,6 +675,7 @@ def make_prefixes(
 
 
 # ----------------------------------------------------------------------------- CoT baseline
+
 
 def extract_answer(text: str, domain: str) -> str | None:
     """The answer of a CoT completion: last ``<answer>...</answer>`` (factual) or last ``\\boxed{}`` (math,
@@ -687,8 +731,11 @@ def run_cot(
             convs = []
             for ex, ps in zip(chunk, passages, strict=True):
                 system = p["system_math" if ex.domain == "math" else "system_factual"]
-                user = render(p["user_rag"], passages=ps, question=ex.question) if ps is not None else \
-                    render(p["user"], question=ex.question)
+                user = (
+                    render(p["user_rag"], passages=ps, question=ex.question)
+                    if ps is not None
+                    else render(p["user"], question=ex.question)
+                )
                 convs.append([{"role": "system", "content": system}, {"role": "user", "content": user}])
             t0 = time.perf_counter()
             outs = model.chat_batch(convs, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
@@ -703,13 +750,21 @@ def run_cot(
                 else:
                     chosen = 0
                 rec = {
-                    "id": str(ex.id), "benchmark": getattr(ex, "source", ""), "question": ex.question,
-                    "gold": ex.answer, "method": method,
+                    "id": str(ex.id),
+                    "benchmark": getattr(ex, "source", ""),
+                    "question": ex.question,
+                    "gold": ex.answer,
+                    "method": method,
                     "messages": [*conv, {"role": "assistant", "content": texts[chosen]}],
-                    "steps": [], "prediction": answers[chosen],
+                    "steps": [],
+                    "prediction": answers[chosen],
                     "score": float(score_fn(answers[chosen], ex)),
-                    "parse_errors": int(answers[chosen] is None), "hit_step_limit": False,
-                    "used_prefix": False, "prefix": None, "sag_n": n, "gen_s": gen_s,
+                    "parse_errors": int(answers[chosen] is None),
+                    "hit_step_limit": False,
+                    "used_prefix": False,
+                    "prefix": None,
+                    "sag_n": n,
+                    "gen_s": gen_s,
                     "samples": [{"text": t, "answer": a} for t, a in zip(texts, answers, strict=True)],
                     "votes": dict(votes),
                 }

@@ -241,7 +241,7 @@ def load_extra(name: str, limit: int | None = None) -> list[Example]:
 
 
 def split_title(paragraph: str) -> tuple[str, str]:
-    """"Title. text" -> (title, text), split at the first ". " (the HotpotQA-dev file's layout)."""
+    """ "Title. text" -> (title, text), split at the first ". " (the HotpotQA-dev file's layout)."""
     title, sep, text = paragraph.partition(". ")
     return (title.strip(), text.strip()) if sep else ("", paragraph.strip())
 
@@ -250,28 +250,42 @@ def _hotpot_dev(row: dict, i: int) -> Example:
     answers = [str(a) for a in _as_list(row["answers"])]
     paragraphs = [split_title(p) for p in re.split(r"\n\s*\n", row["document"]) if p.strip()]
     return Example(
-        id=f"dev{int(row['id'])}", question=row["question"].strip(), answer=answers[0],
-        aliases=answers[1:], extra={"dev_row": int(row["id"]), "paragraphs": paragraphs},
-    )  # fmt: skip
+        id=f"dev{int(row['id'])}",
+        question=row["question"].strip(),
+        answer=answers[0],
+        aliases=answers[1:],
+        extra={"dev_row": int(row["id"]), "paragraphs": paragraphs},
+    )
 
 
 def _hotpot_train100(row: dict, i: int) -> Example:
     facts = _as_list(row["supporting_facts"])
     return Example(
-        id=row["_id"], question=row["question"].strip(), answer=str(row["answer"]),
-        extra={"supporting_titles": sorted({f[0] for f in facts}), "type": row.get("type"),
-               "level": row.get("level"), "context": row.get("context")},
-    )  # fmt: skip
+        id=row["_id"],
+        question=row["question"].strip(),
+        answer=str(row["answer"]),
+        extra={
+            "supporting_titles": sorted({f[0] for f in facts}),
+            "type": row.get("type"),
+            "level": row.get("level"),
+            "context": row.get("context"),
+        },
+    )
 
 
 def _musique_train100(row: dict, i: int) -> Example:
     paragraphs = _as_list(row["paragraphs"])
     return Example(
-        id=row["id"].strip(), question=row["question"].strip(), answer=str(row["answer"]),
+        id=row["id"].strip(),
+        question=row["question"].strip(),
+        answer=str(row["answer"]),
         aliases=[str(a) for a in _as_list(row.get("answer_aliases", []))],
-        extra={"supporting_titles": sorted({p["title"] for p in paragraphs if p.get("is_supporting")}),
-               "paragraphs": paragraphs, "hops": int(row["id"][0])},
-    )  # fmt: skip
+        extra={
+            "supporting_titles": sorted({p["title"] for p in paragraphs if p.get("is_supporting")}),
+            "paragraphs": paragraphs,
+            "hops": int(row["id"][0]),
+        },
+    )
 
 
 def _2wiki(row: dict, i: int) -> Example:
@@ -302,19 +316,29 @@ def _math(row: dict, i: int) -> Example:
     answer = row.get("answer") or last_boxed(row.get("solution", "")) or ""
     keep = ("level", "type", "subject", "solution", "unique_id")
     return Example(
-        id=str(row.get("unique_id") or row.get("idx") or row.get("id") or i), question=row["problem"],
-        answer=str(answer), domain="math", extra={k: row[k] for k in keep if k in row},
-    )  # fmt: skip
+        id=str(row.get("unique_id") or row.get("idx") or row.get("id") or i),
+        question=row["problem"],
+        answer=str(answer),
+        domain="math",
+        extra={k: row[k] for k in keep if k in row},
+    )
 
 
 def _gsm_hard(row: dict, i: int) -> Example:
-    return Example(id=str(i), question=row["input"], answer=format_number(float(row["target"])), domain="math")
+    return Example(
+        id=str(i), question=row["input"], answer=format_number(float(row["target"])), domain="math"
+    )
 
 
 def _olympiad(row: dict, i: int) -> Example:
     answers = [str(a) for a in _as_list(row["final_answer"])]
-    return Example(id=str(row["id"]), question=row["question"], answer=answers[0], domain="math",
-                   extra={"subfield": row.get("subfield")})  # fmt: skip
+    return Example(
+        id=str(row["id"]),
+        question=row["question"],
+        answer=answers[0],
+        domain="math",
+        extra={"subfield": row.get("subfield")},
+    )
 
 
 _EXTRA_PARSERS = {

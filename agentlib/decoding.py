@@ -49,18 +49,22 @@ class _Layer(DynamicLayer):
         self._view = self.keys
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized or self.keys.numel() == 0:
             self.assign(key_states, value_states)
             return self.keys, self.values
         t, q = self.keys.shape[-2], key_states.shape[-2]
         if self.keys is not self._view or t + q > self._k.shape[-2]:  # replaced from outside, or full
-            self.assign(torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2),
-                        spare=max(64, t // 4))
+            self.assign(
+                torch.cat([self.keys, key_states], -2),
+                torch.cat([self.values, value_states], -2),
+                spare=max(64, t // 4),
+            )
             return self.keys, self.values
-        self._k[:, :, t:t + q], self._v[:, :, t:t + q] = key_states, value_states
-        self.keys, self.values = self._k[:, :, :t + q], self._v[:, :, :t + q]
+        self._k[:, :, t : t + q], self._v[:, :, t : t + q] = key_states, value_states
+        self.keys, self.values = self._k[:, :, : t + q], self._v[:, :, : t + q]
         self._view = self.keys
         return self.keys, self.values
 
@@ -119,8 +123,10 @@ class PrefixCache:
             return
         for old in [k for k in self.entries if len(k) < len(key) and key[: len(k)] == k]:
             self.nbytes -= self._size(self.entries.pop(old))
-        kv = [(k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format))
-              for k, v in kv]  # copies: a view would keep the whole batch's cache alive
+        kv = [
+            (k.clone(memory_format=torch.contiguous_format), v.clone(memory_format=torch.contiguous_format))
+            for k, v in kv
+        ]  # copies: a view would keep the whole batch's cache alive
         self.entries[key] = kv
         self.nbytes += self._size(kv)
         while self.nbytes > self.max_bytes and len(self.entries) > 1:
@@ -172,9 +178,19 @@ class Decoder:
     consumer can submit just in time. At most ``max_requests`` requests decode at once.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, eos_ids: Sequence[int], temperature: float, top_p: float,
-                 max_tokens: int, stop: Sequence[str] | None, max_requests: int, prefix_cache: PrefixCache,
-                 usage: Any = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        eos_ids: Sequence[int],
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        stop: Sequence[str] | None,
+        max_requests: int,
+        prefix_cache: PrefixCache,
+        usage: Any = None,
+    ):
         self.model, self.tokenizer = model, tokenizer
         self.eos = set(eos_ids)
         self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
@@ -222,12 +238,16 @@ class Decoder:
         kv = [(k.expand(req.k, -1, -1, -1), v.expand(req.k, -1, -1, -1)) for k, v in kv]
         width = max(self.mask.shape[1] if self.rows else 0, n)
         mask = torch.zeros(req.k, width, dtype=torch.long, device=self.model.device)
-        mask[:, width - n:] = 1
+        mask[:, width - n :] = 1
         first = torch.full((req.k,), req.ids[-1], dtype=torch.long, device=self.model.device)
         if self.rows:  # both sides left-padded to the wider one
-            kv = [(torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
-                   torch.cat([_left_pad(v0, width), _left_pad(v1, width)]))
-                  for (k0, v0), (k1, v1) in zip(cache_kv(self.cache), kv, strict=True)]
+            kv = [
+                (
+                    torch.cat([_left_pad(k0, width), _left_pad(k1, width)]),
+                    torch.cat([_left_pad(v0, width), _left_pad(v1, width)]),
+                )
+                for (k0, v0), (k1, v1) in zip(cache_kv(self.cache), kv, strict=True)
+            ]
             mask, first = torch.cat([_left_pad(self.mask, width), mask]), torch.cat([self.last, first])
         self.cache, self.mask, self.last = new_cache(len(kv), kv), mask, first
         req.samples = [[] for _ in range(req.k)]
@@ -247,8 +267,13 @@ class Decoder:
         dev = self.model.device
         self.mask = torch.cat([self.mask, torch.ones(len(self.rows), 1, dtype=torch.long, device=dev)], 1)
         pos = torch.tensor([[r.length] for r in self.rows], device=dev)
-        out = self.model(input_ids=self.last[:, None], attention_mask=self.mask, position_ids=pos,
-                         past_key_values=self.cache, use_cache=True)
+        out = self.model(
+            input_ids=self.last[:, None],
+            attention_mask=self.mask,
+            position_ids=pos,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         tokens = sample(out.logits[:, -1, :], self.temperature, self.top_p)
         keep, finished = [], []
         for i, (row, tok) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
@@ -281,7 +306,7 @@ class Decoder:
     def _hit_stop(self, gen: list[int]) -> bool:
         if not self.stop:
             return False
-        text = self.tokenizer.decode(gen[-self.tail:], skip_special_tokens=False)
+        text = self.tokenizer.decode(gen[-self.tail :], skip_special_tokens=False)
         return any(s in text for s in self.stop)
 
     def _keep(self, keep: list[int], tokens: torch.Tensor) -> None:
@@ -301,8 +326,13 @@ class Decoder:
         """Row ``i``'s tokens in the cache (its prompt, and its answer but the last token) to the prefix cache."""
         ids = row.req.ids + row.req.samples[0][:-1]
         width = self.mask.shape[1]
-        self.prefix_cache.add(ids, [(k[i:i + 1, :, width - row.length:], v[i:i + 1, :, width - row.length:])
-                                    for k, v in cache_kv(self.cache)])
+        self.prefix_cache.add(
+            ids,
+            [
+                (k[i : i + 1, :, width - row.length :], v[i : i + 1, :, width - row.length :])
+                for k, v in cache_kv(self.cache)
+            ],
+        )
 
 
 def encode(model: Any, prefix_cache: PrefixCache, ids: list[int]) -> tuple[KV, int]:
@@ -313,9 +343,14 @@ def encode(model: Any, prefix_cache: PrefixCache, ids: list[int]) -> tuple[KV, i
         return kv, n
     cache = new_cache(model.config.num_hidden_layers, kv)
     rest = torch.tensor([ids[n:]], device=model.device)
-    model(input_ids=rest, attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
-          position_ids=torch.arange(n, len(ids), device=model.device)[None], past_key_values=cache, use_cache=True,
-          logits_to_keep=1)
+    model(
+        input_ids=rest,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=model.device),
+        position_ids=torch.arange(n, len(ids), device=model.device)[None],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     kv = cache_kv(cache)
     prefix_cache.add(ids, kv)
     return kv, n

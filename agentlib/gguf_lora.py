@@ -20,10 +20,14 @@ __all__ = [
 
 # peft module path (Qwen2/Llama layout) -> llama.cpp tensor name
 _MODULES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
-}  # fmt: skip
+}
 _KEY = re.compile(r"layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
 
 
@@ -31,8 +35,10 @@ def gguf_tensor_name(peft_key: str) -> tuple[str, str]:
     """``(base tensor name, "a"|"b")`` for a peft LoRA weight key; ``ValueError`` for unsupported modules."""
     m = _KEY.search(peft_key)
     if not m or m.group(2) not in _MODULES:
-        raise ValueError(f"cannot map LoRA weight {peft_key!r} to a llama.cpp tensor "
-                         f"(supported: {sorted(_MODULES)} in model.layers.N)")  # fmt: skip
+        raise ValueError(
+            f"cannot map LoRA weight {peft_key!r} to a llama.cpp tensor "
+            f"(supported: {sorted(_MODULES)} in model.layers.N)"
+        )
     return f"blk.{m.group(1)}.{_MODULES[m.group(2)]}.weight", m.group(3).lower()
 
 

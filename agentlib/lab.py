@@ -113,8 +113,9 @@ def _f1_ref(pred: str, gold: str) -> float:
     return f1(pred, [gold])
 
 
-def _labels_ref(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]],
-                roles: list[str]) -> list[int]:  # fmt: skip
+def _labels_ref(
+    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int, int]], roles: list[str]
+) -> list[int]:
     from agentlib.sft import assistant_labels
 
     return assistant_labels(input_ids, offsets, spans, roles)
@@ -137,20 +138,30 @@ def _parse_cases() -> list[Case]:
     texts = [
         (_step("I need the birth year.", 'r = search("Ada Lovelace born")\nprint(r)'), "a well-formed step"),
         (_step("Compute it.", "print(2**10)", fence="python"), "a ```python fence instead of ```py"),
-        (_step("Answer now.", 'final_answer("Paris")', close=False),
-         "no closing fence (generation stopped at <end_code>)"),
+        (
+            _step("Answer now.", 'final_answer("Paris")', close=False),
+            "no closing fence (generation stopped at <end_code>)",
+        ),
         ("Thought: no code here, just talk.", "no code at all: raise ValueError"),
-        ("Thought: stray `backticks` in the thought.\nCode:\n```py\nx = 3\nprint(x)\n```<end_code>",
-         "single backticks inside the thought"),
+        (
+            "Thought: stray `backticks` in the thought.\nCode:\n```py\nx = 3\nprint(x)\n```<end_code>",
+            "single backticks inside the thought",
+        ),
         ("```py\nprint('no thought')\n```<end_code>", "no 'Thought:' at all: the thought is empty"),
         ("Thought: empty block\nCode:\n```py\n\n```<end_code>", "an empty code block: raise ValueError"),
-        ("Thought: first\nCode:\n```py\nprint(1)\n```<end_code>\nObservation:\n```py\nprint(2)\n```",
-         "text after <end_code> is not part of the step"),
-        ("Thought: multiply.\nCode:\n```py\nprint(6 * 7)\n<end_code>\nObservation:\n42",
-         "no closing fence: the code stops at <end_code>, the text after it is not code"),
-        ("Thought: I will search next.<end_code>\nObservation:\n```py\nprint(search('x'))\n```",
-         "the turn ended at <end_code> before any code: raise ValueError"),
-    ]  # fmt: skip
+        (
+            "Thought: first\nCode:\n```py\nprint(1)\n```<end_code>\nObservation:\n```py\nprint(2)\n```",
+            "text after <end_code> is not part of the step",
+        ),
+        (
+            "Thought: multiply.\nCode:\n```py\nprint(6 * 7)\n<end_code>\nObservation:\n42",
+            "no closing fence: the code stops at <end_code>, the text after it is not code",
+        ),
+        (
+            "Thought: I will search next.<end_code>\nObservation:\n```py\nprint(search('x'))\n```",
+            "the turn ended at <end_code> before any code: raise ValueError",
+        ),
+    ]
     return [Case((t,), _expect(_parse_step_ref, t), why) for t, why in texts]
 
 
@@ -166,14 +177,24 @@ def _same_step(got: Any, want: Any) -> bool:
 
 def _ftp_cases() -> list[Case]:
     texts = [
-        ("First I find the director of the film, then his birthplace.\n\nThe film is ...", "a plain first paragraph"),
-        ("  We need the sum of the roots.\nVieta gives it directly.\n\nBy Vieta, ...",
-         "leading spaces (dropped), and a paragraph of two lines (keep both)"),
-        ("\n\nLook up both bands and compare their founding years.\n\nBand A ...",
-         "the answer opens with a blank line: the first paragraph is the one after it"),
+        (
+            "First I find the director of the film, then his birthplace.\n\nThe film is ...",
+            "a plain first paragraph",
+        ),
+        (
+            "  We need the sum of the roots.\nVieta gives it directly.\n\nBy Vieta, ...",
+            "leading spaces (dropped), and a paragraph of two lines (keep both)",
+        ),
+        (
+            "\n\nLook up both bands and compare their founding years.\n\nBand A ...",
+            "the answer opens with a blank line: the first paragraph is the one after it",
+        ),
         ("A single paragraph answer without any blank line.", "no blank line: the whole text"),
-        ("Split the problem in two.\n   \nThen ...", "a line of spaces is not '\\n\\n': the authors split on '\\n\\n' only"),
-    ]  # fmt: skip
+        (
+            "Split the problem in two.\n   \nThen ...",
+            "a line of spaces is not '\\n\\n': the authors split on '\\n\\n' only",
+        ),
+    ]
     return [Case((t,), _ftp_ref(t), why) for t, why in texts]
 
 
@@ -196,12 +217,27 @@ def _vote_cases() -> list[Case]:
     return [Case((o,), _vote_ref(o), why) for o, why in outs]
 
 
-def _record(score: float = 1.0, parse_errors: int = 0, hit: bool = False, pred: str | None = "x",
-            error: bool = False, repeat: bool = False) -> dict:  # fmt: skip
-    steps = [{"code": "print(y)", "error": "NameError: name 'y' is not defined" if error else None},
-             {"code": f"final_answer({pred!r})", "error": None}]  # fmt: skip
-    return {"id": "q1", "prediction": pred, "score": score, "parse_errors": parse_errors, "hit_step_limit": hit,
-            "stopped_on_repeat": repeat, "steps": steps}  # fmt: skip
+def _record(
+    score: float = 1.0,
+    parse_errors: int = 0,
+    hit: bool = False,
+    pred: str | None = "x",
+    error: bool = False,
+    repeat: bool = False,
+) -> dict:
+    steps = [
+        {"code": "print(y)", "error": "NameError: name 'y' is not defined" if error else None},
+        {"code": f"final_answer({pred!r})", "error": None},
+    ]
+    return {
+        "id": "q1",
+        "prediction": pred,
+        "score": score,
+        "parse_errors": parse_errors,
+        "hit_step_limit": hit,
+        "stopped_on_repeat": repeat,
+        "steps": steps,
+    }
 
 
 def _keep_cases() -> list[Case]:
@@ -250,21 +286,36 @@ def _f1_cases() -> list[Case]:
 
 
 _CHATS = [
-    [{"role": "system", "content": "You are an agent."}, {"role": "user", "content": "Who wrote Emma?"},
-     {"role": "assistant", "content": 'Thought: search.\nCode:\n```py\nprint(search("Emma novel"))\n```<end_code>'},
-     {"role": "user", "content": "Observation:\nThought: Emma is a novel by Jane Austen."},
-     {"role": "assistant", "content": 'Thought: done.\nCode:\n```py\nfinal_answer("Jane Austen")\n```<end_code>'}],
+    [
+        {"role": "system", "content": "You are an agent."},
+        {"role": "user", "content": "Who wrote Emma?"},
+        {
+            "role": "assistant",
+            "content": 'Thought: search.\nCode:\n```py\nprint(search("Emma novel"))\n```<end_code>',
+        },
+        {"role": "user", "content": "Observation:\nThought: Emma is a novel by Jane Austen."},
+        {
+            "role": "assistant",
+            "content": 'Thought: done.\nCode:\n```py\nfinal_answer("Jane Austen")\n```<end_code>',
+        },
+    ],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
-    [{"role": "system", "content": "Solve it with code."}, {"role": "user", "content": "Café prices: 3€ + 4€?"},
-     {"role": "assistant", "content": "Thought: add them 🙂\nCode:\n```py\nprint(3 + 4)\n```<end_code>"},
-     {"role": "user", "content": "Observation:\nNameError: name 'prnt' is not defined"},
-     {"role": "assistant", "content": "Thought: again.\nCode:\n```py\nprint(3 + 4)\n```<end_code>"},
-     {"role": "user", "content": "Observation:\n7"},
-     {"role": "assistant", "content": 'Thought: 7 €.\nCode:\n```py\nfinal_answer("7 €")\n```<end_code>'}],
-    [{"role": "user", "content": "Say hi twice."}, {"role": "assistant", "content": "hi"},
-     {"role": "user", "content": "Again, with the assistant's words: assistant: hi"},
-     {"role": "assistant", "content": "hi"}],
-]  # fmt: skip
+    [
+        {"role": "system", "content": "Solve it with code."},
+        {"role": "user", "content": "Café prices: 3€ + 4€?"},
+        {"role": "assistant", "content": "Thought: add them 🙂\nCode:\n```py\nprint(3 + 4)\n```<end_code>"},
+        {"role": "user", "content": "Observation:\nNameError: name 'prnt' is not defined"},
+        {"role": "assistant", "content": "Thought: again.\nCode:\n```py\nprint(3 + 4)\n```<end_code>"},
+        {"role": "user", "content": "Observation:\n7"},
+        {"role": "assistant", "content": 'Thought: 7 €.\nCode:\n```py\nfinal_answer("7 €")\n```<end_code>'},
+    ],
+    [
+        {"role": "user", "content": "Say hi twice."},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "Again, with the assistant's words: assistant: hi"},
+        {"role": "assistant", "content": "hi"},
+    ],
+]
 
 
 def _tokenizer() -> Any:
@@ -285,8 +336,15 @@ def _label_cases() -> list[Case]:
         roles = [m["role"] for m in chat]
         args = (list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], spans, roles)
         show = f"a chat of {len(chat)} messages ({', '.join(roles)}), {len(args[0])} tokens"
-        cases.append(Case(args, _labels_ref(*args), "assistant turns only, each with its end-of-turn marker",
-                          show, {"text": text}))  # fmt: skip
+        cases.append(
+            Case(
+                args,
+                _labels_ref(*args),
+                "assistant turns only, each with its end-of-turn marker",
+                show,
+                {"text": text},
+            )
+        )
     return cases
 
 
@@ -365,71 +423,106 @@ _NB01, _NB02, _NB03 = "01_teacher_trajectories.ipynb", "02_sft_qlora.ipynb", "03
 
 EXERCISES: dict[str, Exercise] = {
     "normalize_answer": Exercise(
-        "normalize_answer", "Exact-match normalisation (HotpotQA)", 10, _normalize_ref, _normalize_cases,
+        "normalize_answer",
+        "Exact-match normalisation (HotpotQA)",
+        10,
+        _normalize_ref,
+        _normalize_cases,
         stub="def normalize_answer(s: str) -> str:\n    # your code here\n    raise NotImplementedError\n",
         goal="Write the official HotpotQA normalisation: lowercase, remove every punctuation character "
-             "(`string.punctuation`), remove the articles *a*, *an*, *the* as whole words, collapse whitespace. "
-             "Two answers match exactly when their normalised forms are equal.",
-        reveal=_refs("metrics.normalize_answer"), context=((_NB03, ("Scores:",)),),
+        "(`string.punctuation`), remove the articles *a*, *an*, *the* as whole words, collapse whitespace. "
+        "Two answers match exactly when their normalised forms are equal.",
+        reveal=_refs("metrics.normalize_answer"),
+        context=((_NB03, ("Scores:",)),),
     ),
     "f1": Exercise(
-        "f1", "Token F1 with the yes/no rule", 15, _f1_ref, _f1_cases, compare=_close,
+        "f1",
+        "Token F1 with the yes/no rule",
+        15,
+        _f1_ref,
+        _f1_cases,
+        compare=_close,
         stub="def f1(pred: str, gold: str) -> float:\n    # your code here (you may call your normalize_answer)\n"
-             "    raise NotImplementedError\n",
+        "    raise NotImplementedError\n",
         goal="Token-level F1 between the normalised prediction and gold (count common tokens as a multiset). "
-             "Official rule: if either normalised side is *yes*, *no* or *noanswer* and they differ, the score "
-             "is 0. No common token: 0.",
+        "Official rule: if either normalised side is *yes*, *no* or *noanswer* and they differ, the score "
+        "is 0. No common token: 0.",
         reveal=_refs("metrics.token_f1"),
     ),
     "parse_step": Exercise(
-        "parse_step", "Parse a CodeAct step", 20, _parse_step_ref, _parse_cases, compare=_same_step,
+        "parse_step",
+        "Parse a CodeAct step",
+        20,
+        _parse_step_ref,
+        _parse_cases,
+        compare=_same_step,
         stub="def parse_step(text: str) -> tuple[str, str]:\n    # your code here\n    raise NotImplementedError\n",
         goal="Return `(thought, code)` from one raw model turn; raise `ValueError` when there is no runnable "
-             "code. The thought is the text before the code without its `Thought:` and `Code:` labels (empty "
-             "when missing). Accept ```` ```py ```` and ```` ```python ```` fences and a missing closing fence; "
-             "ignore everything after `<end_code>`; an empty code block is no code.",
+        "code. The thought is the text before the code without its `Thought:` and `Code:` labels (empty "
+        "when missing). Accept ```` ```py ```` and ```` ```python ```` fences and a missing closing fence; "
+        "ignore everything after `<end_code>`; an empty code block is no code.",
         reveal=_refs("agent.parse_step"),
         context=((_NB01, ("**Agent distillation**", "```\nThought:", "The code runs in a sandbox")),),
     ),
     "first_thought_prefix": Exercise(
-        "first_thought_prefix", "First-thought prefix", 15, _ftp_ref, _ftp_cases,
+        "first_thought_prefix",
+        "First-thought prefix",
+        15,
+        _ftp_ref,
+        _ftp_cases,
         stub="def ftp_start(cot_text: str) -> str:\n    # your code here\n    raise NotImplementedError\n",
         goal="From the teacher's own CoT answer, take the first paragraph as the authors do: drop leading "
-             "whitespace, then keep everything before the first `'\\n\\n'`. Return the forced start of the "
-             "agent's first turn: `'Thought: ' + paragraph + '\\n\\n'` (the model continues after it).",
-        reveal=_refs("agent.ftp_prefix"), context=((_NB01, ("1. **CoT**",)),),
+        "whitespace, then keep everything before the first `'\\n\\n'`. Return the forced start of the "
+        "agent's first turn: `'Thought: ' + paragraph + '\\n\\n'` (the model continues after it).",
+        reveal=_refs("agent.ftp_prefix"),
+        context=((_NB01, ("1. **CoT**",)),),
     ),
     "vote": Exercise(
-        "vote", "Self-consistent action generation: the vote", 20, _vote_ref, _vote_cases,
+        "vote",
+        "Self-consistent action generation: the vote",
+        20,
+        _vote_ref,
+        _vote_cases,
         stub="def vote(outcomes: list[str | None]) -> int | None:\n    # your code here\n"
-             "    raise NotImplementedError\n",
+        "    raise NotImplementedError\n",
         goal="`outcomes[i]` is candidate *i*'s normalised outcome, or `None` if it failed to parse or raised. "
-             "Return the index of the first member of the largest group of equal outcomes (ties: the group "
-             "whose first member comes first); `None` when every candidate failed.",
-        reveal=_refs("agent.vote", "agent.outcome_key"), context=((_NB03, ("**SAG**",)),),
+        "Return the index of the first member of the largest group of equal outcomes (ties: the group "
+        "whose first member comes first); `None` when every candidate failed.",
+        reveal=_refs("agent.vote", "agent.outcome_key"),
+        context=((_NB03, ("**SAG**",)),),
     ),
     "keep": Exercise(
-        "keep", "Which trajectories become training data?", 10, _keep_ref, _keep_cases,
+        "keep",
+        "Which trajectories become training data?",
+        10,
+        _keep_ref,
+        _keep_cases,
         stub="def keep(record: dict) -> bool:\n    # your code here\n    raise NotImplementedError\n",
         goal="A record has `prediction`, `score` (1.0 = correct), `parse_errors`, `hit_step_limit`, "
-             "`stopped_on_repeat` and `steps` (each with an `error`). Keep it only if it has a prediction, is "
-             "correct, had no parse error, did not hit the step limit and was not stopped at a repeated step.",
-        reveal=_refs("trajectory.filter_trajectories"), context=((_NB01, ("Then it **filters**",)),),
+        "`stopped_on_repeat` and `steps` (each with an `error`). Keep it only if it has a prediction, is "
+        "correct, had no parse error, did not hit the step limit and was not stopped at a repeated step.",
+        reveal=_refs("trajectory.filter_trajectories"),
+        context=((_NB01, ("Then it **filters**",)),),
     ),
     "assistant_labels": Exercise(
-        "assistant_labels", "The SFT loss mask", 25, _labels_ref, _label_cases, compare=_same_labels,
+        "assistant_labels",
+        "The SFT loss mask",
+        25,
+        _labels_ref,
+        _label_cases,
+        compare=_same_labels,
         explain=_explain_labels,
         stub="def assistant_labels(input_ids, offsets, spans, roles) -> list[int]:\n    # your code here\n"
-             "    raise NotImplementedError\n",
+        "    raise NotImplementedError\n",
         goal="`offsets[j] = (start, end)` are token *j*'s characters in the rendered chat; `spans[i] = "
-             "(content_start, content_end, turn_end)` and `roles[i]` describe message *i*. Token *j* is trained "
-             "(label = `input_ids[j]`) if it is non-empty and starts inside an assistant message's content, or "
-             "if it is the first token starting in `[content_end, turn_end)` of an assistant message (its "
-             "end-of-turn marker). Every other label is -100.",
+        "(content_start, content_end, turn_end)` and `roles[i]` describe message *i*. Token *j* is trained "
+        "(label = `input_ids[j]`) if it is non-empty and starts inside an assistant message's content, or "
+        "if it is the first token starting in `[content_end, turn_end)` of an assistant message (its "
+        "end-of-turn marker). Every other label is -100.",
         reveal=_refs("sft.assistant_labels"),
         context=((_NB02, ("The student learns",)), (_NB02, ("## What the loss sees",))),
     ),
-}  # fmt: skip
+}
 
 
 # ------------------------------------------------------------------ the checks
@@ -488,8 +581,16 @@ def check(name: str, fn: Callable[..., Any]) -> bool:
                 continue
             expected = _expected(case.want)
             where = _student_lines(e.__traceback__)
-            print(_verdict(ex, i, len(cases), case, f"   expected: {expected}\n   raised:   {type(e).__name__}: {e}"
-                           + (f"\n{where}" if where else "")))  # fmt: skip
+            print(
+                _verdict(
+                    ex,
+                    i,
+                    len(cases),
+                    case,
+                    f"   expected: {expected}\n   raised:   {type(e).__name__}: {e}"
+                    + (f"\n{where}" if where else ""),
+                )
+            )
             return False
         if not _safe(ex.compare, got, case.want):
             body = f"   expected: {_expected(case.want)}\n   got:      {_short(got)}"
@@ -612,13 +713,16 @@ def build_notebook() -> Any:
 
     cells = [
         _cell("md", "intro", _INTRO),
-        _cell("code", "parameters",
-              'TEACHER = "published"  # "published" (data/), or a profile whose runs/<profile>/teacher to use\n'
-              'profile = "cpu"  # which published file: data/teacher_trajectories_<profile>.jsonl.gz\n'
-              "use_reference = False  # True swaps in the reference solutions (used to test the lab)",
-              tags=["parameters"]),
+        _cell(
+            "code",
+            "parameters",
+            'TEACHER = "published"  # "published" (data/), or a profile whose runs/<profile>/teacher to use\n'
+            'profile = "cpu"  # which published file: data/teacher_trajectories_<profile>.jsonl.gz\n'
+            "use_reference = False  # True swaps in the reference solutions (used to test the lab)",
+            tags=["parameters"],
+        ),
         _cell("code", "setup", "from agentlib import lab"),
-    ]  # fmt: skip
+    ]
     for i, name in enumerate(LAB_ORDER, 1):
         ex = EXERCISES[name]
         fn = _fn_name(ex.stub)
@@ -638,11 +742,15 @@ def build_notebook() -> Any:
         ]
     cells += [
         _cell("md", "together-text", _END),
-        _cell("code", "together-load", "records = lab.published_trajectories(TEACHER, profile)\n"
-              "kept = lab.filter_with(records, keep)\nprint(f'{len(kept)} of {len(records)} trajectories kept')"),
+        _cell(
+            "code",
+            "together-load",
+            "records = lab.published_trajectories(TEACHER, profile)\n"
+            "kept = lab.filter_with(records, keep)\nprint(f'{len(kept)} of {len(records)} trajectories kept')",
+        ),
         _cell("code", "together-parse", "lab.compare_parsers(records, parse_step)"),
         _cell("code", "together-mask", "lab.show_training_example(kept or records, assistant_labels)"),
-    ]  # fmt: skip
+    ]
     nb = nbformat.v4.new_notebook(cells=cells)
     nb.metadata["kernelspec"] = dict(KERNELSPEC)
     nb.metadata["language_info"] = {"name": "python"}
@@ -668,21 +776,38 @@ def write_notebook(path: str | Path | None = None) -> Path:
 
 # ------------------------------------------------------------------ the last section: real trajectories
 EXAMPLE_TRAJECTORY = {
-    "id": "lab-example", "question": "Which novel by Jane Austen was published in 1815?", "gold": "Emma",
-    "prediction": "Emma", "score": 1.0, "parse_errors": 0, "hit_step_limit": False, "method": "lab_example",
+    "id": "lab-example",
+    "question": "Which novel by Jane Austen was published in 1815?",
+    "gold": "Emma",
+    "prediction": "Emma",
+    "score": 1.0,
+    "parse_errors": 0,
+    "hit_step_limit": False,
+    "method": "lab_example",
     "messages": [
         {"role": "system", "content": "You are an expert assistant who can solve any task using code blobs."},
         {"role": "user", "content": "New task:\nWhich novel by Jane Austen was published in 1815?"},
-        {"role": "assistant", "content": "Thought: I will search for Jane Austen's novels and their years.\nCode:\n"
-                                         '```py\nprint(search("Jane Austen novel published 1815"))\n```<end_code>'},
-        {"role": "user", "content": "Observation:\nDoc 1 (Title: Emma (novel)) Emma is a novel by Jane Austen, "
-                                    "first published in December 1815 ..."},
-        {"role": "assistant", "content": "Thought: Emma was published in 1815.\nCode:\n```py\n"
-                                         'final_answer("Emma")\n```<end_code>'},
+        {
+            "role": "assistant",
+            "content": "Thought: I will search for Jane Austen's novels and their years.\nCode:\n"
+            '```py\nprint(search("Jane Austen novel published 1815"))\n```<end_code>',
+        },
+        {
+            "role": "user",
+            "content": "Observation:\nDoc 1 (Title: Emma (novel)) Emma is a novel by Jane Austen, "
+            "first published in December 1815 ...",
+        },
+        {
+            "role": "assistant",
+            "content": "Thought: Emma was published in 1815.\nCode:\n```py\n"
+            'final_answer("Emma")\n```<end_code>',
+        },
     ],
-    "steps": [{"code": 'print(search("Jane Austen novel published 1815"))', "error": None},
-              {"code": 'final_answer("Emma")', "error": None}],
-}  # fmt: skip
+    "steps": [
+        {"code": 'print(search("Jane Austen novel published 1815"))', "error": None},
+        {"code": 'final_answer("Emma")', "error": None},
+    ],
+}
 
 
 def published_trajectories(teacher: str = "published", profile: str = "cpu") -> list[dict]:
@@ -714,8 +839,13 @@ def published_trajectories(teacher: str = "published", profile: str = "cpu") -> 
         )
     for name in dict.fromkeys([profile if teacher == "published" else teacher, "smoke"]):
         folder = runs_dir(name, "teacher", create=False)
-        records = [r for run in ("agent_ftp", "agent") if (folder / f"{run}.jsonl").exists()
-                   for r in read_records(folder / f"{run}.jsonl") if r.get("messages")]  # fmt: skip
+        records = [
+            r
+            for run in ("agent_ftp", "agent")
+            if (folder / f"{run}.jsonl").exists()
+            for r in read_records(folder / f"{run}.jsonl")
+            if r.get("messages")
+        ]
         if records:
             shown = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
             print(f"using the teacher run in {shown} ({len(records)} records)")

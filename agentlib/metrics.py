@@ -150,7 +150,13 @@ def _prepare(s: str) -> str:
 def _strip_math(s: str) -> str:
     s = str(s).strip().strip("$").strip()
     s = re.sub(r"\\(?:d|t)frac", r"\\frac", s)
-    s = s.replace("{,}", ",").replace("\\left", "").replace("\\right", "").replace("\\!", "").replace("\\,", "")
+    s = (
+        s.replace("{,}", ",")
+        .replace("\\left", "")
+        .replace("\\right", "")
+        .replace("\\!", "")
+        .replace("\\,", "")
+    )
     return s.replace(" ", "").rstrip(".")
 
 
@@ -181,7 +187,9 @@ def _decimal_equal(a: Decimal, b: Decimal) -> bool:
     if len(digits) < 4 or not isinstance(exponent, int):
         return False
     try:
-        return any(b.quantize(Decimal(1).scaleb(exponent), rounding=r) == a for r in (ROUND_HALF_UP, ROUND_HALF_EVEN))
+        return any(
+            b.quantize(Decimal(1).scaleb(exponent), rounding=r) == a for r in (ROUND_HALF_UP, ROUND_HALF_EVEN)
+        )
     except InvalidOperation:
         return False
 
@@ -239,8 +247,11 @@ class _MathVerifier:
     def _start(self) -> None:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "agentlib._verify_worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
         if not self._readline(60.0):  # importing sympy/math-verify takes ~1-2 s
             self._kill()
             raise RuntimeError("math-verify worker did not start")
@@ -333,7 +344,9 @@ def stratified_ci(groups: list[list[float]], n_boot: int = 2000, seed: int = 0) 
     return point, stats[int(0.025 * n_boot)], stats[int(0.975 * n_boot) - 1]
 
 
-def paired_difference(records: Sequence[dict], a: str, b: str, benches: Sequence[str]) -> tuple[float, float, float, int]:
+def paired_difference(
+    records: Sequence[dict], a: str, b: str, benches: Sequence[str]
+) -> tuple[float, float, float, int]:
     """Mean of per-benchmark mean score differences a - b over the questions both methods answered, in points,
     with the stratified bootstrap interval (questions resampled within benchmarks, pairs kept together) and
     the number of pairs. Records carry ``method``, ``benchmark``, ``id`` (``<benchmark>/<id>`` counts as
@@ -341,7 +354,9 @@ def paired_difference(records: Sequence[dict], a: str, b: str, benches: Sequence
     score = {(r["method"], r["benchmark"], r["id"].split("/", 1)[-1]): float(r["score"]) for r in records}
     groups = []
     for bench in benches:
-        ids = sorted({k[2] for k in score if k[:2] == (a, bench)} & {k[2] for k in score if k[:2] == (b, bench)})
+        ids = sorted(
+            {k[2] for k in score if k[:2] == (a, bench)} & {k[2] for k in score if k[:2] == (b, bench)}
+        )
         if ids:
             groups.append([score[(a, bench, i)] - score[(b, bench, i)] for i in ids])
     mean, lo, hi = stratified_ci(groups)
@@ -357,9 +372,16 @@ def answer_seen(records: Sequence[dict]) -> dict[str, float]:
     """Where agent trajectories lose span answers (yes/no questions left out): ``seen``, the percent whose
     observations contain a gold answer; ``seen_correct``, the percent of those answered correctly."""
     spans = [r for r in records if r.get("steps") and is_span_question(r["gold"])]
-    seen = [r for r in spans if answer_in_text(" ".join(s.get("observation") or "" for s in r["steps"]), r["gold"])]
-    return {"n_span": len(spans), "seen": 100 * len(seen) / len(spans) if spans else float("nan"),
-            "seen_correct": 100 * sum(float(r["score"]) for r in seen) / len(seen) if seen else float("nan")}  # fmt: skip
+    seen = [
+        r
+        for r in spans
+        if answer_in_text(" ".join(s.get("observation") or "" for s in r["steps"]), r["gold"])
+    ]
+    return {
+        "n_span": len(spans),
+        "seen": 100 * len(seen) / len(spans) if spans else float("nan"),
+        "seen_correct": 100 * sum(float(r["score"]) for r in seen) / len(seen) if seen else float("nan"),
+    }
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -461,9 +483,18 @@ class LLMJudge:
     keeps them whole, as their scorer ran. Never required for a run: used when a profile configures a judge.
     """
 
-    def __init__(self, base_url: str, model: str, cache_path: str | Path, api_key: str | None = None,
-                 timeout_s: float = 120.0, max_retries: int = 4, structured: bool = True,
-                 max_pred_chars: int | None = None, temperature: float = 0.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        cache_path: str | Path,
+        api_key: str | None = None,
+        timeout_s: float = 120.0,
+        max_retries: int = 4,
+        structured: bool = True,
+        max_pred_chars: int | None = None,
+        temperature: float = 0.0,
+    ) -> None:
         import os
 
         self.base_url, self.model = base_url.rstrip("/"), model
@@ -516,8 +547,19 @@ class LLMJudge:
                 self.cache[k] = verdict
                 self.cache_path.parent.mkdir(parents=True, exist_ok=True)
                 with self.cache_path.open("a") as f:
-                    f.write(json.dumps({"key": k, "verdict": verdict, "model": self.model, "question": question,
-                                        "prediction": str(prediction), "explanation": explanation}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "key": k,
+                                "verdict": verdict,
+                                "model": self.model,
+                                "question": question,
+                                "prediction": str(prediction),
+                                "explanation": explanation,
+                            }
+                        )
+                        + "\n"
+                    )
             return verdict
         finally:
             with self._lock:
@@ -531,12 +573,16 @@ class LLMJudge:
         if self._client is None:
             with self._lock:
                 if self._client is None:
-                    self._client = httpx.Client(timeout=self.timeout_s,
-                                                headers={"Authorization": f"Bearer {self.api_key}"})
+                    self._client = httpx.Client(
+                        timeout=self.timeout_s, headers={"Authorization": f"Bearer {self.api_key}"}
+                    )
         last: Exception | None = None
         for attempt in range(self.max_retries + 1):
-            body = {"model": self.model, "temperature": self.temperature,
-                    "messages": [{"role": "user", "content": prompt}]}
+            body = {
+                "model": self.model,
+                "temperature": self.temperature,
+                "messages": [{"role": "user", "content": prompt}],
+            }
             if self.structured:
                 body["response_format"] = JUDGE_SCHEMA
             with self._lock:

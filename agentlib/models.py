@@ -65,8 +65,10 @@ class Usage:
 
     def __str__(self) -> str:
         cached = f" ({self.cached_tokens:,} cached)" if self.cached_tokens else ""
-        return (f"{self.completion_tokens:,} tokens generated, {self.prompt_tokens:,} prompt tokens{cached}, "
-                f"{self.seconds:.1f} s, {self.tokens_per_s:.1f} tokens/s, {self.calls:,} calls")
+        return (
+            f"{self.completion_tokens:,} tokens generated, {self.prompt_tokens:,} prompt tokens{cached}, "
+            f"{self.seconds:.1f} s, {self.tokens_per_s:.1f} tokens/s, {self.calls:,} calls"
+        )
 
     def reset(self) -> None:
         self.prompt_tokens = self.completion_tokens = self.cached_tokens = self.calls = 0
@@ -86,22 +88,50 @@ class ChatModel:
 
     usage: Usage
 
-    def chat(self, messages: Messages, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
-             max_tokens: int = 512, stop: Sequence[str] | None = None, prefix: str | None = None) -> list[str]:
+    def chat(
+        self,
+        messages: Messages,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+        prefix: str | None = None,
+    ) -> list[str]:
         """``n`` completions of the assistant turn after ``messages`` (continuing ``prefix`` if given)."""
-        return self.chat_batch([messages], n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                               stop=stop, prefixes=[prefix])[0]
+        return self.chat_batch(
+            [messages],
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            stop=stop,
+            prefixes=[prefix],
+        )[0]
 
-    def chat_batch(self, conversations: Sequence[Messages], n: int = 1, temperature: float = 0.0,
-                   top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
-                   prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
+    def chat_batch(
+        self,
+        conversations: Sequence[Messages],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+        prefixes: Sequence[str | None] | None = None,
+    ) -> list[list[str]]:
         raise NotImplementedError
 
     def prime(self, messages: Messages) -> None:
         """Warm a prompt cache with ``messages``, a prefix many following conversations share (no-op here)."""
 
-    def session(self, n: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512,
-                stop: Sequence[str] | None = None) -> RoundSession:
+    def session(
+        self,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+    ) -> RoundSession:
         """Requests answered as they come (see ``RoundSession``; ``HFModel`` batches continuously)."""
         return RoundSession(self, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
 
@@ -154,8 +184,9 @@ class RoundSession:
             prefixes = [p for _, _, p in batch]
             p0, c0 = _usage_tokens(self.model)
             t0 = time.perf_counter()
-            outs = self.model.chat_batch([m for _, m, _ in batch], prefixes=prefixes if any(prefixes) else None,
-                                         **self.gen)
+            outs = self.model.chat_batch(
+                [m for _, m, _ in batch], prefixes=prefixes if any(prefixes) else None, **self.gen
+            )
             gen_s = (time.perf_counter() - t0) / len(batch)
             p1, c1 = _usage_tokens(self.model)
             prompt = _shares(p1 - p0, [sum(len(m["content"]) for m in msgs) for _, msgs, _ in batch])
@@ -198,9 +229,15 @@ def _register_packed_sdpa() -> str:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     def packed(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
-        if (attention_mask is None and query.shape[2] == 1 and query.shape[0] > 1
-                and getattr(module, "num_key_value_groups", 1) > 1):
-            attention_mask = torch.ones(query.shape[0], 1, 1, key.shape[2], dtype=torch.bool, device=query.device)
+        if (
+            attention_mask is None
+            and query.shape[2] == 1
+            and query.shape[0] > 1
+            and getattr(module, "num_key_value_groups", 1) > 1
+        ):
+            attention_mask = torch.ones(
+                query.shape[0], 1, 1, key.shape[2], dtype=torch.bool, device=query.device
+            )
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(PACKED_SDPA, packed)
@@ -219,9 +256,16 @@ class HFModel(ChatModel):
     outputs can depend on what ran before in the same process; ``prefix_cache.clear()`` between runs avoids that.
     """
 
-    def __init__(self, name_or_path: str | os.PathLike, adapter: str | os.PathLike | None = None,
-                 dtype: Any = None, device: str | None = None, max_batch: int = 16, merge_adapter: bool = False,
-                 prefix_cache_mb: int = 512):
+    def __init__(
+        self,
+        name_or_path: str | os.PathLike,
+        adapter: str | os.PathLike | None = None,
+        dtype: Any = None,
+        device: str | None = None,
+        max_batch: int = 16,
+        merge_adapter: bool = False,
+        prefix_cache_mb: int = 512,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -272,14 +316,27 @@ class HFModel(ChatModel):
     def tokenize(self, messages: Messages, prefix: str | None = None) -> list[int]:
         return self.tokenizer(self.render(messages, prefix), add_special_tokens=False).input_ids
 
-    def session(self, n: int = 1, temperature: float = 0.0, top_p: float = 1.0, max_tokens: int = 512,
-                stop: Sequence[str] | None = None) -> HFSession:
+    def session(
+        self,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+    ) -> HFSession:
         """Continuous batching (``agentlib.decoding``): requests join and leave the running batch step by step."""
         return HFSession(self, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
 
-    def chat_batch(self, conversations: Sequence[Messages], n: int = 1, temperature: float = 0.0,
-                   top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
-                   prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
+    def chat_batch(
+        self,
+        conversations: Sequence[Messages],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+        prefixes: Sequence[str | None] | None = None,
+    ) -> list[list[str]]:
         """Generate for all conversations, ``max_batch`` of them decoding at a time (continuous batching)."""
         prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
         s = self.session(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
@@ -304,14 +361,31 @@ class HFSession(RoundSession):
     """``RoundSession``'s interface over ``HFModel``'s continuous batching: a request is answered the step its
     last sample ends, and a follow-up submitted then joins the running batch at the next step."""
 
-    def __init__(self, hf: HFModel, n: int, temperature: float, top_p: float, max_tokens: int,
-                 stop: Sequence[str] | None):
+    def __init__(
+        self,
+        hf: HFModel,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        stop: Sequence[str] | None,
+    ):
         from agentlib.decoding import Decoder
 
         self.hf, self.n, self.stop = hf, n, stop
         self.greedy = temperature <= 0.0
-        self.decoder = Decoder(hf.model, hf.tokenizer, [*hf.eos_ids, hf.tokenizer.pad_token_id], temperature,
-                               top_p, max_tokens, stop, hf.max_batch, hf.prefix_cache, hf.usage)
+        self.decoder = Decoder(
+            hf.model,
+            hf.tokenizer,
+            [*hf.eos_ids, hf.tokenizer.pad_token_id],
+            temperature,
+            top_p,
+            max_tokens,
+            stop,
+            hf.max_batch,
+            hf.prefix_cache,
+            hf.usage,
+        )
 
     def submit(self, key: Any, messages: Messages, prefix: str | None = None) -> None:
         # greedy samples are identical: decode once, copy
@@ -319,11 +393,20 @@ class HFSession(RoundSession):
 
     def run(self, refill: Any = None) -> Any:
         for req in self.decoder.run(refill):
-            texts = [cut_at_stop(self.hf.tokenizer.decode([t for t in s if t not in self.decoder.eos],
-                                                          skip_special_tokens=True),
-                                 self.stop) for s in req.samples]
-            info = {"gen_s": req.gen_s, "prompt_tokens": len(req.ids),
-                    "completion_tokens": sum(len(s) for s in req.samples)}
+            texts = [
+                cut_at_stop(
+                    self.hf.tokenizer.decode(
+                        [t for t in s if t not in self.decoder.eos], skip_special_tokens=True
+                    ),
+                    self.stop,
+                )
+                for s in req.samples
+            ]
+            info = {
+                "gen_s": req.gen_s,
+                "prompt_tokens": len(req.ids),
+                "completion_tokens": sum(len(s) for s in req.samples),
+            }
             yield req.key, texts * self.n if self.greedy else texts, info
 
 
@@ -360,10 +443,16 @@ class Endpoint:
         return self.url[:-3] if self.url.endswith("/v1") else self.url
 
     def stats(self) -> dict[str, Any]:
-        return {"url": self.url, "healthy": self.healthy, "requests": self.requests, "errors": self.errors,
-                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "active_s": round(self.active_s, 3),
-                "tokens_per_s": round(self.completion_tokens / self.active_s, 2) if self.active_s else 0.0}
+        return {
+            "url": self.url,
+            "healthy": self.healthy,
+            "requests": self.requests,
+            "errors": self.errors,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "active_s": round(self.active_s, 3),
+            "tokens_per_s": round(self.completion_tokens / self.active_s, 2) if self.active_s else 0.0,
+        }
 
 
 def _normalize_url(url: str) -> str:
@@ -385,8 +474,14 @@ class EndpointPool:
     All methods run on the owning event loop (not thread-safe by design: one loop drives the pool).
     """
 
-    def __init__(self, urls: Sequence[str], client: Any, retry_after_s: float = 2.0, max_retry_after_s: float = 30.0,
-                 health_timeout_s: float = 5.0):
+    def __init__(
+        self,
+        urls: Sequence[str],
+        client: Any,
+        retry_after_s: float = 2.0,
+        max_retry_after_s: float = 30.0,
+        health_timeout_s: float = 5.0,
+    ):
         if not urls:
             raise ValueError("no endpoints: pass base URLs or set AGENTLIB_ENDPOINTS")
         self.endpoints = [Endpoint(_normalize_url(u)) for u in urls]
@@ -513,10 +608,19 @@ class OpenAIModel(ChatModel):
     ``continue_final_message``; llama.cpp prefills it on its own and echoes it, which is stripped.
     """
 
-    def __init__(self, endpoints: Sequence[str] | str | None = None, model: str | None = None,
-                 api_key: str | None = None, max_concurrency: int = 16, timeout_s: float = 600.0,
-                 max_retries: int = 6, backoff_s: float = 0.5, health_interval_s: float = 5.0,
-                 seed: int | None = None, extra_body: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        endpoints: Sequence[str] | str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        max_concurrency: int = 16,
+        timeout_s: float = 600.0,
+        max_retries: int = 6,
+        backoff_s: float = 0.5,
+        health_interval_s: float = 5.0,
+        seed: int | None = None,
+        extra_body: dict[str, Any] | None = None,
+    ):
         if isinstance(endpoints, str):
             endpoints = [endpoints]
         self.urls = list(endpoints or endpoints_from_env())
@@ -542,7 +646,9 @@ class OpenAIModel(ChatModel):
     async def _setup(self) -> None:
         import httpx
 
-        limits = httpx.Limits(max_connections=self.max_concurrency + 8, max_keepalive_connections=self.max_concurrency)
+        limits = httpx.Limits(
+            max_connections=self.max_concurrency + 8, max_keepalive_connections=self.max_concurrency
+        )
         headers = {"Authorization": f"Bearer {self.api_key}"}
         self._client = httpx.AsyncClient(limits=limits, headers=headers, timeout=self.timeout_s)
         self._sem = asyncio.Semaphore(self.max_concurrency)
@@ -553,6 +659,7 @@ class OpenAIModel(ChatModel):
     def close(self) -> None:
         """Stop the client loop (and any server this model started)."""
         if self._rt is not None:
+
             async def _shutdown() -> None:
                 self._watch.cancel()
                 await self._client.aclose()
@@ -584,11 +691,20 @@ class OpenAIModel(ChatModel):
         )
 
     # -- requests
-    def chat_batch(self, conversations: Sequence[Messages], n: int = 1, temperature: float = 0.0,
-                   top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
-                   prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
+    def chat_batch(
+        self,
+        conversations: Sequence[Messages],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+        prefixes: Sequence[str | None] | None = None,
+    ) -> list[list[str]]:
         """All conversations concurrently (at most ``max_concurrency`` requests in flight)."""
-        return self._runtime().run(self._batch(conversations, n, temperature, top_p, max_tokens, stop, prefixes))
+        return self._runtime().run(
+            self._batch(conversations, n, temperature, top_p, max_tokens, stop, prefixes)
+        )
 
     def prime(self, messages: Messages) -> None:
         """Prefill ``messages`` once (one token generated), before conversations that all start with them.
@@ -605,14 +721,23 @@ class OpenAIModel(ChatModel):
         fut = asyncio.run_coroutine_threadsafe(self._batch(*args, **kwargs), rt.loop)
         return await asyncio.wrap_future(fut)
 
-    async def _batch(self, conversations: Sequence[Messages], n: int = 1, temperature: float = 0.0,
-                     top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
-                     prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
+    async def _batch(
+        self,
+        conversations: Sequence[Messages],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+        prefixes: Sequence[str | None] | None = None,
+    ) -> list[list[str]]:
         prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
         if self.model is None:
             self.model = await self._first_model()
-        jobs = [self._one(m, p, n, temperature, top_p, max_tokens, stop)
-                for m, p in zip(conversations, prefixes, strict=True)]
+        jobs = [
+            self._one(m, p, n, temperature, top_p, max_tokens, stop)
+            for m, p in zip(conversations, prefixes, strict=True)
+        ]
         return list(await asyncio.gather(*jobs))
 
     async def _first_model(self) -> str:
@@ -626,10 +751,24 @@ class OpenAIModel(ChatModel):
         finally:
             self.pool.release(ep)
 
-    async def _one(self, messages: Messages, prefix: str | None, n: int, temperature: float, top_p: float,
-                   max_tokens: int, stop: Sequence[str] | None) -> list[str]:
-        body: dict[str, Any] = {"model": self.model, "messages": list(messages), "max_tokens": max_tokens,
-                                "temperature": temperature, "top_p": top_p, **self.extra_body}
+    async def _one(
+        self,
+        messages: Messages,
+        prefix: str | None,
+        n: int,
+        temperature: float,
+        top_p: float,
+        max_tokens: int,
+        stop: Sequence[str] | None,
+    ) -> list[str]:
+        body: dict[str, Any] = {
+            "model": self.model,
+            "messages": list(messages),
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            **self.extra_body,
+        }
         if stop:
             body["stop"] = list(stop)
         if self.seed is not None:
@@ -644,7 +783,7 @@ class OpenAIModel(ChatModel):
             for choice in data["choices"][: n - len(texts)]:
                 text = choice["message"].get("content") or ""
                 if prefix and "timings" in data and text.startswith(prefix):  # llama.cpp echoes the prefill
-                    text = text[len(prefix):]
+                    text = text[len(prefix) :]
                 texts.append(cut_at_stop(text, stop))
         return texts
 
@@ -679,7 +818,7 @@ class OpenAIModel(ChatModel):
                 self.pool.failed(ep)
                 ep_prev = ep
                 if not any(x.healthy for x in self.pool.endpoints):
-                    await asyncio.sleep(self.backoff_s * 2 ** attempt * (0.5 + random.random()))
+                    await asyncio.sleep(self.backoff_s * 2**attempt * (0.5 + random.random()))
                 continue
             finally:
                 self.pool.release(ep)
@@ -688,7 +827,9 @@ class OpenAIModel(ChatModel):
             self.pool.succeeded(ep, pt, ct)
             self.usage.prompt_tokens += pt
             self.usage.completion_tokens += ct
-            self.usage.cached_tokens += int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+            self.usage.cached_tokens += int(
+                (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            )
             self.usage.calls += 1
             return data
         raise ConnectionError(f"request failed after {self.max_retries + 1} attempts: {last!r}")

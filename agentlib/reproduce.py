@@ -81,8 +81,9 @@ class PeakTreeRSS:
         return round(self.peak_bytes / 2**20)
 
 
-def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, log: list[dict] | None = None,
-                 **params) -> dict:
+def run_notebook(
+    path: Path, profile: str, kernel: str, out_dir: Path, log: list[dict] | None = None, **params
+) -> dict:
     """Execute one notebook with papermill; return its timing record. The record is also appended to ``log``
     when given, even when a cell fails or the run is interrupted (``status`` says which; the error propagates)."""
     import papermill as pm
@@ -94,16 +95,26 @@ def run_notebook(path: Path, profile: str, kernel: str, out_dir: Path, log: list
     try:
         with memory:
             pm.execute_notebook(
-                str(path), str(out), parameters={"profile": profile, **params}, kernel_name=kernel,
-                cwd=str(path.parent), progress_bar=False, log_output=True, request_save_on_cell_execute=True,
-            )  # fmt: skip
+                str(path),
+                str(out),
+                parameters={"profile": profile, **params},
+                kernel_name=kernel,
+                cwd=str(path.parent),
+                progress_bar=False,
+                log_output=True,
+                request_save_on_cell_execute=True,
+            )
         status = "ok"
     except Exception:
         status = "failed"
         raise
     finally:
-        record = {"notebook": path.name, "wall_s": round(time.time() - t0, 1), "peak_rss_mb": memory.peak_mb,
-                  "status": status}  # fmt: skip
+        record = {
+            "notebook": path.name,
+            "wall_s": round(time.time() - t0, 1),
+            "peak_rss_mb": memory.peak_mb,
+            "status": status,
+        }
         if log is not None:
             log.append(record)
     return record
@@ -114,7 +125,9 @@ def totals(invocations: list[dict]) -> list[dict]:
     out: dict[str, dict] = {}
     for inv in invocations:
         for r in inv["notebooks"]:
-            t = out.setdefault(r["notebook"], {"notebook": r["notebook"], "wall_s": 0.0, "peak_rss_mb": 0, "runs": 0})
+            t = out.setdefault(
+                r["notebook"], {"notebook": r["notebook"], "wall_s": 0.0, "peak_rss_mb": 0, "runs": 0}
+            )
             t["wall_s"] = round(t["wall_s"] + r["wall_s"], 1)
             t["peak_rss_mb"] = max(t["peak_rss_mb"], r["peak_rss_mb"])
             t["runs"] += 1
@@ -153,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernel", default="agentlib")
     parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 02")
     args = parser.parse_args(argv)
-    for var in ("AGENTLIB_DATA_DIR", "AGENTLIB_RUNS_DIR"):  # kernels run in notebooks/: a relative path breaks
+    for var in (
+        "AGENTLIB_DATA_DIR",
+        "AGENTLIB_RUNS_DIR",
+    ):  # kernels run in notebooks/: a relative path breaks
         if os.environ.get(var):
             os.environ[var] = str(Path(os.environ[var]).expanduser().resolve())
 
@@ -170,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"== {nb.name}: {rec['wall_s']} s, peak RSS {rec['peak_rss_mb']} MB", flush=True)
     finally:  # a failed or interrupted notebook still counts towards the run's time
         summary = write_timing(out_dir, args.profile, invocations)
-    print(f"done: {summary['total_wall_s']} s over {len(invocations)} invocation(s); executed notebooks in {out_dir}")
+    print(
+        f"done: {summary['total_wall_s']} s over {len(invocations)} invocation(s); executed notebooks in {out_dir}"
+    )
     return 0
 
 

@@ -59,13 +59,26 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerProcess:
     """A server child process in its own process group; ``stop()`` ends that group only."""
 
-    def __init__(self, cmd: Sequence[str], port: int, host: str = "127.0.0.1", name: str = "server",
-                 env: Mapping[str, str] | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        cmd: Sequence[str],
+        port: int,
+        host: str = "127.0.0.1",
+        name: str = "server",
+        env: Mapping[str, str] | None = None,
+        log_path: Path | None = None,
+    ):
         self.cmd, self.port, self.host, self.name = list(cmd), port, host, name
         self.log_path = log_path or runs_dir("servers") / f"{name}-{port}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.proc = subprocess.Popen(
+            self.cmd,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
+        )
         self.pid = self.proc.pid  # == its process group id (start_new_session)
         self._stopped = False
         atexit.register(self.stop)  # a normal interpreter exit does not leave servers behind
@@ -86,13 +99,17 @@ class ServerProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} before ready; log: "
-                                   f"{self.log_path}\n{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode} before ready; log: "
+                    f"{self.log_path}\n{self.log_tail()}"
+                )
             if self.healthy():
                 return self
             time.sleep(poll_s)
         self.stop()
-        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f}s; log: {self.log_path}\n{self.log_tail()}")
+        raise TimeoutError(
+            f"{self.name} not ready after {timeout_s:.0f}s; log: {self.log_path}\n{self.log_tail()}"
+        )
 
     def log_tail(self, n: int = 20) -> str:
         try:
@@ -136,12 +153,33 @@ class ServerProcess:
 # --------------------------------------------------------------------------------------------- llama.cpp
 
 
-def llamacpp_command(model: str | os.PathLike, port: int, host: str = "127.0.0.1", n_ctx: int = 8192,
-                     n_parallel: int = 4, threads: int | None = None, seed: int | None = None,
-                     lora: str | os.PathLike | None = None) -> list[str]:
+def llamacpp_command(
+    model: str | os.PathLike,
+    port: int,
+    host: str = "127.0.0.1",
+    n_ctx: int = 8192,
+    n_parallel: int = 4,
+    threads: int | None = None,
+    seed: int | None = None,
+    lora: str | os.PathLike | None = None,
+) -> list[str]:
     """The child command that serves ``model`` (a GGUF file, plus a GGUF LoRA ``lora``) with llama.cpp."""
-    cmd = [sys.executable, "-m", "agentlib.serve", "llamacpp", "--model", str(model), "--host", host,
-           "--port", str(port), "--n-ctx", str(n_ctx), "--n-parallel", str(n_parallel)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "agentlib.serve",
+        "llamacpp",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--n-ctx",
+        str(n_ctx),
+        "--n-parallel",
+        str(n_parallel),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     if seed is not None:
@@ -151,9 +189,17 @@ def llamacpp_command(model: str | os.PathLike, port: int, host: str = "127.0.0.1
     return cmd
 
 
-def start_llamacpp(model: str | os.PathLike, port: int | None = None, host: str = "127.0.0.1",
-                   n_ctx: int = 8192, n_parallel: int = 4, threads: int | None = None, seed: int | None = None,
-                   lora: str | os.PathLike | None = None, ready_timeout_s: float = 300.0) -> ServerProcess:
+def start_llamacpp(
+    model: str | os.PathLike,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    n_ctx: int = 8192,
+    n_parallel: int = 4,
+    threads: int | None = None,
+    seed: int | None = None,
+    lora: str | os.PathLike | None = None,
+    ready_timeout_s: float = 300.0,
+) -> ServerProcess:
     """A ready llama.cpp server for a GGUF file or a registry name (``qwen2.5-coder-1.5b``).
 
     ``lora``: a GGUF LoRA file (see `agentlib.gguf_lora`) applied at scale 1 to every request.
@@ -170,8 +216,16 @@ def start_llamacpp(model: str | os.PathLike, port: int | None = None, host: str 
     return server.wait_ready(ready_timeout_s)
 
 
-def run_llamacpp(model: str, host: str, port: int, n_ctx: int, n_parallel: int, threads: int | None,
-                 seed: int | None, lora: str | None = None) -> None:
+def run_llamacpp(
+    model: str,
+    host: str,
+    port: int,
+    n_ctx: int,
+    n_parallel: int,
+    threads: int | None,
+    seed: int | None,
+    lora: str | None = None,
+) -> None:
     """Serve in this process until SIGTERM/SIGINT (the body of the child process)."""
     import threading
 
@@ -203,37 +257,78 @@ def run_llamacpp(model: str, host: str, port: int, n_ctx: int, n_parallel: int, 
 # --------------------------------------------------------------------------------------------- vLLM
 
 
-def vllm_command(model: str, port: int, host: str = "127.0.0.1", tensor_parallel_size: int = 1,
-                 lora_modules: Mapping[str, str] | None = None, max_lora_rank: int = 64,
-                 gpu_memory_utilization: float = 0.9, seed: int = 0, max_model_len: int | None = None,
-                 served_model_name: str | None = None, dtype: str = "auto",
-                 extra_args: Sequence[str] = ()) -> list[str]:
+def vllm_command(
+    model: str,
+    port: int,
+    host: str = "127.0.0.1",
+    tensor_parallel_size: int = 1,
+    lora_modules: Mapping[str, str] | None = None,
+    max_lora_rank: int = 64,
+    gpu_memory_utilization: float = 0.9,
+    seed: int = 0,
+    max_model_len: int | None = None,
+    served_model_name: str | None = None,
+    dtype: str = "auto",
+    extra_args: Sequence[str] = (),
+) -> list[str]:
     """The ``vllm serve`` command line; LoRA adapters are served as ``name=path`` modules.
 
     vLLM pins its own torch/transformers (vllm 0.33.0: torch 2.14.0, transformers < 5.21), so it lives in its
     own environment (``requirements-vllm.txt``); ``AGENTLIB_VLLM`` names its ``vllm`` executable.
     """
-    cmd = [os.environ.get("AGENTLIB_VLLM", "vllm"), "serve", model, "--host", host, "--port", str(port),
-           "--tensor-parallel-size", str(tensor_parallel_size),
-           "--gpu-memory-utilization", str(gpu_memory_utilization), "--seed", str(seed), "--dtype", dtype]
+    cmd = [
+        os.environ.get("AGENTLIB_VLLM", "vllm"),
+        "serve",
+        model,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--tensor-parallel-size",
+        str(tensor_parallel_size),
+        "--gpu-memory-utilization",
+        str(gpu_memory_utilization),
+        "--seed",
+        str(seed),
+        "--dtype",
+        dtype,
+    ]
     if served_model_name:
         cmd += ["--served-model-name", served_model_name]
     if max_model_len:
         cmd += ["--max-model-len", str(max_model_len)]
     if lora_modules:
-        cmd += ["--enable-lora", "--max-lora-rank", str(max_lora_rank), "--max-loras", str(len(lora_modules)),
-                "--lora-modules", *(f"{name}={path}" for name, path in lora_modules.items())]
+        cmd += [
+            "--enable-lora",
+            "--max-lora-rank",
+            str(max_lora_rank),
+            "--max-loras",
+            str(len(lora_modules)),
+            "--lora-modules",
+            *(f"{name}={path}" for name, path in lora_modules.items()),
+        ]
     return cmd + list(extra_args)
 
 
-def start_vllm(model: str, port: int | None = None, host: str = "127.0.0.1", cuda_devices: str | None = None,
-               ready_timeout_s: float = 900.0, **kwargs: object) -> ServerProcess:
+def start_vllm(
+    model: str,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    cuda_devices: str | None = None,
+    ready_timeout_s: float = 900.0,
+    **kwargs: object,
+) -> ServerProcess:
     """A ready ``vllm serve`` (GPU); ``cuda_devices`` (``"0,1"``) sets CUDA_VISIBLE_DEVICES for it alone."""
     return _launch_vllm(model, port, host, cuda_devices, **kwargs).wait_ready(ready_timeout_s)
 
 
-def _launch_vllm(model: str, port: int | None = None, host: str = "127.0.0.1", cuda_devices: str | None = None,
-                 **kwargs: object) -> ServerProcess:
+def _launch_vllm(
+    model: str,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    cuda_devices: str | None = None,
+    **kwargs: object,
+) -> ServerProcess:
     port = port or free_port(host)
     cmd = vllm_command(model, port, host, **kwargs)  # type: ignore[arg-type]
     env = {"CUDA_VISIBLE_DEVICES": cuda_devices} if cuda_devices is not None else None
@@ -264,9 +359,12 @@ def _load_lora(url: str, name: str, path: str, timeout_s: float = 120.0) -> bool
     """Ask a running vLLM to load an adapter (needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`` on the server)."""
     import json
 
-    req = urllib.request.Request(url.rstrip("/") + "/load_lora_adapter", method="POST",
-                                 data=json.dumps({"lora_name": name, "lora_path": path}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url.rstrip("/") + "/load_lora_adapter",
+        method="POST",
+        data=json.dumps({"lora_name": name, "lora_path": path}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return r.status == 200
@@ -286,15 +384,24 @@ def _ensure_lora(urls: Sequence[str], name: str, path: str) -> None:
         if not (_load_lora(url, name, path) and name in (_served_models(url) or [])):
             missing.append(f"{url} (serves {served})")
     if missing:
-        raise RuntimeError(f"LoRA module {name!r} is not served by {', '.join(missing)}: start vLLM with "
-                           f"--enable-lora --max-lora-rank 64 --lora-modules {name}={path}, or with "
-                           "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True so it can be loaded at run time")
+        raise RuntimeError(
+            f"LoRA module {name!r} is not served by {', '.join(missing)}: start vLLM with "
+            f"--enable-lora --max-lora-rank 64 --lora-modules {name}={path}, or with "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True so it can be loaded at run time"
+        )
 
 
-def open_vllm(base_model: str, adapter: str | os.PathLike | None = None, *, endpoints: Sequence[str] | None = None,
-              devices: Sequence[str | None] | None = None, max_lora_rank: int = 64,
-              server_kw: Mapping[str, object] | None = None, ready_timeout_s: float = 900.0,
-              **model_kw: Any) -> OpenAIModel:
+def open_vllm(
+    base_model: str,
+    adapter: str | os.PathLike | None = None,
+    *,
+    endpoints: Sequence[str] | None = None,
+    devices: Sequence[str | None] | None = None,
+    max_lora_rank: int = 64,
+    server_kw: Mapping[str, object] | None = None,
+    ready_timeout_s: float = 900.0,
+    **model_kw: Any,
+) -> OpenAIModel:
     """``vllm_model`` without the ``with``: the model's ``close()`` stops any server this started."""
     from agentlib.models import OpenAIModel, endpoints_from_env
 
@@ -328,10 +435,17 @@ def open_vllm(base_model: str, adapter: str | os.PathLike | None = None, *, endp
 
 
 @contextmanager
-def vllm_model(base_model: str, adapter: str | os.PathLike | None = None, *, endpoints: Sequence[str] | None = None,
-               devices: Sequence[str | None] | None = None, max_lora_rank: int = 64,
-               server_kw: Mapping[str, object] | None = None, ready_timeout_s: float = 900.0,
-               **model_kw: Any) -> Iterator[OpenAIModel]:
+def vllm_model(
+    base_model: str,
+    adapter: str | os.PathLike | None = None,
+    *,
+    endpoints: Sequence[str] | None = None,
+    devices: Sequence[str | None] | None = None,
+    max_lora_rank: int = 64,
+    server_kw: Mapping[str, object] | None = None,
+    ready_timeout_s: float = 900.0,
+    **model_kw: Any,
+) -> Iterator[OpenAIModel]:
     """An ``OpenAIModel`` over vLLM for ``base_model``, or for its LoRA ``adapter`` (a peft folder), for a block.
 
     Requests name the model ``lora_name(adapter)`` (the adapter folder's name) when an adapter is given, else
@@ -345,8 +459,16 @@ def vllm_model(base_model: str, adapter: str | os.PathLike | None = None, *, end
         with vllm_model("Qwen/Qwen2.5-0.5B-Instruct", "runs/paper/students/agent") as m:
             m.chat([{"role": "user", "content": "Hi"}])  # POST .../chat/completions {"model": "agent", ...}
     """
-    model = open_vllm(base_model, adapter, endpoints=endpoints, devices=devices, max_lora_rank=max_lora_rank,
-                      server_kw=server_kw, ready_timeout_s=ready_timeout_s, **model_kw)
+    model = open_vllm(
+        base_model,
+        adapter,
+        endpoints=endpoints,
+        devices=devices,
+        max_lora_rank=max_lora_rank,
+        server_kw=server_kw,
+        ready_timeout_s=ready_timeout_s,
+        **model_kw,
+    )
     try:
         yield model
     finally:
@@ -369,8 +491,16 @@ def main(argv: list[str] | None = None) -> None:
     from agentlib.registry import gguf_file
 
     model = str(gguf_file(args.model))
-    run_llamacpp(model, args.host, args.port or free_port(args.host), args.n_ctx, args.n_parallel, args.threads,
-                 args.seed, args.lora)
+    run_llamacpp(
+        model,
+        args.host,
+        args.port or free_port(args.host),
+        args.n_ctx,
+        args.n_parallel,
+        args.threads,
+        args.seed,
+        args.lora,
+    )
 
 
 if __name__ == "__main__":

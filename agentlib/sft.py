@@ -58,6 +58,7 @@ __all__ = [
 
 IGNORE = -100
 
+
 class MaskError(ValueError):
     """The loss mask of an example is unusable (no trained token, or a non-assistant token trained)."""
 
@@ -73,8 +74,10 @@ def trajectory_to_chat(record: dict, system_prompt: str | None) -> list[dict]:
     Trailing non-assistant messages (nothing to learn after them) are dropped.
     """
     # Assistant turns are stripped: a token that straddles the template/content boundary is never trained.
-    messages = [{"role": m["role"], "content": m["content"].strip() if m["role"] == "assistant" else m["content"]}
-                for m in record["messages"]]
+    messages = [
+        {"role": m["role"], "content": m["content"].strip() if m["role"] == "assistant" else m["content"]}
+        for m in record["messages"]
+    ]
     for m in messages:
         if m["role"] not in ("system", "user", "assistant"):
             raise ValueError(f"unexpected role {m['role']!r} in trajectory {record.get('id')}")
@@ -128,7 +131,9 @@ def message_spans(messages: list[dict], tokenizer: Any) -> tuple[str, list[tuple
 
 
 def assistant_labels(
-    input_ids: Sequence[int], offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int, int]],
+    input_ids: Sequence[int],
+    offsets: Sequence[tuple[int, int]],
+    spans: Sequence[tuple[int, int, int]],
     roles: Sequence[str],
 ) -> list[int]:
     """Labels from character spans: a token is trained (label = its id) if it is non-empty and starts inside an
@@ -208,7 +213,11 @@ def plan_batches(
     rng.shuffle(order)
     if mode == "group":  # sort inside mega-chunks, HF LengthGroupedSampler-style, then shuffle the steps
         mega = batch_size * 16
-        order = [i for k in range(0, len(order), mega) for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])]
+        order = [
+            i
+            for k in range(0, len(order), mega)
+            for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])
+        ]
     steps = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
     if mode == "group":
         rng.shuffle(steps)
@@ -254,7 +263,11 @@ def collate(examples: Sequence[dict], pad_id: int, pack: bool = False) -> dict:
     ids = [list(e["input_ids"]) + [pad_id] * (width - len(e["input_ids"])) for e in examples]
     labels = [list(e["labels"]) + [IGNORE] * (width - len(e["labels"])) for e in examples]
     mask = [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "attention_mask": torch.tensor(mask)}
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "attention_mask": torch.tensor(mask),
+    }
 
 
 def loss_sum(model: Any, batch: dict) -> tuple[Any, int]:
@@ -361,12 +374,19 @@ def load_for_training(model_path: str | Path, config: SFTConfig, device: str) ->
         try:
             from transformers import BitsAndBytesConfig
 
-            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                     bnb_4bit_compute_dtype=dtype, bnb_4bit_use_double_quant=True)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype,
-                                                         quantization_config=bnb, device_map={"": device})
+            bnb = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_compute_dtype=dtype,
+                bnb_4bit_use_double_quant=True,
+            )
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, quantization_config=bnb, device_map={"": device}
+            )
             # No forward pass before get_peft_model: with a 4-bit base it breaks backward later.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=config.gradient_checkpointing
+            )
             # It upcasts every non-4-bit weight (embeddings, norms) to fp32, making all activations fp32: twice
             # the memory, and sdpa's math kernel (a seq x seq matrix per head; OOM at 9.5k tokens on an 80 GB
             # H100, docs/gpu.md). Back to bf16 on GPUs, as in bf16 LoRA; the LoRA weights (added later) stay fp32.
@@ -379,11 +399,18 @@ def load_for_training(model_path: str | Path, config: SFTConfig, device: str) ->
     if model is None:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device)
         if config.gradient_checkpointing:
-            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable = (
+                getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            )
             enable()
             model.enable_input_require_grads()
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=config.target_modules, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=config.lora_r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.target_modules,
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, lora), tokenizer
 
 
@@ -402,16 +429,30 @@ def make_plan(lengths: Sequence[int], config: SFTConfig) -> list[list[list[int]]
     """All optimizer steps of a run: ``num_epochs`` (a fractional last epoch allowed), capped at ``max_steps``."""
     plan: list[list[list[int]]] = []
     for epoch in range(math.ceil(config.num_epochs)):
-        steps = plan_batches(lengths, config.batch_size, config.batching, config.micro_batch_size,
-                             config.pack_length or config.max_length, seed=config.seed + epoch)
+        steps = plan_batches(
+            lengths,
+            config.batch_size,
+            config.batching,
+            config.micro_batch_size,
+            config.pack_length or config.max_length,
+            seed=config.seed + epoch,
+        )
         if epoch + 1 > config.num_epochs:
             steps = steps[: max(1, round(len(steps) * (config.num_epochs - epoch)))]
         plan += steps
     return plan[: config.max_steps] if config.max_steps is not None else plan
 
 
-def fit(model: Any, examples: Sequence[dict], plan: list[list[list[int]]], config: SFTConfig, pad_id: int,
-        device: str, progress: bool = True, on_step: Any = None) -> list[dict]:
+def fit(
+    model: Any,
+    examples: Sequence[dict],
+    plan: list[list[list[int]]],
+    config: SFTConfig,
+    pad_id: int,
+    device: str,
+    progress: bool = True,
+    on_step: Any = None,
+) -> list[dict]:
     """The training loop: AdamW, linear warmup/decay, gradient accumulation over each step's micro-batches.
 
     The loss of a step is the mean over its trained tokens (not over micro-batches). Returns one row per step
@@ -425,7 +466,9 @@ def fit(model: Any, examples: Sequence[dict], plan: list[list[list[int]]], confi
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     n = len(plan)
     warmup = max(1, round(config.warmup_ratio * n))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, max(0.0, (n - s) / max(1, n - warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, max(0.0, (n - s) / max(1, n - warmup)))
+    )
     rows: list[dict] = []
     tokens, t0 = 0, time.perf_counter()
     model.train()
@@ -443,8 +486,15 @@ def fit(model: Any, examples: Sequence[dict], plan: list[list[list[int]]], confi
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        rows.append({"step": step + 1, "loss": total / n_trained, "lr": lr, "tokens": tokens,
-                     "seconds": round(time.perf_counter() - t0, 3)})
+        rows.append(
+            {
+                "step": step + 1,
+                "loss": total / n_trained,
+                "lr": lr,
+                "tokens": tokens,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
         if on_step is not None:
             on_step(rows)
     return rows
@@ -464,14 +514,24 @@ def train(
     once when ``sft_run.json`` holds the same hash (same config, model and data) and the adapter exists.
     """
     out = Path(out_dir)
-    chats = [trajectory_to_chat(d if isinstance(d, dict) else {"messages": d}, config.system_prompt) for d in data]
+    chats = [
+        trajectory_to_chat(d if isinstance(d, dict) else {"messages": d}, config.system_prompt) for d in data
+    ]
     run_hash = config.hash(str(model_name_or_path), hashlib.sha256(json.dumps(chats).encode()).hexdigest())
     meta_path = out / "sft_run.json"
     if meta_path.exists() and (out / "adapter_config.json").exists():
         meta = json.loads(meta_path.read_text())
         if meta.get("hash") == run_hash:
-            return TrainResult(out, read_losses(out), meta["n_examples"], meta["n_dropped"], meta["n_truncated"],
-                               meta["tokens_per_s"], meta["quantized"], skipped=True)
+            return TrainResult(
+                out,
+                read_losses(out),
+                meta["n_examples"],
+                meta["n_dropped"],
+                meta["n_truncated"],
+                meta["tokens_per_s"],
+                meta["quantized"],
+                skipped=True,
+            )
 
     import torch
 
@@ -483,23 +543,52 @@ def train(
     if not examples:
         raise ValueError(f"no usable example out of {len(chats)} (all masks empty or too long)")
     if n_cut := sum(e["truncated"] for e in examples):
-        warnings.warn(f"{n_cut} of {len(examples)} examples are longer than max_length={config.max_length}: each is "
-                      "cut after its last whole assistant turn, so its later turns (the final answer among them) "
-                      "are not trained; raise max_length if they matter", stacklevel=2)
+        warnings.warn(
+            f"{n_cut} of {len(examples)} examples are longer than max_length={config.max_length}: each is "
+            "cut after its last whole assistant turn, so its later turns (the final answer among them) "
+            "are not trained; raise max_length if they matter",
+            stacklevel=2,
+        )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = make_plan([len(e["input_ids"]) for e in examples], config)
     out.mkdir(parents=True, exist_ok=True)
-    rows = fit(model, examples, plan, config, pad_id, device, progress, on_step=lambda r: _write_csv(out / "loss.csv", r))
+    rows = fit(
+        model,
+        examples,
+        plan,
+        config,
+        pad_id,
+        device,
+        progress,
+        on_step=lambda r: _write_csv(out / "loss.csv", r),
+    )
     model.save_pretrained(out)
     seconds = rows[-1]["seconds"] if rows else 0.0
-    meta = {"hash": run_hash, "model": str(model_name_or_path), "config": dataclasses.asdict(config),
-            "device": device, "quantized": quantized, "n_examples": len(examples), "n_dropped": dropped,
-            "n_truncated": sum(e["truncated"] for e in examples), "steps": len(plan),
-            "tokens": rows[-1]["tokens"] if rows else 0, "seconds": seconds,
-            "tokens_per_s": rows[-1]["tokens"] / seconds if seconds else 0.0}
+    meta = {
+        "hash": run_hash,
+        "model": str(model_name_or_path),
+        "config": dataclasses.asdict(config),
+        "device": device,
+        "quantized": quantized,
+        "n_examples": len(examples),
+        "n_dropped": dropped,
+        "n_truncated": sum(e["truncated"] for e in examples),
+        "steps": len(plan),
+        "tokens": rows[-1]["tokens"] if rows else 0,
+        "seconds": seconds,
+        "tokens_per_s": rows[-1]["tokens"] / seconds if seconds else 0.0,
+    }
     meta_path.write_text(json.dumps(meta, indent=2, default=str))
-    return TrainResult(out, [r["loss"] for r in rows], len(examples), dropped, meta["n_truncated"],
-                       meta["tokens_per_s"], quantized, skipped=False)
+    return TrainResult(
+        out,
+        [r["loss"] for r in rows],
+        len(examples),
+        dropped,
+        meta["n_truncated"],
+        meta["tokens_per_s"],
+        quantized,
+        skipped=False,
+    )
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

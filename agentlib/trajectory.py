@@ -48,7 +48,7 @@ def read_records(path: str | Path) -> list[dict]:
     if not path.exists():
         return []
     records = []
-    with (gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")) as f:
+    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
         for line in f:
             if not line.endswith(b"\n"):
                 break  # torn write: the record was never completed
@@ -158,19 +158,35 @@ def teacher_settings(p: Profile) -> dict[str, Any]:
     from agentlib import registry
 
     spec = registry.MODELS.get(p.teacher)
-    prompts = {path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-               for path in importlib.resources.files("agentlib.prompts").iterdir() if path.name.endswith(".yaml")}  # fmt: skip
+    prompts = {
+        path.name: hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+        for path in importlib.resources.files("agentlib.prompts").iterdir()
+        if path.name.endswith(".yaml")
+    }
     return {
-        "teacher": p.teacher, "teacher_gguf_sha256": getattr(spec, "sha256", None), "prompts_sha256": prompts,
-        "teacher_samples": p.teacher_samples, "temperature": p.teacher_temperature, "top_p": p.teacher_top_p,
-        "teacher_max_tokens": p.teacher_max_tokens, "cot_max_tokens": p.cot_tokens, "max_steps": p.max_steps,
-        "top_k": p.top_k, "passage_chars": p.passage_chars, "retriever": p.retriever,
-        "stop_on_repeat": p.stop_on_repeat, "short_prompt": p.teacher_short_prompt, "ftp_source": p.ftp_source,
-        "train_factual": [list(x) for x in p.train_factual], "train_math": [list(x) for x in p.train_math],
-    }  # fmt: skip
+        "teacher": p.teacher,
+        "teacher_gguf_sha256": getattr(spec, "sha256", None),
+        "prompts_sha256": prompts,
+        "teacher_samples": p.teacher_samples,
+        "temperature": p.teacher_temperature,
+        "top_p": p.teacher_top_p,
+        "teacher_max_tokens": p.teacher_max_tokens,
+        "cot_max_tokens": p.cot_tokens,
+        "max_steps": p.max_steps,
+        "top_k": p.top_k,
+        "passage_chars": p.passage_chars,
+        "retriever": p.retriever,
+        "stop_on_repeat": p.stop_on_repeat,
+        "short_prompt": p.teacher_short_prompt,
+        "ftp_source": p.ftp_source,
+        "train_factual": [list(x) for x in p.train_factual],
+        "train_math": [list(x) for x in p.train_math],
+    }
 
 
-def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None, backend: str | None = None) -> Path:
+def publish_teacher(
+    p: Profile, runs: dict[str, list], dest: Path | None = None, backend: str | None = None
+) -> Path:
     """Write ``data/teacher_trajectories_<profile>.jsonl.gz`` (+ ``.manifest.json``) from a teacher run.
 
     Each record gains ``run`` and ``domain``. The manifest holds :func:`teacher_settings`, the backend that
@@ -186,12 +202,20 @@ def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None,
     dest = dest or published_path(p)
     dest.parent.mkdir(parents=True, exist_ok=True)
     domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
-    lines = [json.dumps({**r, "run": name, "domain": r.get("domain") or domain.get(base_id(r["id"]), "")},
-                        ensure_ascii=False) for name, records in runs.items() for r in records]  # fmt: skip
+    lines = [
+        json.dumps(
+            {**r, "run": name, "domain": r.get("domain") or domain.get(base_id(r["id"]), "")},
+            ensure_ascii=False,
+        )
+        for name, records in runs.items()
+        for r in records
+    ]
     with gzip.GzipFile(dest, "wb", mtime=0) as f:  # mtime=0: the same trajectories give the same bytes
         f.write(("\n".join(lines) + "\n").encode())
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
     except OSError:
         commit = ""
     covered: dict[str, dict[str, int]] = {}
@@ -199,11 +223,15 @@ def publish_teacher(p: Profile, runs: dict[str, list], dest: Path | None = None,
         qs = {base_id(r["id"]) for r in records}
         covered[name] = {d: sum(domain.get(q) == d for q in qs) for d in ("factual", "math")}
     manifest = {
-        "profile": p.name, **teacher_settings(p), "backend": backend or p.teacher_backend,
-        "counts": {name: len(records) for name, records in runs.items()}, "questions": covered,
-        "date": datetime.date.today().isoformat(), "code_version": commit,
+        "profile": p.name,
+        **teacher_settings(p),
+        "backend": backend or p.teacher_backend,
+        "counts": {name: len(records) for name, records in runs.items()},
+        "questions": covered,
+        "date": datetime.date.today().isoformat(),
+        "code_version": commit,
         "file_sha256": file_sha256(dest),
-    }  # fmt: skip
+    }
     _manifest_path(dest).write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
 
@@ -223,19 +251,23 @@ def load_published(p: Profile, path: Path | None = None, check_settings: bool = 
     path = path or published_path(p)
     mpath = _manifest_path(path)
     if not path.exists() or not mpath.exists():
-        raise FileNotFoundError(f"no published teacher set at {path} (+ manifest): run notebook 01 with "
-                                f"teacher_source='generate'")  # fmt: skip
+        raise FileNotFoundError(
+            f"no published teacher set at {path} (+ manifest): run notebook 01 with teacher_source='generate'"
+        )
     manifest = json.loads(mpath.read_text())
     digest = file_sha256(path)
     if digest != manifest.get("file_sha256"):
-        raise PublishedMismatch(f"{path.name}: sha256 {digest[:12]} is not the manifest's "
-                                f"{str(manifest.get('file_sha256'))[:12]}")  # fmt: skip
+        raise PublishedMismatch(
+            f"{path.name}: sha256 {digest[:12]} is not the manifest's {str(manifest.get('file_sha256'))[:12]}"
+        )
     if check_settings:
         want = teacher_settings(p)
         bad = {k: (manifest.get(k), v) for k, v in want.items() if manifest.get(k) != v}
         if bad:
             lines = "; ".join(f"{k}: published {a!r}, profile {b!r}" for k, (a, b) in bad.items())
-            raise PublishedMismatch(f"{path.name} was made with other settings than profile {p.name!r}: {lines}")
+            raise PublishedMismatch(
+                f"{path.name} was made with other settings than profile {p.name!r}: {lines}"
+            )
     return read_published(path)
 
 

@@ -62,8 +62,10 @@ def decode_costs(model, use: dict, batch: int) -> tuple[float, float]:
     """(1-row, ``batch``-row) decode step seconds at the run's mean prompt length, and a line saying so."""
     ctx = use["prompt_tokens_per_call"]
     t1, tb = decode_step_seconds(model, ctx, 1), decode_step_seconds(model, ctx, batch)
-    print(f"{use['prefill_s']:.1f} s encoding prompts ({ctx} tokens per call on average); decode step at {ctx} "
-          f"tokens: {t1 * 1e3:.0f} ms for 1 row, {tb * 1e3:.0f} ms for {batch} rows")
+    print(
+        f"{use['prefill_s']:.1f} s encoding prompts ({ctx} tokens per call on average); decode step at {ctx} "
+        f"tokens: {t1 * 1e3:.0f} ms for 1 row, {tb * 1e3:.0f} ms for {batch} rows"
+    )
     return t1, tb
 
 
@@ -79,7 +81,13 @@ def decode_step_seconds(model, ctx: int, batch: int, steps: int = 12) -> float:
     times = []
     with torch.inference_mode():
         cache = DynamicCache(config=lm.config)
-        lm(input_ids=ids, attention_mask=mask[:, :ctx], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        lm(
+            input_ids=ids,
+            attention_mask=mask[:, :ctx],
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         nxt = ids[:, -1:]
         for i in range(steps):
             t0 = time.perf_counter()
@@ -96,8 +104,12 @@ def main() -> None:
     ap.add_argument("--profile", default="cpu", help="run profile giving the student's settings")
     ap.add_argument("--max-tokens", type=int, default=None, help="override the profile's student_max_tokens")
     ap.add_argument("--only", choices=("batched", "sag"), default=None, help="run one of the two comparisons")
-    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
-                    help="model dtype (default: bf16 where the CPU has native bf16, else fp32)")  # fmt: skip
+    ap.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default=None,
+        help="model dtype (default: bf16 where the CPU has native bf16, else fp32)",
+    )
     args = ap.parse_args()
     prof = get_profile(args.profile)
     max_tokens = args.max_tokens or prof.student_max_tokens
@@ -107,19 +119,26 @@ def main() -> None:
     model = load_model(args.model, backend="hf", dtype=getattr(torch, args.dtype) if args.dtype else None)
     retriever = BM25Retriever.default()
     examples = load_benchmark("hotpotqa", "test", limit=args.questions)
-    print(f"model={args.model} dtype={model.dtype} questions={len(examples)} profile={prof.name} "
-          f"max_tokens={max_tokens} top_k={prof.top_k} SAG N=8 T={prof.sag_temperature} "
-          f"top_p={prof.sag_top_p} max_batch={model.max_batch} conversations/call")
+    print(
+        f"model={args.model} dtype={model.dtype} questions={len(examples)} profile={prof.name} "
+        f"max_tokens={max_tokens} top_k={prof.top_k} SAG N=8 T={prof.sag_temperature} "
+        f"top_p={prof.sag_top_p} max_batch={model.max_batch} conversations/call"
+    )
     # Short (student) prompt, at most 1 step + the final-answer turn: the comparison is about batching.
     base = dict(max_steps=1, max_tokens=max_tokens, short_prompt=True, search_k=prof.top_k)
-    run_agent(model, examples[:1], AgentConfig(**base, batch_size=1), retriever=retriever, progress=False)  # warm-up
+    run_agent(
+        model, examples[:1], AgentConfig(**base, batch_size=1), retriever=retriever, progress=False
+    )  # warm-up
 
     rows = []
     if args.only != "sag":
         rows += batched_vs_one(model, examples, base, retriever)
     if args.only != "batched":
         rows += sag_n8_vs_n1(model, examples[: args.sag_questions], base, prof, retriever)
-    write_rows("bench_agent" + (f"_{args.only}" if args.only else "") + (f"_{args.dtype}" if args.dtype else ""), rows)
+    write_rows(
+        "bench_agent" + (f"_{args.only}" if args.only else "") + (f"_{args.dtype}" if args.dtype else ""),
+        rows,
+    )
 
 
 def batched_vs_one(model, examples, base: dict, retriever) -> list[dict]:
@@ -128,13 +147,33 @@ def batched_vs_one(model, examples, base: dict, retriever) -> list[dict]:
     wall_b, recs_b, tok_b, _ = timed_run(model, examples, AgentConfig(**base, batch_size=16), retriever)
     wall_1, recs_1, tok_1, use_1 = timed_run(model, examples, AgentConfig(**base, batch_size=1), retriever)
     steps_b, steps_1 = (sum(len(r["steps"]) for r in recs) for recs in (recs_b, recs_1))
-    print(f"batched: {wall_b:.1f} s, {steps_b} steps, {tok_b} tokens; one at a time: {wall_1:.1f} s, "
-          f"{steps_1} steps, {tok_1} tokens")
+    print(
+        f"batched: {wall_b:.1f} s, {steps_b} steps, {tok_b} tokens; one at a time: {wall_1:.1f} s, "
+        f"{steps_1} steps, {tok_1} tokens"
+    )
     tps_b, tps_1 = tok_b / wall_b, tok_1 / wall_1
-    rows.append(row("batched_stepping_tokens_per_s", tps_b, "tok/s", "one_at_a_time", tps_1,
-                    ">= 5x one at a time", tps_b >= 5 * tps_1))
-    rows.append(row("batched_stepping_steps_per_s", steps_b / wall_b, "steps/s", "one_at_a_time", steps_1 / wall_1,
-                    "(informational)", None))
+    rows.append(
+        row(
+            "batched_stepping_tokens_per_s",
+            tps_b,
+            "tok/s",
+            "one_at_a_time",
+            tps_1,
+            ">= 5x one at a time",
+            tps_b >= 5 * tps_1,
+        )
+    )
+    rows.append(
+        row(
+            "batched_stepping_steps_per_s",
+            steps_b / wall_b,
+            "steps/s",
+            "one_at_a_time",
+            steps_1 / wall_1,
+            "(informational)",
+            None,
+        )
+    )
     rows += batching_ceiling(model, wall_1, use_1, batch=16)
     return rows
 
@@ -148,9 +187,20 @@ def batching_ceiling(model, wall_1: float, use_1: dict, batch: int) -> list[dict
     ceiling = wall_1 / (prefill + (wall_1 - prefill) * tb / (batch * t1))
     return [
         row("one_at_a_time_prefill_share", prefill / wall_1, "fraction", bar="(informational)"),
-        row(f"decode_step_tokens_per_s_b{batch}", batch / tb, "tok/s", "b1", 1 / t1, "(informational: kernel only)"),
-        row("batched_stepping_ceiling", ceiling, "x", bar="(informational: the most batching the decode can give "
-            "while prompt encoding stays as it is)"),
+        row(
+            f"decode_step_tokens_per_s_b{batch}",
+            batch / tb,
+            "tok/s",
+            "b1",
+            1 / t1,
+            "(informational: kernel only)",
+        ),
+        row(
+            "batched_stepping_ceiling",
+            ceiling,
+            "x",
+            bar="(informational: the most batching the decode can give while prompt encoding stays as it is)",
+        ),
     ]
 
 
@@ -158,26 +208,56 @@ def sag_n8_vs_n1(model, sag_ex, base: dict, prof, retriever) -> list[dict]:
     """Bar: a SAG step with N=8 candidates (generation and execution) <= 2.5x the wall of an N=1 step."""
     rows = []
     sampling = dict(temperature=prof.sag_temperature, top_p=prof.sag_top_p, batch_size=1)
-    wall_s1, recs_s1, _, use_s1 = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=1), retriever)
+    wall_s1, recs_s1, _, use_s1 = timed_run(
+        model, sag_ex, AgentConfig(**base, **sampling, n_samples=1), retriever
+    )
     wall_s8, recs_s8, *_ = timed_run(model, sag_ex, AgentConfig(**base, **sampling, n_samples=8), retriever)
     per_step_1 = wall_s1 / sum(len(r["steps"]) for r in recs_s1)
     per_step_8 = wall_s8 / sum(len(r["steps"]) for r in recs_s8)
     exec_8 = sum(s["exec_s"] for r in recs_s8 for s in r["steps"]) / sum(len(r["steps"]) for r in recs_s8)
-    print(f"SAG: N=1 {per_step_1:.2f} s/step, N=8 {per_step_8:.2f} s/step (of which candidate execution "
-          f"{exec_8:.3f} s)")
-    rows.append(row("sag_n8_step_wall", per_step_8, "s/step", "n1_step_wall", per_step_1, "<= 2.5x N=1",
-                    per_step_8 <= 2.5 * per_step_1))
-    med = [statistics.median(s["duration_s"] for r in recs for s in r["steps"]) for recs in (recs_s1, recs_s8)]
-    rows.append(row("sag_n8_step_median_gen_exec", med[1], "s/step", "n1_step_median_gen_exec", med[0],
-                    "(informational: median, robust to load spikes on a shared machine)", None))
+    print(
+        f"SAG: N=1 {per_step_1:.2f} s/step, N=8 {per_step_8:.2f} s/step (of which candidate execution "
+        f"{exec_8:.3f} s)"
+    )
+    rows.append(
+        row(
+            "sag_n8_step_wall",
+            per_step_8,
+            "s/step",
+            "n1_step_wall",
+            per_step_1,
+            "<= 2.5x N=1",
+            per_step_8 <= 2.5 * per_step_1,
+        )
+    )
+    med = [
+        statistics.median(s["duration_s"] for r in recs for s in r["steps"]) for recs in (recs_s1, recs_s8)
+    ]
+    rows.append(
+        row(
+            "sag_n8_step_median_gen_exec",
+            med[1],
+            "s/step",
+            "n1_step_median_gen_exec",
+            med[0],
+            "(informational: median, robust to load spikes on a shared machine)",
+            None,
+        )
+    )
     # The floor: the N=1 run with its decode steps costing what 8 rows cost; the rest of the gap is the long tail
     # (a step lasts until the longest of its 8 samples ends).
     print(f"SAG N=1 ({wall_s1:.1f} s): ", end="")
     t1, t8 = decode_costs(model, use_s1, 8)
     prefill = use_s1["prefill_s"]
     floor = (prefill + (wall_s1 - prefill) * t8 / t1) / wall_s1
-    rows.append(row("sag_n8_floor_same_lengths", floor, "x N=1", bar="(informational: N=8 over N=1 if all 8 "
-                    "samples were as long as the one)"))
+    rows.append(
+        row(
+            "sag_n8_floor_same_lengths",
+            floor,
+            "x N=1",
+            bar="(informational: N=8 over N=1 if all 8 samples were as long as the one)",
+        )
+    )
     return rows
 
 

@@ -32,21 +32,31 @@ from agentlib.serve import start_llamacpp  # noqa: E402
 from bench._common import row, write_rows  # noqa: E402
 
 QUESTIONS = [
-    "Which river flows through Paris?", "What is 17 * 23? Show the steps.",
-    "Who wrote the novel 'Pride and Prejudice'?", "Explain what a prime number is.",
-    "Write a Python function that reverses a string.", "What is the boiling point of water in Fahrenheit?",
-    "Name the largest planet in the solar system and one of its moons.", "What is the derivative of x^3?",
-    "In which year did the first man land on the Moon?", "Solve for x: 2x + 6 = 20.",
-    "What language is spoken in Brazil?", "Write Python code that sums the numbers from 1 to 100.",
-    "Who painted the Mona Lisa?", "What is the square root of 144?",
-    "Which element has the chemical symbol Fe?", "How many sides does a hexagon have?",
+    "Which river flows through Paris?",
+    "What is 17 * 23? Show the steps.",
+    "Who wrote the novel 'Pride and Prejudice'?",
+    "Explain what a prime number is.",
+    "Write a Python function that reverses a string.",
+    "What is the boiling point of water in Fahrenheit?",
+    "Name the largest planet in the solar system and one of its moons.",
+    "What is the derivative of x^3?",
+    "In which year did the first man land on the Moon?",
+    "Solve for x: 2x + 6 = 20.",
+    "What language is spoken in Brazil?",
+    "Write Python code that sums the numbers from 1 to 100.",
+    "Who painted the Mona Lisa?",
+    "What is the square root of 144?",
+    "Which element has the chemical symbol Fe?",
+    "How many sides does a hexagon have?",
 ]
 SYSTEM = "You are a helpful assistant. Think step by step, then answer."
 
 
 def convs(n: int) -> list[list[dict]]:
-    return [[{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
-            for i in range(n)]
+    return [
+        [{"role": "system", "content": SYSTEM}, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]
+        for i in range(n)
+    ]
 
 
 def bench_hf(name: str, max_tokens: int, repeat: int) -> list[dict]:
@@ -65,8 +75,15 @@ def bench_hf(name: str, max_tokens: int, repeat: int) -> list[dict]:
     bat_s, bat_tok = timed(lambda: m.chat_batch(batch, max_tokens=max_tokens))
     seq_tps, bat_tps = seq_tok / seq_s, bat_tok / bat_s
     rows = [
-        row(f"hf_{name}_batch16_tokens_per_s", bat_tps, "tok/s", "one_at_a_time_tokens_per_s", seq_tps,
-            ">= 5x (issue 5, Qwen2.5-Coder-0.5B bf16)", bat_tps >= 5 * seq_tps),
+        row(
+            f"hf_{name}_batch16_tokens_per_s",
+            bat_tps,
+            "tok/s",
+            "one_at_a_time_tokens_per_s",
+            seq_tps,
+            ">= 5x (issue 5, Qwen2.5-Coder-0.5B bf16)",
+            bat_tps >= 5 * seq_tps,
+        ),
         row(f"hf_{name}_batch16_wall_s", bat_s, "s", "one_at_a_time_wall_s", seq_s, "informational"),
     ]
     one = batch[1]
@@ -81,8 +98,11 @@ def raw_load(url: str, bodies: list[dict], concurrency: int) -> float:
     """The server's own throughput: plain threads posting the requests, completion tokens / wall."""
 
     def post(body: dict) -> int:
-        req = urllib.request.Request(url + "/chat/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            url + "/chat/completions",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=600) as r:
             return json.loads(r.read())["usage"]["completion_tokens"]
 
@@ -92,7 +112,9 @@ def raw_load(url: str, bodies: list[dict], concurrency: int) -> float:
     return tokens / (time.perf_counter() - t0)
 
 
-def client_load(urls: list[str], conversations: list, concurrency: int, max_tokens: int) -> tuple[float, list]:
+def client_load(
+    urls: list[str], conversations: list, concurrency: int, max_tokens: int
+) -> tuple[float, list]:
     with OpenAIModel(urls, model="bench", max_concurrency=concurrency, extra_body={"ignore_eos": True}) as m:
         m.chat_batch(conversations[:2], max_tokens=4)
         m.usage.reset()
@@ -105,8 +127,10 @@ def client_load(urls: list[str], conversations: list, concurrency: int, max_toke
 def bench_server(name: str, max_tokens: int, n_requests: int, n_parallel: int) -> list[dict]:
     rows = []
     cs = convs(n_requests)
-    bodies = [{"model": "bench", "messages": c, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
-              for c in cs]
+    bodies = [
+        {"model": "bench", "messages": c, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}
+        for c in cs
+    ]
     with start_llamacpp(name, n_parallel=n_parallel, n_ctx=n_parallel * 1024, threads=1) as srv:
         raw_load(srv.base_url, bodies[:2], 2)  # warm-up
         best = max(raw_load(srv.base_url, bodies, c) for c in (n_parallel, 2 * n_parallel))
@@ -115,15 +139,33 @@ def bench_server(name: str, max_tokens: int, n_requests: int, n_parallel: int) -
             k = n_requests if c > 1 else max(4, n_requests // 4)
             tps, _ = client_load([srv.base_url], cs[:k], c, max_tokens)
             bar = ">= 0.8x of the server max (issue 8)" if c >= 8 else "informational"
-            rows.append(row(f"openai_{name}_c{c}_tokens_per_s", tps, "tok/s", "server_max_raw_tokens_per_s", best,
-                            bar, tps >= 0.8 * best if c >= 8 else None))
+            rows.append(
+                row(
+                    f"openai_{name}_c{c}_tokens_per_s",
+                    tps,
+                    "tok/s",
+                    "server_max_raw_tokens_per_s",
+                    best,
+                    bar,
+                    tps >= 0.8 * best if c >= 8 else None,
+                )
+            )
             print(rows[-1], flush=True)
         one, _ = client_load([srv.base_url], cs, 16, max_tokens)
         with start_llamacpp(name, n_parallel=n_parallel, n_ctx=n_parallel * 1024, threads=1) as srv2:
             two, stats = client_load([srv.base_url, srv2.base_url], cs, 16, max_tokens)
         print("two-server stats:", stats, flush=True)
-        rows.append(row(f"openai_{name}_two_servers_c16_tokens_per_s", two, "tok/s", "one_server_c16_tokens_per_s",
-                        one, ">= 1.6x (issue 8; each server 1 thread of this 2-core machine)", two >= 1.6 * one))
+        rows.append(
+            row(
+                f"openai_{name}_two_servers_c16_tokens_per_s",
+                two,
+                "tok/s",
+                "one_server_c16_tokens_per_s",
+                one,
+                ">= 1.6x (issue 8; each server 1 thread of this 2-core machine)",
+                two >= 1.6 * one,
+            )
+        )
     return rows
 
 

@@ -33,7 +33,11 @@ from agentlib import pipeline  # noqa: E402
 from agentlib.agent import run_agent  # noqa: E402
 from agentlib.profiles import get_profile  # noqa: E402
 
-ARMS = {"llamacpp": ("llamacpp", 1), "llamacpp2": ("llamacpp", 2), "hf": ("hf", 1)}  # name -> (backend, servers)
+ARMS = {
+    "llamacpp": ("llamacpp", 1),
+    "llamacpp2": ("llamacpp", 2),
+    "hf": ("hf", 1),
+}  # name -> (backend, servers)
 
 
 def run_arm(p, questions, retriever, name: str) -> dict:
@@ -45,14 +49,20 @@ def run_arm(p, questions, retriever, name: str) -> dict:
         batch = 1 if backend == "llamacpp" else pipeline.TEACHER_BATCH
         cfg = replace(pipeline.teacher_config(p, method="teacher_agent"), temperature=0.0, batch_size=batch)
         t0 = time.perf_counter()
-        recs = pipeline.sharded(lambda mod, exs: run_agent(mod, exs, cfg, retriever=retriever, progress=False),
-                                 models, questions)  # fmt: skip
+        recs = pipeline.sharded(
+            lambda mod, exs: run_agent(mod, exs, cfg, retriever=retriever, progress=False), models, questions
+        )
         wall = time.perf_counter() - t0
         usage = [mod.usage for mod in models]
-        return {"wall_s": wall, "trajectories": len(recs), "per_hour": 3600 * len(recs) / wall,
-                "prompt_tokens": sum(u.prompt_tokens - u.cached_tokens for u in usage),
-                "gen_tokens": sum(u.completion_tokens for u in usage),
-                "correct": sum(r["score"] for r in recs), "steps": sum(len(r["steps"]) for r in recs)}  # fmt: skip
+        return {
+            "wall_s": wall,
+            "trajectories": len(recs),
+            "per_hour": 3600 * len(recs) / wall,
+            "prompt_tokens": sum(u.prompt_tokens - u.cached_tokens for u in usage),
+            "gen_tokens": sum(u.completion_tokens for u in usage),
+            "correct": sum(r["score"] for r in recs),
+            "steps": sum(len(r["steps"]) for r in recs),
+        }
 
 
 def main() -> None:
@@ -66,7 +76,11 @@ def main() -> None:
     sets = pipeline.training_sets(p)
     questions = sets["factual"][: args.factual] + sets["math"][: args.math]
     retriever = pipeline.open_retriever(p)
-    picked = "llamacpp2" if pipeline.teacher_backend(p) == "llamacpp" and p.teacher_servers == 2 else pipeline.teacher_backend(p)
+    picked = (
+        "llamacpp2"
+        if pipeline.teacher_backend(p) == "llamacpp" and p.teacher_servers == 2
+        else pipeline.teacher_backend(p)
+    )
     print(f"{len(questions)} questions; the profile's teacher path here: {picked}", flush=True)
     res = {}
     for name in args.arms.split(","):
@@ -76,14 +90,30 @@ def main() -> None:
     rows = []
     for name, r in res.items():
         is_new = name == picked
-        rows.append(row(f"{name}: trajectories per hour ({len(questions)} questions)", r["per_hour"], "traj/h",
-                        "llamacpp, 1 slot" if ref else "", ref["per_hour"] if ref else None,
-                        ">= 2.5x" if is_new else "", (r["per_hour"] >= 2.5 * ref["per_hour"]) if is_new and ref else None))  # fmt: skip
+        rows.append(
+            row(
+                f"{name}: trajectories per hour ({len(questions)} questions)",
+                r["per_hour"],
+                "traj/h",
+                "llamacpp, 1 slot" if ref else "",
+                ref["per_hour"] if ref else None,
+                ">= 2.5x" if is_new else "",
+                (r["per_hour"] >= 2.5 * ref["per_hour"]) if is_new and ref else None,
+            )
+        )
         rows.append(row(f"{name}: correct of {r['trajectories']}", r["correct"], "trajectories"))
-        rows.append(row(f"{name}: tokens generated / prefilled (not from cache)", r["gen_tokens"], "tokens",
-                        "prefilled", r["prompt_tokens"]))  # fmt: skip
-    rows.append(row(f"the profile's teacher path: {picked}", 1.0 if pipeline.native_bf16() else 0.0,
-                    "native bf16"))  # fmt: skip
+        rows.append(
+            row(
+                f"{name}: tokens generated / prefilled (not from cache)",
+                r["gen_tokens"],
+                "tokens",
+                "prefilled",
+                r["prompt_tokens"],
+            )
+        )
+    rows.append(
+        row(f"the profile's teacher path: {picked}", 1.0 if pipeline.native_bf16() else 0.0, "native bf16")
+    )
     write_rows("bench_teacher", rows)
 
 

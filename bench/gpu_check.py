@@ -48,27 +48,72 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-QWEN = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643, hidden_act="silu",
-            max_position_embeddings=32768, rms_norm_eps=1e-6, attention_dropout=0.0, use_sliding_window=False)
+QWEN = dict(
+    bos_token_id=151643,
+    eos_token_id=151645,
+    pad_token_id=151643,
+    hidden_act="silu",
+    max_position_embeddings=32768,
+    rms_norm_eps=1e-6,
+    attention_dropout=0.0,
+    use_sliding_window=False,
+)
 # Shapes of the Qwen2.5-*-Instruct checkpoints' config.json (0.5B/1.5B/3B tie the embeddings; 7B does not).
 SHAPES: dict[str, dict] = {
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=256, vocab_size=151936, tie_word_embeddings=True),  # CPU smoke of this script
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True),
-    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
-    "3b": dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-               intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True),
-    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "tiny": dict(
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=256,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),  # CPU smoke of this script
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "1.5b": dict(
+        hidden_size=1536,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        intermediate_size=8960,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "3b": dict(
+        hidden_size=2048,
+        num_hidden_layers=36,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        intermediate_size=11008,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+    ),
+    "7b": dict(
+        hidden_size=3584,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        intermediate_size=18944,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+    ),
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
-WORDS = ("the of and in to was is for on as by with he at from his an were are which this also be has or had first "
-         "one their its new after who they two her she been other when time during there into school more years "
-         "over only year most would world city some where between later three state such used then national made "
-         "known under many american university river film album team season war party county born population "
-         "church north south river station game series album club league player army president company").split()
+WORDS = (
+    "the of and in to was is for on as by with he at from his an were are which this also be has or had first "
+    "one their its new after who they two her she been other when time during there into school more years "
+    "over only year most would world city some where between later three state such used then national made "
+    "known under many american university river film album team season war party county born population "
+    "church north south river station game series album club league player army president company"
+).split()
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -113,8 +158,9 @@ def build_model(size: str, folder: Path, tokenizer_dir: Path, device: str) -> fl
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    model.generation_config = GenerationConfig(bos_token_id=151643, eos_token_id=[151645, 151643],
-                                               pad_token_id=151643)
+    model.generation_config = GenerationConfig(
+        bos_token_id=151643, eos_token_id=[151645, 151643], pad_token_id=151643
+    )
     model.save_pretrained(folder)
     copy_tokenizer(tokenizer_dir, folder)
     del model
@@ -141,26 +187,45 @@ def agent_chat(rng: random.Random, steps: int, passage_words: int) -> list[dict]
     msgs = [{"role": "system", "content": system_text()}, {"role": "user", "content": q}]
     for s in range(steps):
         topic = words(rng, 3)
-        code = f'results = search("{topic}")\nprint(results)' if s % 2 == 0 else \
-            f'for q in ["{topic}", "{words(rng, 2)}"]:\n    print(search(q))'
-        msgs += [{"role": "assistant", "content": f"Thought: I need {words(rng, 25)}.\n```python\n{code}\n```"},
-                 {"role": "user", "content": "Observation:\n" + "\n".join(
-                     f"Doc {i} (Title: {words(rng, 2).title()}) {words(rng, passage_words)}" for i in (1, 2, 3))}]
+        code = (
+            f'results = search("{topic}")\nprint(results)'
+            if s % 2 == 0
+            else f'for q in ["{topic}", "{words(rng, 2)}"]:\n    print(search(q))'
+        )
+        msgs += [
+            {"role": "assistant", "content": f"Thought: I need {words(rng, 25)}.\n```python\n{code}\n```"},
+            {
+                "role": "user",
+                "content": "Observation:\n"
+                + "\n".join(
+                    f"Doc {i} (Title: {words(rng, 2).title()}) {words(rng, passage_words)}" for i in (1, 2, 3)
+                ),
+            },
+        ]
     answer = words(rng, 2)
-    msgs.append({"role": "assistant", "content": f"Thought: The passages say {words(rng, 20)}.\n"
-                                                 f"```python\nfinal_answer({answer!r})\n```"})
+    msgs.append(
+        {
+            "role": "assistant",
+            "content": f"Thought: The passages say {words(rng, 20)}.\n"
+            f"```python\nfinal_answer({answer!r})\n```",
+        }
+    )
     return msgs
 
 
 def n_tokens(tokenizer, chat: list[dict]) -> int:
-    return len(tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids)
+    return len(
+        tokenizer(tokenizer.apply_chat_template(chat, tokenize=False), add_special_tokens=False).input_ids
+    )
 
 
 def chats_of_length(tokenizer, n: int, target: int, seed: int, steps: int = 5) -> list[dict]:
     """``n`` agent chats of about ``target`` tokens each (passage length fitted on two probes)."""
     rng = random.Random(seed)
-    a, b = n_tokens(tokenizer, agent_chat(random.Random(1), steps, 10)), \
-        n_tokens(tokenizer, agent_chat(random.Random(1), steps, 110))
+    a, b = (
+        n_tokens(tokenizer, agent_chat(random.Random(1), steps, 10)),
+        n_tokens(tokenizer, agent_chat(random.Random(1), steps, 110)),
+    )
     pw = max(5, round(10 + (target - a) * 100 / max(1, b - a)))
     return [agent_chat(rng, steps, pw) for _ in range(n)]
 
@@ -207,14 +272,37 @@ def qlora_check(model_dir: Path, work: Path, steps: int = 20) -> dict:
     finite = all(math.isfinite(x) for x in losses)
     first, last = statistics.mean(losses[:3]), statistics.mean(losses[-5:])
     lengths = [n_tokens(tok, c) for c in chats]
-    r = {"config": {k: getattr(config, k) for k in ("lora_r", "lora_alpha", "lora_dropout", "target_modules",
-                                                    "load_in_4bit", "learning_rate", "batch_size",
-                                                    "micro_batch_size", "max_length", "batching")},
-         "quantized_4bit": res.quantized, "steps": len(losses), "n_examples": res.n_examples,
-         "n_dropped": res.n_dropped, "n_truncated": res.n_truncated, "max_chat_tokens": max(lengths),
-         "losses": [round(x, 4) for x in losses], "all_finite": finite, "loss_first3": round(first, 4),
-         "loss_last5": round(last, 4), "decreased": finite and last < 0.8 * first, "train_s": round(train_s, 1),
-         "peak_gpu_gib": round(peak, 2), "adapter_files": sorted(p.name for p in out.iterdir())}
+    r = {
+        "config": {
+            k: getattr(config, k)
+            for k in (
+                "lora_r",
+                "lora_alpha",
+                "lora_dropout",
+                "target_modules",
+                "load_in_4bit",
+                "learning_rate",
+                "batch_size",
+                "micro_batch_size",
+                "max_length",
+                "batching",
+            )
+        },
+        "quantized_4bit": res.quantized,
+        "steps": len(losses),
+        "n_examples": res.n_examples,
+        "n_dropped": res.n_dropped,
+        "n_truncated": res.n_truncated,
+        "max_chat_tokens": max(lengths),
+        "losses": [round(x, 4) for x in losses],
+        "all_finite": finite,
+        "loss_first3": round(first, 4),
+        "loss_last5": round(last, 4),
+        "decreased": finite and last < 0.8 * first,
+        "train_s": round(train_s, 1),
+        "peak_gpu_gib": round(peak, 2),
+        "adapter_files": sorted(p.name for p in out.iterdir()),
+    }
     # reload: bf16 base + the saved adapter, on cuda, through the project's HFModel
     m = HFModel(model_dir, adapter=out, device="cuda" if torch.cuda.is_available() else "cpu")
     ex = encode_chat(chats[0], m.tokenizer, config.max_length)
@@ -224,12 +312,19 @@ def qlora_check(model_dir: Path, work: Path, steps: int = 20) -> dict:
         with m.model.disable_adapter():
             s0, _ = loss_sum(m.model, batch)
     outs = m.chat_batch([c[:2] for c in chats[:4]], max_tokens=32)
-    r.update({"reload_device": str(next(m.model.parameters()).device), "reload_loss_with_adapter": round(s.item() / n, 4),
-              "reload_loss_adapter_disabled": round(s0.item() / n, 4),
-              "adapter_lowers_loss": s.item() < s0.item(), "generated_tokens": m.usage.completion_tokens,
-              "generated_sample": outs[0][0][:80]})
-    r["passed"] = bool(r["decreased"] and r["adapter_lowers_loss"] and r["quantized_4bit"]
-                       and r["generated_tokens"] > 0)
+    r.update(
+        {
+            "reload_device": str(next(m.model.parameters()).device),
+            "reload_loss_with_adapter": round(s.item() / n, 4),
+            "reload_loss_adapter_disabled": round(s0.item() / n, 4),
+            "adapter_lowers_loss": s.item() < s0.item(),
+            "generated_tokens": m.usage.completion_tokens,
+            "generated_sample": outs[0][0][:80],
+        }
+    )
+    r["passed"] = bool(
+        r["decreased"] and r["adapter_lowers_loss"] and r["quantized_4bit"] and r["generated_tokens"] > 0
+    )
     del m
     free_memory()
     return r
@@ -249,7 +344,9 @@ def time_training(model_dir: Path, work: Path, seq: int, steps: int, **overrides
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    res = train(paper_config(num_epochs=1, max_steps=steps, **overrides), chats, model_dir, out, progress=False)
+    res = train(
+        paper_config(num_epochs=1, max_steps=steps, **overrides), chats, model_dir, out, progress=False
+    )
     total = time.perf_counter() - t0
     meta = json.loads((out / "sft_run.json").read_text())
     with (out / "loss.csv").open() as f:
@@ -259,10 +356,18 @@ def time_training(model_dir: Path, work: Path, seq: int, steps: int, **overrides
     toks = meta["tokens"] / len(sec)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     free_memory()
-    return {"quantized_4bit": res.quantized, "tokens_per_step": round(toks), "first_step_s": round(sec[0], 2),
-            "s_per_step": round(step_s, 3), "train_tokens_per_s": round(toks / step_s),
-            "load_and_setup_s": round(total - sec[-1], 1), "peak_gpu_gib": round(peak, 2),
-            "losses_finite": all(math.isfinite(x) for x in res.losses), "n_truncated": res.n_truncated, **overrides}
+    return {
+        "quantized_4bit": res.quantized,
+        "tokens_per_step": round(toks),
+        "first_step_s": round(sec[0], 2),
+        "s_per_step": round(step_s, 3),
+        "train_tokens_per_s": round(toks / step_s),
+        "load_and_setup_s": round(total - sec[-1], 1),
+        "peak_gpu_gib": round(peak, 2),
+        "losses_finite": all(math.isfinite(x) for x in res.losses),
+        "n_truncated": res.n_truncated,
+        **overrides,
+    }
 
 
 def time_generation(model_dir: Path, batch: int = 16, max_tokens: int = 256) -> dict:
@@ -278,12 +383,19 @@ def time_generation(model_dir: Path, batch: int = 16, max_tokens: int = 256) -> 
     m.chat_batch(prompts[:2], max_tokens=8)  # warm-up
     m.usage.reset()
     m.chat_batch(prompts, max_tokens=max_tokens)
-    greedy = {"prompt_tokens_mean": round(m.usage.prompt_tokens / batch), "completion_tokens": m.usage.completion_tokens,
-              "seconds": round(m.usage.seconds, 2), "tokens_per_s": round(m.usage.tokens_per_s, 1)}
+    greedy = {
+        "prompt_tokens_mean": round(m.usage.prompt_tokens / batch),
+        "completion_tokens": m.usage.completion_tokens,
+        "seconds": round(m.usage.seconds, 2),
+        "tokens_per_s": round(m.usage.tokens_per_s, 1),
+    }
     m.usage.reset()
     m.chat_batch(prompts[:4], n=8, temperature=0.4, top_p=0.8, max_tokens=max_tokens)
-    sag = {"completion_tokens": m.usage.completion_tokens, "seconds": round(m.usage.seconds, 2),
-           "tokens_per_s": round(m.usage.tokens_per_s, 1)}
+    sag = {
+        "completion_tokens": m.usage.completion_tokens,
+        "seconds": round(m.usage.seconds, 2),
+        "tokens_per_s": round(m.usage.tokens_per_s, 1),
+    }
     del m
     free_memory()
     return {"greedy_batch": greedy, "sag_n8_x4": sag, "batch": batch, "max_tokens": max_tokens}
@@ -296,8 +408,13 @@ def vllm_executable() -> str | None:
     return shutil.which("vllm")
 
 
-def vllm_lora_check(model_dir: Path, adapter_dir: Path, n_prompts: int = 16, max_tokens: int = 64,
-                    ready_timeout_s: float = 600.0) -> dict:
+def vllm_lora_check(
+    model_dir: Path,
+    adapter_dir: Path,
+    n_prompts: int = 16,
+    max_tokens: int = 64,
+    ready_timeout_s: float = 600.0,
+) -> dict:
     """The student as the ``paper`` profile serves it: ``serve.vllm_model(base, adapter)`` starts vLLM with the
     adapter as a LoRA module named after its folder; requests name it. Compares with the base model's outputs."""
     import urllib.request
@@ -310,22 +427,33 @@ def vllm_lora_check(model_dir: Path, adapter_dir: Path, n_prompts: int = 16, max
     prompts = [c[:2] for c in chats_of_length(tok, n_prompts, 600, seed=40, steps=1)]
     name = lora_name(adapter_dir)
     r: dict = {"module": name, "adapter": str(adapter_dir)}
-    server_kw = {"max_model_len": 4096, "gpu_memory_utilization": 0.5, "dtype": "bfloat16",
-                 "extra_args": ["--enforce-eager"]}
+    server_kw = {
+        "max_model_len": 4096,
+        "gpu_memory_utilization": 0.5,
+        "dtype": "bfloat16",
+        "extra_args": ["--enforce-eager"],
+    }
     t0 = time.perf_counter()
-    with vllm_model(str(model_dir), adapter_dir, endpoints=[], server_kw=server_kw,
-                    ready_timeout_s=ready_timeout_s) as m:
+    with vllm_model(
+        str(model_dir), adapter_dir, endpoints=[], server_kw=server_kw, ready_timeout_s=ready_timeout_s
+    ) as m:
         r["start_s"] = round(time.perf_counter() - t0, 1)
         with urllib.request.urlopen(m.urls[0] + "/models", timeout=30) as resp:
             r["served_models"] = [x["id"] for x in json.loads(resp.read())["data"]]
         r["requests_name"] = m.model
         lora = m.chat_batch(prompts, max_tokens=max_tokens)
-        r["lora_greedy"] = {"completion_tokens": m.usage.completion_tokens, "seconds": round(m.usage.seconds, 2),
-                            "tokens_per_s": round(m.usage.tokens_per_s, 1)}
+        r["lora_greedy"] = {
+            "completion_tokens": m.usage.completion_tokens,
+            "seconds": round(m.usage.seconds, 2),
+            "tokens_per_s": round(m.usage.tokens_per_s, 1),
+        }
         m.usage.reset()
         m.chat_batch(prompts[:4], n=8, temperature=0.4, top_p=0.8, max_tokens=max_tokens)
-        r["lora_sag_n8_x4"] = {"completion_tokens": m.usage.completion_tokens, "seconds": round(m.usage.seconds, 2),
-                               "tokens_per_s": round(m.usage.tokens_per_s, 1)}
+        r["lora_sag_n8_x4"] = {
+            "completion_tokens": m.usage.completion_tokens,
+            "seconds": round(m.usage.seconds, 2),
+            "tokens_per_s": round(m.usage.tokens_per_s, 1),
+        }
         base_model = type(m)(endpoints=m.urls, model=str(model_dir))  # the same server, the base model
         try:
             base = base_model.chat_batch(prompts, max_tokens=max_tokens)
@@ -333,8 +461,12 @@ def vllm_lora_check(model_dir: Path, adapter_dir: Path, n_prompts: int = 16, max
             base_model.close()
     r["outputs_differ_from_base"] = sum(a != b for a, b in zip(lora, base, strict=True))
     r["lora_sample"] = lora[0][0][:80]
-    r["passed"] = bool(name in r["served_models"] and r["requests_name"] == name
-                       and r["lora_greedy"]["completion_tokens"] > 0 and r["outputs_differ_from_base"] > 0)
+    r["passed"] = bool(
+        name in r["served_models"]
+        and r["requests_name"] == name
+        and r["lora_greedy"]["completion_tokens"] > 0
+        and r["outputs_differ_from_base"] > 0
+    )
     return r
 
 
@@ -357,29 +489,41 @@ def environment() -> dict:
 def print_table(result: dict) -> None:
     c = result.get("check", {})
     if c:
-        print(f"\nQLoRA check ({result.get('check_size')}): passed={c.get('passed')} 4bit={c.get('quantized_4bit')} "
-              f"loss {c.get('loss_first3')} -> {c.get('loss_last5')} over {c.get('steps')} steps; "
-              f"reload loss adapter/disabled {c.get('reload_loss_with_adapter')}/{c.get('reload_loss_adapter_disabled')}"
-              f"; peak {c.get('peak_gpu_gib')} GiB")
+        print(
+            f"\nQLoRA check ({result.get('check_size')}): passed={c.get('passed')} 4bit={c.get('quantized_4bit')} "
+            f"loss {c.get('loss_first3')} -> {c.get('loss_last5')} over {c.get('steps')} steps; "
+            f"reload loss adapter/disabled {c.get('reload_loss_with_adapter')}/{c.get('reload_loss_adapter_disabled')}"
+            f"; peak {c.get('peak_gpu_gib')} GiB"
+        )
     v = result.get("vllm_lora")
     if v:
-        print(f"vLLM LoRA student: {v.get('skipped') or v.get('error') or ''}" if "passed" not in v else
-              f"vLLM LoRA student: passed={v['passed']} module {v['module']!r} served={v['module'] in v['served_models']}"
-              f" requests name {v['requests_name']!r}; greedy {v['lora_greedy']['tokens_per_s']} tok/s, SAG n8x4 "
-              f"{v['lora_sag_n8_x4']['tokens_per_s']} tok/s; {v['outputs_differ_from_base']}/16 outputs differ from base"
-              f"; start {v['start_s']} s")
-    print(f"\n{'size':>5} | {'tok/step':>8} | {'s/step':>7} | {'train tok/s':>11} | {'peak GiB':>8} | "
-          f"{'gen tok/s b16':>13} | {'gen tok/s n8x4':>14}")
+        print(
+            f"vLLM LoRA student: {v.get('skipped') or v.get('error') or ''}"
+            if "passed" not in v
+            else f"vLLM LoRA student: passed={v['passed']} module {v['module']!r} served={v['module'] in v['served_models']}"
+            f" requests name {v['requests_name']!r}; greedy {v['lora_greedy']['tokens_per_s']} tok/s, SAG n8x4 "
+            f"{v['lora_sag_n8_x4']['tokens_per_s']} tok/s; {v['outputs_differ_from_base']}/16 outputs differ from base"
+            f"; start {v['start_s']} s"
+        )
+    print(
+        f"\n{'size':>5} | {'tok/step':>8} | {'s/step':>7} | {'train tok/s':>11} | {'peak GiB':>8} | "
+        f"{'gen tok/s b16':>13} | {'gen tok/s n8x4':>14}"
+    )
     for size, r in sorted(result.get("sizes", {}).items(), key=lambda kv: list(SHAPES).index(kv[0])):
         t, g = r.get("train", {}), r.get("generate", {})
-        print(f"{size:>5} | {t.get('tokens_per_step', '-'):>8} | {t.get('s_per_step', '-'):>7} | "
-              f"{t.get('train_tokens_per_s', '-'):>11} | {t.get('peak_gpu_gib', '-'):>8} | "
-              f"{g.get('greedy_batch', {}).get('tokens_per_s', '-'):>13} | "
-              f"{g.get('sag_n8_x4', {}).get('tokens_per_s', '-'):>14}" + (f"  ERROR {r['error']}" if "error" in r else ""))
+        print(
+            f"{size:>5} | {t.get('tokens_per_step', '-'):>8} | {t.get('s_per_step', '-'):>7} | "
+            f"{t.get('train_tokens_per_s', '-'):>11} | {t.get('peak_gpu_gib', '-'):>8} | "
+            f"{g.get('greedy_batch', {}).get('tokens_per_s', '-'):>13} | "
+            f"{g.get('sag_n8_x4', {}).get('tokens_per_s', '-'):>14}"
+            + (f"  ERROR {r['error']}" if "error" in r else "")
+        )
         if "train_long" in r:
             t = r["train_long"]
-            print(f"{size:>5} | {t['tokens_per_step']:>8} | {t['s_per_step']:>7} | {t['train_tokens_per_s']:>11} | "
-                  f"{t['peak_gpu_gib']:>8} | long chats, gradient checkpointing={t['gradient_checkpointing']}")
+            print(
+                f"{size:>5} | {t['tokens_per_step']:>8} | {t['s_per_step']:>7} | {t['train_tokens_per_s']:>11} | "
+                f"{t['peak_gpu_gib']:>8} | long chats, gradient checkpointing={t['gradient_checkpointing']}"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -392,21 +536,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=256)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--work", default="/tmp/gpu_check")
-    ap.add_argument("--budget-s", type=float, default=540, help="skip the remaining stages after this many seconds")
+    ap.add_argument(
+        "--budget-s", type=float, default=540, help="skip the remaining stages after this many seconds"
+    )
     ap.add_argument("--no-generate", action="store_true")
-    ap.add_argument("--long-sizes", default="", help="sizes also timed at --long-seq tokens per chat (2 steps)")
+    ap.add_argument(
+        "--long-sizes", default="", help="sizes also timed at --long-seq tokens per chat (2 steps)"
+    )
     ap.add_argument("--long-seq", type=int, default=9800)
     ap.add_argument("--long-gc", default="7b", help="sizes timed at --long-seq with gradient checkpointing")
-    ap.add_argument("--vllm", choices=("auto", "on", "off"), default="auto",
-                    help="serve the check's adapter with vLLM as a LoRA module (auto: when a vllm executable is found)")
+    ap.add_argument(
+        "--vllm",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="serve the check's adapter with vLLM as a LoRA module (auto: when a vllm executable is found)",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
 
     t_start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out_path = Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else \
-        ROOT / "runs" / "bench" / "gpu_check.json"
+    out_path = (
+        Path(os.environ["OUT"]) / "gpu_check.json"
+        if os.environ.get("OUT")
+        else ROOT / "runs" / "bench" / "gpu_check.json"
+    )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     work = Path(args.work)
     tok_dir = find_tokenizer(args.tokenizer)
@@ -427,7 +582,10 @@ def main(argv: list[str] | None = None) -> int:
             result["check_size"] = args.check_size
             result["check"] = qlora_check(d, work, args.check_steps)
         except Exception as err:  # noqa: BLE001
-            result["check"] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()[-3000:]}
+            result["check"] = {
+                "error": f"{type(err).__name__}: {err}",
+                "traceback": traceback.format_exc()[-3000:],
+            }
         print(json.dumps(result["check"], default=str)[:2000], flush=True)
         save()
         adapter = work / "adapter-check"
@@ -439,10 +597,14 @@ def main(argv: list[str] | None = None) -> int:
             result["vllm_lora"] = {"skipped": "the QLoRA check saved no adapter"}
         else:
             try:
-                result["vllm_lora"] = vllm_lora_check(d, adapter, ready_timeout_s=max(60.0, min(600.0, left() - 60)))
+                result["vllm_lora"] = vllm_lora_check(
+                    d, adapter, ready_timeout_s=max(60.0, min(600.0, left() - 60))
+                )
             except Exception as err:  # noqa: BLE001
-                result["vllm_lora"] = {"error": f"{type(err).__name__}: {err}",
-                                       "traceback": traceback.format_exc()[-3000:]}
+                result["vllm_lora"] = {
+                    "error": f"{type(err).__name__}: {err}",
+                    "traceback": traceback.format_exc()[-3000:],
+                }
             free_memory()
         if "vllm_lora" in result:
             print("vllm_lora", json.dumps(result["vllm_lora"], default=str)[:2000], flush=True)

@@ -55,21 +55,37 @@ class ScriptedModel:
     def chat(self, messages: list[dict], n: int = 1, prefix: str | None = None, **kw: Any) -> list[str]:
         return self.chat_batch([messages], n=n, prefixes=[prefix], **kw)[0]
 
-    def chat_batch(self, conversations: Sequence[list[dict]], n: int = 1, temperature: float = 0.0,
-                   top_p: float = 1.0, max_tokens: int = 512, stop: Sequence[str] | None = None,
-                   prefixes: Sequence[str | None] | None = None) -> list[list[str]]:
+    def chat_batch(
+        self,
+        conversations: Sequence[list[dict]],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 512,
+        stop: Sequence[str] | None = None,
+        prefixes: Sequence[str | None] | None = None,
+    ) -> list[list[str]]:
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise RuntimeError("simulated crash")
         prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
-        self.calls.append({"conversations": [list(c) for c in conversations], "n": n, "prefixes": prefixes,
-                           "temperature": temperature, "top_p": top_p, "stop": stop, "max_tokens": max_tokens})
+        self.calls.append(
+            {
+                "conversations": [list(c) for c in conversations],
+                "n": n,
+                "prefixes": prefixes,
+                "temperature": temperature,
+                "top_p": top_p,
+                "stop": stop,
+                "max_tokens": max_tokens,
+            }
+        )
         out = []
         for conv, prefix in zip(conversations, prefixes, strict=True):
             samples = []
             for i in range(n):
                 text = self.script(conv, prefix, i)
                 if prefix and text.startswith(prefix):
-                    text = text[len(prefix):]
+                    text = text[len(prefix) :]
                 samples.append(cut_at_stop(text, stop))
                 self.usage.completion_tokens += len(text.split())
             self.usage.prompt_tokens += sum(len(m["content"].split()) for m in conv)

@@ -31,11 +31,19 @@ from agentlib.trajectory import JsonlWriter, filter_trajectories, read_records, 
 
 def run(model, examples, config=None, **kw):
     kw.setdefault("tools", {"search": lambda q: f"[1] {q}: passage about {q}"})
-    return run_agent(model, examples, config or AgentConfig(), sandbox_factory=lambda tools: SpySandbox(tools),
-                     score_fn=exact_score, progress=False, **kw)
+    return run_agent(
+        model,
+        examples,
+        config or AgentConfig(),
+        sandbox_factory=lambda tools: SpySandbox(tools),
+        score_fn=exact_score,
+        progress=False,
+        **kw,
+    )
 
 
 # ----------------------------------------------------------------------------- parsing
+
 
 def test_parse_canonical_turn():
     s = parse_step("Thought: I will search.\nCode:\n```py\nprint(search('x'))\n```<end_code>")
@@ -53,8 +61,10 @@ def test_parse_missing_closing_fence_at_stop_string():
 
 
 def test_parse_stray_backticks_in_thought_and_multiple_blocks():
-    text = ("Thought: I'll use `search` and ```search``` twice.\nCode:\n```py\na = 1\n```\n"
-            "More.\n```python\nprint(a)\n```")
+    text = (
+        "Thought: I'll use `search` and ```search``` twice.\nCode:\n```py\na = 1\n```\n"
+        "More.\n```python\nprint(a)\n```"
+    )
     s = parse_step(text)
     assert s.code == "a = 1\n\nprint(a)"
     assert s.thought == "I'll use `search` and ```search``` twice."
@@ -65,8 +75,16 @@ def test_parse_unfenced_code_after_label_and_bare_call():
     assert parse_step("final_answer('Paris')") == Step("", "final_answer('Paris')")
 
 
-@pytest.mark.parametrize("text,kind", [("", "empty"), ("   \n", "empty"), ("The answer is Paris.", "no_code"),
-                                       ("Thought: x\n```py\n\n```", "empty_code"), ("Paris", "no_code")])
+@pytest.mark.parametrize(
+    "text,kind",
+    [
+        ("", "empty"),
+        ("   \n", "empty"),
+        ("The answer is Paris.", "no_code"),
+        ("Thought: x\n```py\n\n```", "empty_code"),
+        ("Paris", "no_code"),
+    ],
+)
 def test_parse_errors_are_typed(text, kind):
     with pytest.raises(ParseError) as e:
         parse_step(text)
@@ -90,6 +108,7 @@ def test_parse_fuzz_returns_step_or_parse_error(text):
 
 # ----------------------------------------------------------------------------- prompts
 
+
 def test_system_prompts_list_tools_and_differ():
     long, short = system_prompt(["search"]), system_prompt(["search"], short=True)
     for p in (long, short):
@@ -100,12 +119,19 @@ def test_system_prompts_list_tools_and_differ():
 
 # ----------------------------------------------------------------------------- the loop
 
+
 def test_loop_search_then_answer_batched():
-    model = ScriptedModel(by_question({
-        "capital of France": [turn("search", "print(search('France capital'))"),
-                              turn("answer", "final_answer('Paris')")],
-        "2+3": [turn("compute", "final_answer(2 + 3)")],
-    }))
+    model = ScriptedModel(
+        by_question(
+            {
+                "capital of France": [
+                    turn("search", "print(search('France capital'))"),
+                    turn("answer", "final_answer('Paris')"),
+                ],
+                "2+3": [turn("compute", "final_answer(2 + 3)")],
+            }
+        )
+    )
     exs = [Ex("a", "What is the capital of France?", "Paris"), Ex("b", "What is 2+3?", "5", domain="math")]
     recs = run(model, exs)
     assert [r["id"] for r in recs] == ["a", "b"]
@@ -126,14 +152,20 @@ def test_loop_search_then_answer_batched():
 
 
 def test_parse_and_execution_errors_become_observations():
-    model = ScriptedModel(by_question({"q": ["I think the answer is 4.", turn("oops", "print(1/0)"),
-                                             turn("fix", "final_answer('4')")]}))
+    model = ScriptedModel(
+        by_question(
+            {"q": ["I think the answer is 4.", turn("oops", "print(1/0)"), turn("fix", "final_answer('4')")]}
+        )
+    )
     (r,) = run(model, [Ex("1", "q", "4")])
     assert r["prediction"] == "4" and r["parse_errors"] == 1 and len(r["steps"]) == 3
     assert r["steps"][0]["parse_error"] and r["steps"][0]["code"] is None
     assert "Error in code parsing" in r["messages"][3]["content"]
     assert r["steps"][1]["error"].endswith("ZeroDivisionError: division by zero")
-    assert "ZeroDivisionError" in r["messages"][5]["content"] and "Now let's retry" in r["messages"][5]["content"]
+    assert (
+        "ZeroDivisionError" in r["messages"][5]["content"]
+        and "Now let's retry" in r["messages"][5]["content"]
+    )
 
 
 def test_state_persists_between_steps():
@@ -142,9 +174,13 @@ def test_state_persists_between_steps():
 
 
 def test_step_limit_asks_once_more_and_marks():
-    model = ScriptedModel(lambda conv, prefix, i: (
-        turn("give up", "final_answer('late')") if "maximum number of steps" in conv[-1]["content"]
-        else turn("again", "print(search('x'))")))
+    model = ScriptedModel(
+        lambda conv, prefix, i: (
+            turn("give up", "final_answer('late')")
+            if "maximum number of steps" in conv[-1]["content"]
+            else turn("again", "print(search('x'))")
+        )
+    )
     (r,) = run(model, [Ex("1", "q", "late")], AgentConfig(max_steps=3))
     assert r["hit_step_limit"] and r["prediction"] == "late" and len(r["steps"]) == 4
     assert len(model.calls) == 4
@@ -156,8 +192,13 @@ def test_step_limit_asks_once_more_and_marks():
 
 
 def test_step_limit_free_text_answer():
-    model = ScriptedModel(lambda conv, prefix, i: (
-        "Final answer: Paris" if "maximum number of steps" in conv[-1]["content"] else turn("t", "print(1)")))
+    model = ScriptedModel(
+        lambda conv, prefix, i: (
+            "Final answer: Paris"
+            if "maximum number of steps" in conv[-1]["content"]
+            else turn("t", "print(1)")
+        )
+    )
     (r,) = run(model, [Ex("1", "q", "Paris")], AgentConfig(max_steps=1))
     assert r["prediction"] == "Paris" and r["hit_step_limit"] and r["parse_errors"] == 1
 
@@ -180,9 +221,13 @@ def test_repeated_step_stops_the_loop_when_asked():
 
 def test_same_code_with_a_new_observation_is_not_a_repeat():
     code = "try:\n    n += 1\nexcept NameError:\n    n = 1\nprint(n)"
-    model = ScriptedModel(lambda conv, prefix, i: turn("count", code) if len(conv) < 7 else turn("t", "final_answer(n)"))
+    model = ScriptedModel(
+        lambda conv, prefix, i: turn("count", code) if len(conv) < 7 else turn("t", "final_answer(n)")
+    )
     (r,) = run(model, [Ex("1", "q", "3")], AgentConfig(stop_on_repeat=True))
-    assert [s["observation"].split()[:3] for s in r["steps"][:3]] == [["Execution", "logs:", str(i)] for i in (1, 2, 3)]
+    assert [s["observation"].split()[:3] for s in r["steps"][:3]] == [
+        ["Execution", "logs:", str(i)] for i in (1, 2, 3)
+    ]
     assert r["prediction"] == "3" and not r["stopped_on_repeat"] and len(r["steps"]) == 4
 
 
@@ -195,8 +240,11 @@ def test_repeats_previous_compares_code_or_unparsed_text_and_observation():
 
 
 def test_batch_size_refills_slots():
-    model = ScriptedModel(by_question({f"q{i}": [turn("t", "print(1)")] * i + [turn("t", f"final_answer({i})")]
-                                       for i in range(1, 5)}))
+    model = ScriptedModel(
+        by_question(
+            {f"q{i}": [turn("t", "print(1)")] * i + [turn("t", f"final_answer({i})")] for i in range(1, 5)}
+        )
+    )
     recs = run(model, [Ex(str(i), f"q{i}", str(i)) for i in range(1, 5)], AgentConfig(batch_size=2))
     assert [r["prediction"] for r in recs] == ["1", "2", "3", "4"]
     assert max(len(c["conversations"]) for c in model.calls) == 2
@@ -224,6 +272,7 @@ def test_batch_token_counts_give_every_completion_at_least_one_token():
 
 # ----------------------------------------------------------------------------- FTP
 
+
 def test_first_thought_prefix():
     assert first_thought_prefix("First, find X.\nThen Y.\n\nSecond para.") == "First, find X.\nThen Y."
     assert first_thought_prefix("Thought: plan it\n \nrest") == "plan it"
@@ -243,8 +292,11 @@ def test_run_primes_the_shared_system_prompt_once_and_not_when_all_done(tmp_path
 
 
 def test_make_prefixes_stops_at_the_blank_line_and_retries_a_leading_one():
-    model = ScriptedModel(lambda conv, prefix, i: "\n\nLate start.\n\nrest" if "Bob" in conv[-1]["content"]
-                          else "Plan: look it up.\n\nrest")
+    model = ScriptedModel(
+        lambda conv, prefix, i: (
+            "\n\nLate start.\n\nrest" if "Bob" in conv[-1]["content"] else "Plan: look it up.\n\nrest"
+        )
+    )
     prefixes = make_prefixes(model, [Ex("1", "When was Ada born?", "1815"), Ex("2", "Who is Bob?", "b")])
     assert prefixes == {"1": "Thought: Plan: look it up.", "2": "Thought: Late start."}
     assert model.calls[0]["stop"] == ["\n\n"] and model.calls[1]["stop"] is None
@@ -252,10 +304,20 @@ def test_make_prefixes_stops_at_the_blank_line_and_retries_a_leading_one():
 
 
 def test_ftp_prefix_is_the_authors_first_paragraph_of_the_cot_answer():
-    assert ftp_prefix("I need X.\nThen Y.\n\nSecond para.\n\n<answer>1</answer>") == "Thought: I need X.\nThen Y.\n\n"
-    assert ftp_prefix("\n\nLate start.\n\nrest") == "Thought: Late start.\n\n"  # a leading blank line is skipped
+    assert (
+        ftp_prefix("I need X.\nThen Y.\n\nSecond para.\n\n<answer>1</answer>")
+        == "Thought: I need X.\nThen Y.\n\n"
+    )
+    assert (
+        ftp_prefix("\n\nLate start.\n\nrest") == "Thought: Late start.\n\n"
+    )  # a leading blank line is skipped
     assert ftp_prefix("one paragraph only") == "Thought: one paragraph only\n\n"
-    cot = [{"id": "1#s0", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "A.\n\nB."}]}]
+    cot = [
+        {
+            "id": "1#s0",
+            "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "A.\n\nB."}],
+        }
+    ]
     assert prefixes_from_cot(cot) == {"1#s0": "Thought: A.\n\n"}
 
 
@@ -279,10 +341,11 @@ def test_ftp_prefix_forced_in_first_turn_only():
 
 # ----------------------------------------------------------------------------- SAG
 
+
 def test_sag_votes_on_stdout_and_final_answer():
     texts = [
         turn("a", "print('x')\nfinal_answer('A')"),
-        turn("b", "print('x')\nfinal_answer('B')"),   # same stdout, different answer: another group
+        turn("b", "print('x')\nfinal_answer('B')"),  # same stdout, different answer: another group
         "no code here",
         turn("c", "print( 'x' )\nfinal_answer('B')"),
         turn("d", "raise ValueError('bad')"),
@@ -299,7 +362,10 @@ def test_sag_votes_on_stdout_and_final_answer():
 def test_sag_tie_goes_to_first_group_and_commit_does_not_rerun():
     with SpySandbox({}) as sb:
         sb.run("import random\nseen = []")
-        codes = ["y = random.random()\nseen.append(y)\nprint('one')", "y = -1.0\nseen.append(y)\nprint('two')"]
+        codes = [
+            "y = random.random()\nseen.append(y)\nprint('one')",
+            "y = -1.0\nseen.append(y)\nprint('two')",
+        ]
         act = select_action([turn("a", codes[0]), turn("b", codes[1])], sb)
         assert act.candidates[0]["chosen"] and sb.commits == 1 and len(sb.runs) == 1
         # the committed state is the candidate's own (a re-run would draw another random number)
@@ -335,11 +401,14 @@ def test_sag_in_loop_one_call_per_step():
 
 # ----------------------------------------------------------------------------- trajectories and resume
 
+
 def test_resume_after_crash_no_loss_no_duplicates(tmp_path):
     out = tmp_path / "run.jsonl"
     exs = [Ex(str(i), f"question {i}?", str(i)) for i in range(6)]
-    replies = {f"question {i}?": [turn("t", "print(1)")] * (i % 3) + [turn("a", f"final_answer('{i}')")]
-               for i in range(6)}
+    replies = {
+        f"question {i}?": [turn("t", "print(1)")] * (i % 3) + [turn("a", f"final_answer('{i}')")]
+        for i in range(6)
+    }
     crashing = ScriptedModel(by_question(replies), fail_on_call=3)
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(crashing, exs, AgentConfig(batch_size=3), out_path=out)
@@ -384,23 +453,50 @@ def test_jsonl_writer_fsyncs_each_record(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- filtering and summary
 
+
 def _rec(score=1.0, parse_errors=0, hit=False, errors=(None,), prediction="x", repeat=False):
-    steps = [{"code": "print(search('a'))", "error": e, "completion_tokens": 10, "gen_s": 1.0} for e in errors]
-    return {"id": "r", "score": score, "parse_errors": parse_errors, "hit_step_limit": hit, "steps": steps,
-            "prediction": prediction, "stopped_on_repeat": repeat}
+    steps = [
+        {"code": "print(search('a'))", "error": e, "completion_tokens": 10, "gen_s": 1.0} for e in errors
+    ]
+    return {
+        "id": "r",
+        "score": score,
+        "parse_errors": parse_errors,
+        "hit_step_limit": hit,
+        "steps": steps,
+        "prediction": prediction,
+        "stopped_on_repeat": repeat,
+    }
 
 
 def test_filter_trajectories():
     keep = _rec(errors=("NameError: x", None))  # recovered execution error: kept
-    recs = [keep, _rec(score=0.0), _rec(parse_errors=1), _rec(hit=True), _rec(prediction=None), _rec(repeat=True),
-            _rec()]
+    recs = [
+        keep,
+        _rec(score=0.0),
+        _rec(parse_errors=1),
+        _rec(hit=True),
+        _rec(prediction=None),
+        _rec(repeat=True),
+        _rec(),
+    ]
     assert filter_trajectories(recs) == [keep, recs[-1]]
-    assert filter_trajectories(recs, require_correct=False) == [keep, recs[1], recs[-1]]  # the wrong answer too
+    assert filter_trajectories(recs, require_correct=False) == [
+        keep,
+        recs[1],
+        recs[-1],
+    ]  # the wrong answer too
 
 
 def test_summarize():
-    s = summarize([_rec(errors=("E", None)), _rec(score=0.0, parse_errors=2, hit=True), _rec(repeat=True, score=0.0),
-                   _rec(score=0.0, errors=())])
+    s = summarize(
+        [
+            _rec(errors=("E", None)),
+            _rec(score=0.0, parse_errors=2, hit=True),
+            _rec(repeat=True, score=0.0),
+            _rec(score=0.0, errors=()),
+        ]
+    )
     assert s["accuracy"] == 0.25 and s["parse_error_rate"] == 0.25 and s["step_limit_rate"] == 0.25
     assert s["repeat_stop_rate"] == 0.25
     assert s["mean_steps"] == 1.0 and s["mean_search_calls"] == 1.0
@@ -408,6 +504,7 @@ def test_summarize():
 
 
 # ----------------------------------------------------------------------------- CoT
+
 
 def test_extract_answer():
     assert extract_answer("so <answer>Paris</answer>. <answer> Lyon </answer>", "factual") == "Lyon"
@@ -419,8 +516,14 @@ def test_extract_answer():
 def test_cot_majority_vote_and_rag(tmp_path):
     outs = ["r1 \\boxed{\\dfrac{1}{2}}", "r2 \\boxed{3}", "r3 \\boxed{\\frac{1}{2}}", "nothing"]
     model = ScriptedModel(lambda conv, prefix, i: outs[i])
-    (r,) = run_cot(model, [Ex("m", "half?", "\\frac{1}{2}", domain="math")], n=4, temperature=0.7,
-                   score_fn=lambda p, e: float(p is not None and p.replace("d", "") == e.answer), progress=False)
+    (r,) = run_cot(
+        model,
+        [Ex("m", "half?", "\\frac{1}{2}", domain="math")],
+        n=4,
+        temperature=0.7,
+        score_fn=lambda p, e: float(p is not None and p.replace("d", "") == e.answer),
+        progress=False,
+    )
     assert r["prediction"] == "\\dfrac{1}{2}" and r["votes"] == {"\\frac{1}{2}": 2, "3": 1}
     assert r["messages"][-1]["content"] == outs[0] and r["score"] == 1.0 and r["method"] == "cot"
     assert "boxed" in r["messages"][0]["content"]
@@ -429,13 +532,21 @@ def test_cot_majority_vote_and_rag(tmp_path):
         def batch_search(self, qs, k=3):
             from agentlib.retrieval import Passage
 
-            return [[Passage(id="p1", title="France", text="Paris is the capital of France.", score=1.0)]
-                    for _ in qs]
+            return [
+                [Passage(id="p1", title="France", text="Paris is the capital of France.", score=1.0)]
+                for _ in qs
+            ]
 
     model = ScriptedModel(lambda conv, prefix, i: "It is Paris. <answer>Paris</answer>")
     out = tmp_path / "cot.jsonl"
-    (r,) = run_cot(model, [Ex("f", "Capital of France?", "Paris")], rag_retriever=Retriever(), out_path=out,
-                   score_fn=exact_score, progress=False)
+    (r,) = run_cot(
+        model,
+        [Ex("f", "Capital of France?", "Paris")],
+        rag_retriever=Retriever(),
+        out_path=out,
+        score_fn=exact_score,
+        progress=False,
+    )
     user = model.calls[0]["conversations"][0][1]["content"]
     assert "Paris is the capital of France." in user and "Capital of France?" in user
     assert r["method"] == "cot_rag" and r["score"] == 1.0 and read_records(out)[0]["id"] == "f"
@@ -453,16 +564,32 @@ def test_passages_are_cut_at_the_configured_length():
         def batch_search(self, qs, k=3):
             return [self.search(q, k) for q in qs]
 
-    model = ScriptedModel(by_question({"Capital?": [turn("Search.", "print(search('France'))"),
-                                                    turn("Done.", "final_answer('Paris')")]}))
-    (r,) = run_agent(model, [Ex("f", "Capital?", "Paris")], AgentConfig(search_chars=100), retriever=Retriever(),
-                     sandbox_factory=lambda tools: SpySandbox(tools), score_fn=exact_score, progress=False)
+    model = ScriptedModel(
+        by_question(
+            {"Capital?": [turn("Search.", "print(search('France'))"), turn("Done.", "final_answer('Paris')")]}
+        )
+    )
+    (r,) = run_agent(
+        model,
+        [Ex("f", "Capital?", "Paris")],
+        AgentConfig(search_chars=100),
+        retriever=Retriever(),
+        sandbox_factory=lambda tools: SpySandbox(tools),
+        score_fn=exact_score,
+        progress=False,
+    )
     obs = r["messages"][3]["content"]
     assert "Paris is the capital" in obs and 100 <= len(obs) < 300 and r["score"] == 1.0
 
     model = ScriptedModel(lambda conv, prefix, i: "<answer>Paris</answer>")
-    run_cot(model, [Ex("f", "Capital?", "Paris")], rag_retriever=Retriever(), passage_chars=100, score_fn=exact_score,
-            progress=False)
+    run_cot(
+        model,
+        [Ex("f", "Capital?", "Paris")],
+        rag_retriever=Retriever(),
+        passage_chars=100,
+        score_fn=exact_score,
+        progress=False,
+    )
     user = model.calls[0]["conversations"][0][1]["content"]
     assert user.count("Paris is the capital") == 3  # 100 characters: three of the forty sentences
 

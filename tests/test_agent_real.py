@@ -33,7 +33,9 @@ def test_real_loop_with_retriever_sandbox_ftp_and_sag(model, retriever, tmp_path
     assert set(prefixes) == {examples[0].id} and prefixes[examples[0].id].strip()
     out = tmp_path / "traj.jsonl"
     config = AgentConfig.sag(n_samples=2, max_steps=2, max_tokens=48, temperature=0.7)
-    recs = run_agent(model, examples, config, out_path=out, retriever=retriever, prefixes=prefixes, progress=False)
+    recs = run_agent(
+        model, examples, config, out_path=out, retriever=retriever, prefixes=prefixes, progress=False
+    )
     assert [r["id"] for r in recs] == [ex.id for ex in examples]
     assert sorted(r["id"] for r in read_records(out)) == sorted(ex.id for ex in examples)
     for r in recs:
@@ -66,9 +68,12 @@ def test_real_search_observation_reaches_the_model(model, retriever, data_root):
     from agentlib.data import Example
 
     ex = Example(id="x", question="Who directed the film Ed Wood?", answer="Tim Burton")
-    forced = "I will search.\nCode:\n```py\nprint(search(\"Ed Wood film director\"))\n```"
+    forced = 'I will search.\nCode:\n```py\nprint(search("Ed Wood film director"))\n```'
     config = AgentConfig(max_steps=1, max_tokens=1, short_prompt=True)
     (r,) = run_agent(model, [ex], config, retriever=retriever, prefixes={"x": forced}, progress=False)
     obs = r["messages"][3]["content"]
     assert obs.startswith("Observation:\nExecution logs:\nDoc 1 (Title: ")
-    assert r["steps"][0]["code"].startswith('print(search("Ed Wood film director"))') and r["steps"][0]["error"] is None
+    assert (
+        r["steps"][0]["code"].startswith('print(search("Ed Wood film director"))')
+        and r["steps"][0]["error"] is None
+    )

@@ -7,11 +7,18 @@ from agentlib.data import BENCHMARKS, DataError, load_benchmark, load_extra
 from agentlib.paths import file_sha256
 
 EXPECTED = {
-    ("test", "hotpotqa"): 500, ("test", "bamboogle"): 125, ("test", "musique"): 500,
-    ("test", "2wikimultihopqa"): 500, ("test", "math500"): 500, ("test", "gsm_hard"): 500,
-    ("test", "aime"): 90, ("test", "olymath"): 200,
-    ("train", "hotpotqa"): 1000, ("train", "math"): 1000, ("train", "math_medium"): 1000,
-}  # fmt: skip
+    ("test", "hotpotqa"): 500,
+    ("test", "bamboogle"): 125,
+    ("test", "musique"): 500,
+    ("test", "2wikimultihopqa"): 500,
+    ("test", "math500"): 500,
+    ("test", "gsm_hard"): 500,
+    ("test", "aime"): 90,
+    ("test", "olymath"): 200,
+    ("train", "hotpotqa"): 1000,
+    ("train", "math"): 1000,
+    ("train", "math_medium"): 1000,
+}
 
 
 @pytest.mark.parametrize(("split", "name"), sorted(EXPECTED))
@@ -126,7 +133,9 @@ def test_fetch_from_mirror_is_verified_and_idempotent(data_root, tmp_path):
     bad = dest / "benchmarks/math_dataset/test/aime_90_20250504.json"
     bad.write_text("corrupt")
     data.fetch(dest, mirror=data_root)  # re-copies the file whose sha256 is wrong
-    assert file_sha256(bad) == next(e["sha256"] for e in data.manifest() if e["path"].endswith("aime_90_20250504.json"))
+    assert file_sha256(bad) == next(
+        e["sha256"] for e in data.manifest() if e["path"].endswith("aime_90_20250504.json")
+    )
 
 
 def test_last_boxed():

@@ -18,7 +18,9 @@ def test_tensor_names_follow_llamacpp():
     key = "base_model.model.model.layers.11.self_attn.o_proj.lora_A.weight"
     assert gguf_tensor_name(key) == ("blk.11.attn_output.weight", "a")
     assert gguf_tensor_name("base_model.model.model.layers.0.mlp.down_proj.lora_B.weight") == (
-        "blk.0.ffn_down.weight", "b")
+        "blk.0.ffn_down.weight",
+        "b",
+    )
     with pytest.raises(ValueError, match="cannot map"):
         gguf_tensor_name("base_model.model.lm_head.lora_A.weight")
 
@@ -34,8 +36,12 @@ def adapter(tmp_path_factory):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(hf_dir(MODEL), dtype=torch.float32)
-    cfg = LoraConfig(r=8, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"], init_lora_weights=False)  # fmt: skip
+    cfg = LoraConfig(
+        r=8,
+        lora_alpha=32,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        init_lora_weights=False,
+    )
     peft_model = get_peft_model(model, cfg)
     with torch.no_grad():  # a change big enough to alter greedy text, small enough to keep it fluent
         for name, p in peft_model.named_parameters():

@@ -44,8 +44,13 @@ class _JudgeServer(BaseHTTPRequestHandler):
         gold = re.search(r"^Gold answer: (.*)$", prompt, re.M)[1]
         ok = int(pred.strip().lower() == gold.strip().lower())
         text = self.reply if self.reply is not None else json.dumps({"explanation": "compared", "score": ok})
-        self._send(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
-                         "usage": {"prompt_tokens": 200, "completion_tokens": 12}})
+        self._send(
+            200,
+            {
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+                "usage": {"prompt_tokens": 200, "completion_tokens": 12},
+            },
+        )
 
 
 @pytest.fixture
@@ -74,13 +79,18 @@ def test_judge_sends_the_authors_prompt_and_schema_and_caches(server, tmp_path):
     assert judge("Who wrote Hamlet?", "William Shakespeare", "william shakespeare") is True  # cached
     assert len(handler.requests) == 1
     req = handler.requests[0]
-    assert req["path"] == "/v1/chat/completions" and req["model"] == "gpt-4o-mini" and req["auth"] == "Bearer sk-test"
+    assert (
+        req["path"] == "/v1/chat/completions"
+        and req["model"] == "gpt-4o-mini"
+        and req["auth"] == "Bearer sk-test"
+    )
     assert req["temperature"] == 0.0
     assert req["response_format"]["type"] == "json_schema"
     assert req["response_format"]["json_schema"]["schema"]["required"] == ["explanation", "score"]
     content = req["messages"][0]["content"]
-    assert content == JUDGE_PROMPT.format(question="Who wrote Hamlet?", predicted="william shakespeare",
-                                          gold="William Shakespeare")
+    assert content == JUDGE_PROMPT.format(
+        question="Who wrote Hamlet?", predicted="william shakespeare", gold="William Shakespeare"
+    )
     assert "Be reasonable - phrasing differences are okay if the core meaning is the same." in content
     assert judge("Who wrote Hamlet?", "William Shakespeare", "Marlowe") is False
     assert len(handler.requests) == 2
@@ -102,14 +112,24 @@ def test_two_identical_questions_make_one_request_even_at_once(server, tmp_path)
     judge = LLMJudge(url, "gpt-4o-mini", tmp_path / "v.jsonl")
     records = [
         {"question": "Capital of France?", "gold": "Paris", "prediction": "Paris"},
-        {"question": "Capital of France?", "gold": "Paris", "prediction": "Paris"},  # the same, in flight together
+        {
+            "question": "Capital of France?",
+            "gold": "Paris",
+            "prediction": "Paris",
+        },  # the same, in flight together
         {"question": "Capital of Italy?", "gold": "Rome", "prediction": "Milan"},
         {"question": "Capital of Spain?", "answer": "Madrid", "prediction": "madrid"},  # an Example-like dict
         {"question": "Capital of Peru?", "gold": "Lima", "prediction": None},  # no prediction: no request
     ]
     assert judge_records(records, judge, max_workers=5) == [1.0, 1.0, 0.0, 1.0, 0.0]
     assert len(handler.requests) == 3 and judge.requests == 3
-    assert judge_records(records, LLMJudge(url, "gpt-4o-mini", tmp_path / "v.jsonl")) == [1.0, 1.0, 0.0, 1.0, 0.0]
+    assert judge_records(records, LLMJudge(url, "gpt-4o-mini", tmp_path / "v.jsonl")) == [
+        1.0,
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+    ]
     assert len(handler.requests) == 3
     assert judge_records([], judge) == []
 
@@ -128,7 +148,7 @@ def test_unparsable_reply_is_false_and_parse_verdict_forms(server, tmp_path):
     assert LLMJudge(url, "m", tmp_path / "v.jsonl")("q?", "a", "a") is False
     assert parse_verdict('{"explanation": "same person", "score": 1}') == (True, "same person")
     assert parse_verdict('```json\n{"explanation": "no", "score": 0}\n```') == (False, "no")
-    assert parse_verdict('score: 1') == (True, "score: 1")
+    assert parse_verdict("score: 1") == (True, "score: 1")
     assert parse_verdict("yes") is None
 
 

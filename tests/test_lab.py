@@ -63,8 +63,13 @@ def naive_vote(outcomes):  # counts the failures (None) as a group
 
 
 def naive_keep(record):  # drops trajectories with recovered execution errors too
-    return (record["prediction"] is not None and record["score"] == 1 and record["parse_errors"] == 0
-            and not record["hit_step_limit"] and all(s["error"] is None for s in record["steps"]))  # fmt: skip
+    return (
+        record["prediction"] is not None
+        and record["score"] == 1
+        and record["parse_errors"] == 0
+        and not record["hit_step_limit"]
+        and all(s["error"] is None for s in record["steps"])
+    )
 
 
 def naive_labels(input_ids, offsets, spans, roles):  # the assistant content only: no end-of-turn marker
@@ -142,10 +147,16 @@ def test_mutants_fail_on_the_cases_made_for_them(capsys):
 
 
 NAIVE = [
-    ("normalize_answer", naive_normalize), ("normalize_answer", naive_normalize_spaces), ("f1", naive_f1), ("f1", naive_f1_sets),
-    ("parse_step", naive_parse), ("first_thought_prefix", naive_ftp), ("vote", naive_vote), ("keep", naive_keep),
+    ("normalize_answer", naive_normalize),
+    ("normalize_answer", naive_normalize_spaces),
+    ("f1", naive_f1),
+    ("f1", naive_f1_sets),
+    ("parse_step", naive_parse),
+    ("first_thought_prefix", naive_ftp),
+    ("vote", naive_vote),
+    ("keep", naive_keep),
     ("assistant_labels", naive_labels),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("name", "fn"), NAIVE, ids=[f"{n}-{f.__name__}" for n, f in NAIVE])
@@ -352,8 +363,14 @@ def _run_lab(tmp_path, **params):
     import papermill
 
     out = tmp_path / "lab_out.ipynb"
-    papermill.execute_notebook(str(ROOT / lab.LAB_PATH), str(out), parameters=params, kernel_name="agentlib",
-                               cwd=str(ROOT / "notebooks" / "labs"), progress_bar=False)  # fmt: skip
+    papermill.execute_notebook(
+        str(ROOT / lab.LAB_PATH),
+        str(out),
+        parameters=params,
+        kernel_name="agentlib",
+        cwd=str(ROOT / "notebooks" / "labs"),
+        progress_bar=False,
+    )
     nb = nbformat.read(str(out), as_version=4)
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors[:1]

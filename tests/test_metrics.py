@@ -62,21 +62,50 @@ def test_answer_in_text_matches_whole_normalised_words_and_never_yes_no():
 
 
 EQUAL = [
-    ("0.5", r"\frac{1}{2}"), (r"\dfrac{1}{2}", r"\frac12"), (r"\tfrac{3}{4}", "0.75"),
-    (r"\boxed{\frac{3}{4}}", "0.75"), ("The answer is \\boxed{7}.", "7"), (r"$\boxed{12}$", "12"),
-    ("[2,5)", "[2,5)"), (r"(-\infty,-8]\cup [8,\infty)", r"(-\infty,-8]\cup[8,\infty)"),
-    (r"\{1,2,3\}", r"\{3,2,1\}"), ("x^2+2x+1", "(x+1)^2"), (r"\sqrt{8}", r"2\sqrt{2}"),
-    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\pi/2)"), ("13138980", "13138980.0"), ("-9867630", "-9867630.0"),
-    ("x=5", "5"), ("10 \\text{ cm}", "10"), ("50\\%", "50"), ("2/4", "0.5"), ("1e3", "1000"),
-    ("3.0", "3"), ("-0.25", r"-\frac{1}{4}"), (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}"),
-    ("2\\pi", "2\\pi"), (r"\pi/2", r"\frac{\pi}{2}"), ("(1,2)", "(1, 2)"), ("116", "116"),
-    (r"\frac{-1}{3}", r"-\frac13"), ("6", r"\boxed{6}"), ("1,000", "1000"), (r"2^{10}", "1024"),
-]  # fmt: skip
+    ("0.5", r"\frac{1}{2}"),
+    (r"\dfrac{1}{2}", r"\frac12"),
+    (r"\tfrac{3}{4}", "0.75"),
+    (r"\boxed{\frac{3}{4}}", "0.75"),
+    ("The answer is \\boxed{7}.", "7"),
+    (r"$\boxed{12}$", "12"),
+    ("[2,5)", "[2,5)"),
+    (r"(-\infty,-8]\cup [8,\infty)", r"(-\infty,-8]\cup[8,\infty)"),
+    (r"\{1,2,3\}", r"\{3,2,1\}"),
+    ("x^2+2x+1", "(x+1)^2"),
+    (r"\sqrt{8}", r"2\sqrt{2}"),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\pi/2)"),
+    ("13138980", "13138980.0"),
+    ("-9867630", "-9867630.0"),
+    ("x=5", "5"),
+    ("10 \\text{ cm}", "10"),
+    ("50\\%", "50"),
+    ("2/4", "0.5"),
+    ("1e3", "1000"),
+    ("3.0", "3"),
+    ("-0.25", r"-\frac{1}{4}"),
+    (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt3}{2}"),
+    ("2\\pi", "2\\pi"),
+    (r"\pi/2", r"\frac{\pi}{2}"),
+    ("(1,2)", "(1, 2)"),
+    ("116", "116"),
+    (r"\frac{-1}{3}", r"-\frac13"),
+    ("6", r"\boxed{6}"),
+    ("1,000", "1000"),
+    (r"2^{10}", "1024"),
+]
 NOT_EQUAL = [
-    ("(2,5]", "[2,5)"), ("1/3", "0.333"), (r"\pi", "3.14159"), ("7", "8"), ("x^2", "x^3"),
-    (r"\{1,2\}", r"\{1,2,3\}"), ("0.5", "5"), ("", "1"), ("no idea", "4"), (r"\frac{1}{2}", "2"),
+    ("(2,5]", "[2,5)"),
+    ("1/3", "0.333"),
+    (r"\pi", "3.14159"),
+    ("7", "8"),
+    ("x^2", "x^3"),
+    (r"\{1,2\}", r"\{1,2,3\}"),
+    ("0.5", "5"),
+    ("", "1"),
+    ("no idea", "4"),
+    (r"\frac{1}{2}", "2"),
     ("-3", "3"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("pred", "gold"), EQUAL)
@@ -234,7 +263,7 @@ GRADER_CLASSES = [
     ("integer", "13138980", "13138980.0", True, True),
     ("integer", "-9867630", "-9867630.0", True, True),
     ("integer", "100000001", "100000000", False, True),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("cls", "pred", "gold", "ours", "authors"), GRADER_CLASSES)
@@ -270,9 +299,14 @@ MATH_VERIFY_DEPARTURES = [
     ("math-verify extracts nothing after an escaped dollar sign", r"\$150", "150", True, False),
     ("math-verify reads the e of e-notation as Euler's number", "0.0000020107", "2.0107e-06", True, False),
     ("a list is a multiset here, a set in math-verify", "1,1,3", "1,3", False, True),
-    ("GSM-Hard's stated precision: the gold rounded to the prediction's decimals", "5031.98", "5031.9785714286",
-     True, False),
-]  # fmt: skip
+    (
+        "GSM-Hard's stated precision: the gold rounded to the prediction's decimals",
+        "5031.98",
+        "5031.9785714286",
+        True,
+        False,
+    ),
+]
 
 
 @pytest.mark.parametrize(("why", "pred", "gold", "ours", "mv"), MATH_VERIFY_DEPARTURES)
@@ -313,7 +347,9 @@ def test_grader_agrees_with_math_verify_on_published_predictions():
             if ours != mv and (p, g) not in departures:
                 disagree.append((p, g, ours, mv))
     assert not disagree
-    assert len(preds) * len(golds) >= 1200 and agree == len(preds) * len(golds)  # 45 x 28: no departure occurs
+    assert len(preds) * len(golds) >= 1200 and agree == len(preds) * len(
+        golds
+    )  # 45 x 28: no departure occurs
     assert correct >= 20
 
 
@@ -324,7 +360,14 @@ def _rewritings(gold: str) -> list[str]:
     from agentlib.metrics import _number, _prepare, _split_list
 
     g = _prepare(gold)
-    out = [gold, g, f"The final answer is $\\boxed{{{gold}}}$.", f"${gold}$", f"\\boxed{{{gold}}}", gold + "."]
+    out = [
+        gold,
+        g,
+        f"The final answer is $\\boxed{{{gold}}}$.",
+        f"${gold}$",
+        f"\\boxed{{{gold}}}",
+        gold + ".",
+    ]
     num = _number(g)
     if num is not None and not num[1]:
         d = num[0]
@@ -357,27 +400,44 @@ def test_every_benchmark_gold_equals_itself_and_its_rewritings(monkeypatch):
     from agentlib.metrics import _VERIFIER, _for_math_verify, _prepare
 
     monkeypatch.setenv("AGENTLIB_DATA_DIR", os.environ.get("AGENTLIB_DATA_DIR", "/work/shared/data"))
-    golds = [(n, ex.answer) for n in ("gsm_hard", "math500", "aime", "olymath") for ex in load_benchmark(n, "test")]
+    golds = [
+        (n, ex.answer) for n in ("gsm_hard", "math500", "aime", "olymath") for ex in load_benchmark(n, "test")
+    ]
     assert len(golds) == 1290
     fails = [(n, g, r) for n, g in golds for r in _rewritings(g) if not math_equal(r, g)]
     assert not fails
     wrong = [(n, g, w) for n, g in golds for w in _wrong(g) if math_equal(w, g)]
     assert not wrong
     # and math-verify on its own can read every gold (after our preparation) as equal to itself
-    unread = [(n, g) for n, g in golds if not _VERIFIER(_for_math_verify(_prepare(g)), _for_math_verify(_prepare(g)), 5.0)]
+    unread = [
+        (n, g)
+        for n, g in golds
+        if not _VERIFIER(_for_math_verify(_prepare(g)), _for_math_verify(_prepare(g)), 5.0)
+    ]
     assert not unread
 
 
 # ---- paired differences between methods (formerly bench/distill_trial.py's)
 def _paired_rec(method: str, bench: str, qid: str, score: float) -> dict:
-    return {"method": method, "benchmark": bench, "id": f"{bench}/{qid}" if method == "agent" else qid, "score": score}
+    return {
+        "method": method,
+        "benchmark": bench,
+        "id": f"{bench}/{qid}" if method == "agent" else qid,
+        "score": score,
+    }
 
 
 def test_paired_difference_pairs_by_question_and_weights_benchmarks_equally():
     rec = _paired_rec
-    records = [rec("agent", "h", "1", 1), rec("agent", "h", "2", 1), rec("cot", "h", "1", 0), rec("cot", "h", "2", 1),
-               rec("agent", "m", "9", 0), rec("cot", "m", "9", 0),
-               rec("agent", "m", "only-agent", 1)]  # fmt: skip
+    records = [
+        rec("agent", "h", "1", 1),
+        rec("agent", "h", "2", 1),
+        rec("cot", "h", "1", 0),
+        rec("cot", "h", "2", 1),
+        rec("agent", "m", "9", 0),
+        rec("cot", "m", "9", 0),
+        rec("agent", "m", "only-agent", 1),
+    ]
     mean, lo, hi, n = paired_difference(records, "agent", "cot", ["h", "m"])
     assert n == 3  # the unpaired question is left out
     assert mean == 25.0  # (h: +0.5, m: 0) / 2, in points

@@ -73,8 +73,16 @@ def _fake_wheels(tmp_path: Path, payloads: list[bytes]) -> registry.ModelSpec:
             zf.writestr(f"fake_pkg_part{i}/data/part{i:02d}.bin", data)
             zf.writestr(f"fake_pkg_part{i}-1.0.dist-info/RECORD", "x" * 10_000)
     whole = b"".join(payloads)
-    return registry.ModelSpec("fake", "org/fake", "fake-pkg-part{i}", "1.0", len(payloads), "fake.gguf",
-                              len(whole), hashlib.sha256(whole).hexdigest())
+    return registry.ModelSpec(
+        "fake",
+        "org/fake",
+        "fake-pkg-part{i}",
+        "1.0",
+        len(payloads),
+        "fake.gguf",
+        len(whole),
+        hashlib.sha256(whole).hexdigest(),
+    )
 
 
 def test_join_parts_in_order_and_verify(tmp_path):
@@ -122,8 +130,12 @@ def test_registry_smollm2_is_verified_and_converted():
 # ------------------------------------------------------------------------------------------ HFModel (real)
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
-CONVS = [FRANCE, [{"role": "user", "content": "Write a haiku about the sea, please, in English."}],
-         [{"role": "user", "content": "2+2=?"}], [{"role": "user", "content": "Name three colors."}]]
+CONVS = [
+    FRANCE,
+    [{"role": "user", "content": "Write a haiku about the sea, please, in English."}],
+    [{"role": "user", "content": "2+2=?"}],
+    [{"role": "user", "content": "Name three colors."}],
+]
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +164,7 @@ def test_hf_stop_prefix_samples_usage(smol):
     assert smol.chat(FRANCE, max_tokens=24, stop=[stop, "<never>"]) == [full[: full.find(stop)]]
     prefix = " ".join(words[:2])  # a word boundary inside the model's own greedy answer
     cont = smol.chat(FRANCE, max_tokens=24, prefix=prefix)[0]
-    assert cont == full[len(prefix):]
+    assert cont == full[len(prefix) :]
     samples = smol.chat(CONVS[3], n=4, temperature=1.0, top_p=0.95, max_tokens=12)
     assert len(samples) == 4 and len(set(samples)) > 1
     assert smol.chat(CONVS[3], n=3, max_tokens=8) == [smol.chat(CONVS[3], max_tokens=8)[0]] * 3
@@ -172,12 +184,21 @@ def test_hf_continuous_batching_matches_plain_generate(smol, monkeypatch):
 
     system = {"role": "system", "content": "You are a terse assistant. Answer in one short sentence."}
     convs = [[system, *c] for c in CONVS]
-    enc = smol.tokenizer([smol.render(c) for c in convs], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = smol.tokenizer(
+        [smol.render(c) for c in convs], return_tensors="pt", padding=True, add_special_tokens=False
+    )
     with torch.inference_mode():
-        plain = smol.model.generate(**enc, max_new_tokens=16, do_sample=False, eos_token_id=smol.eos_ids,
-                                    pad_token_id=smol.tokenizer.pad_token_id)[:, enc.input_ids.shape[1]:]
-    texts = [smol.tokenizer.decode([t for t in row if t not in smol.eos_ids], skip_special_tokens=True)
-             for row in plain.tolist()]
+        plain = smol.model.generate(
+            **enc,
+            max_new_tokens=16,
+            do_sample=False,
+            eos_token_id=smol.eos_ids,
+            pad_token_id=smol.tokenizer.pad_token_id,
+        )[:, enc.input_ids.shape[1] :]
+    texts = [
+        smol.tokenizer.decode([t for t in row if t not in smol.eos_ids], skip_special_tokens=True)
+        for row in plain.tolist()
+    ]
     assert len(set(texts)) == 4
     smol.prefix_cache.clear()
     smol.usage.reset()
@@ -187,12 +208,16 @@ def test_hf_continuous_batching_matches_plain_generate(smol, monkeypatch):
     assert smol.usage.cached_tokens >= 4 * n_system and smol.usage.calls == 4
     joined: list[int] = []  # rows already decoding when a request joins
     real_admit = Decoder._admit
-    monkeypatch.setattr(Decoder, "_admit", lambda self, req: (joined.append(len(self.rows)), real_admit(self, req)))
+    monkeypatch.setattr(
+        Decoder, "_admit", lambda self, req: (joined.append(len(self.rows)), real_admit(self, req))
+    )
     smol.max_batch = 2
     try:
         assert [x[0] for x in smol.chat_batch(convs, max_tokens=16)] == texts
         assert joined[:2] == [0, 1] and max(joined[2:]) >= 1  # the 3rd and 4th joined a running batch
-        assert smol.chat_batch(convs[:2], n=3, max_tokens=16) == [[t] * 3 for t in texts[:2]]  # greedy: copies
+        assert smol.chat_batch(convs[:2], n=3, max_tokens=16) == [
+            [t] * 3 for t in texts[:2]
+        ]  # greedy: copies
         sampled = smol.chat_batch(convs[:3], n=5, temperature=1.0, top_p=0.95, max_tokens=10)
     finally:
         smol.max_batch = 16
@@ -213,7 +238,11 @@ def test_hf_session_follow_up_joins_the_running_batch(smol):
         order.append(key)
         assert info["completion_tokens"] >= 1 and info["gen_s"] > 0 and info["prompt_tokens"] > 10
         if key == "short":
-            follow = [*FRANCE, {"role": "assistant", "content": texts[0]}, {"role": "user", "content": "And Spain?"}]
+            follow = [
+                *FRANCE,
+                {"role": "assistant", "content": texts[0]},
+                {"role": "user", "content": "And Spain?"},
+            ]
             before = smol.usage.cached_tokens
             s.submit("follow", follow)
             cached.append(before)
@@ -308,8 +337,14 @@ def test_hf_equal_rows_decode_on_packed_gqa_path(smol, monkeypatch):
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     assert groups > 1 and len(plain_calls) == len(seen) == cfg.num_hidden_layers
     assert all(shape[2] == 1 and mask is None and gqa for shape, mask, gqa in plain_calls)
-    assert all(shape == (3, cfg.num_key_value_heads, groups, shape[3]) and not gqa and mask.dtype == torch.bool
-               and bool(mask.all()) and tuple(mask.shape) == (3, 1, 1, ids.shape[1]) for shape, mask, gqa in seen)
+    assert all(
+        shape == (3, cfg.num_key_value_heads, groups, shape[3])
+        and not gqa
+        and mask.dtype == torch.bool
+        and bool(mask.all())
+        and tuple(mask.shape) == (3, 1, 1, ids.shape[1])
+        for shape, mask, gqa in seen
+    )
     assert torch.allclose(plain, packed, atol=1e-4)
     assert plain.argmax(-1).tolist() == packed.argmax(-1).tolist()
 
@@ -347,7 +382,10 @@ class _Fake(BaseHTTPRequestHandler):
             return
         last = req["messages"][-1]["content"]
         n = req.get("n", 1)
-        choices = [{"index": i, "message": {"role": "assistant", "content": f"echo:{last}|END tail"}} for i in range(n)]
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": f"echo:{last}|END tail"}}
+            for i in range(n)
+        ]
         self._send(200, {"choices": choices, "usage": {"prompt_tokens": 3, "completion_tokens": 2 * n}})
 
 
@@ -389,7 +427,9 @@ def test_pool_routes_around_500s(fakes):
     assert stats[bad_url]["requests"] == 0 and stats[bad_url]["errors"] >= 1
     assert stats[good_url]["requests"] == 12 and stats[good_url]["completion_tokens"] == 24
     assert lines[0].startswith(f"{bad_url}: 0 requests, {stats[bad_url]['errors']} errors, 0 tokens")
-    assert lines[1].startswith(f"{good_url}: 12 requests, 0 errors, 24 tokens, ") and lines[1].endswith(" tokens/s")
+    assert lines[1].startswith(f"{good_url}: 12 requests, 0 errors, 24 tokens, ") and lines[1].endswith(
+        " tokens/s"
+    )
 
 
 def test_pool_routes_around_hanging_server_by_timeout(fakes):
@@ -482,7 +522,7 @@ def test_openai_model_on_llamacpp_n_prefix_stop(two_servers):
         prefix = " ".join(words[:2])
         cont = m.chat(FRANCE, max_tokens=24, prefix=prefix)[0]
         # the continuation only (no echoed prefix); it may run on where `full` hit max_tokens
-        assert cont.startswith(full[len(prefix):]) and not cont.startswith(prefix)
+        assert cont.startswith(full[len(prefix) :]) and not cont.startswith(prefix)
         assert m.chat(FRANCE, max_tokens=24, stop=[words[2]]) == [full[: full.find(words[2])]]
         samples = m.chat(CONVS[3], n=4, temperature=1.0, max_tokens=16)
         assert len(samples) == 4 and len(set(samples)) > 1
@@ -517,11 +557,15 @@ def test_prime_puts_the_shared_prefix_in_the_prompt_cache(two_servers):
     them (the one on the primed slot) takes it from the cache. llama.cpp keeps the cache per slot."""
 
     def system(tag: str) -> list[dict[str, str]]:
-        text = " ".join(f"Rule {i} of the {tag} handbook: answer briefly and cite the page." for i in range(40))
+        text = " ".join(
+            f"Rule {i} of the {tag} handbook: answer briefly and cite the page." for i in range(40)
+        )
         return [{"role": "system", "content": text}]
 
     def cached(model: OpenAIModel, tag: str, primed: bool) -> tuple[int, int]:
-        convs = [[*system(tag), {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(4)]
+        convs = [
+            [*system(tag), {"role": "user", "content": f"Question {i}: what is {i} + {i}?"}] for i in range(4)
+        ]
         if primed:
             model.prime(system(tag))
         model.usage.reset()
@@ -541,7 +585,9 @@ def test_llamacpp_model_sends_no_more_requests_than_slots():
     """A one-slot server gets one request at a time, in list order: the same batch gives the same greedy text."""
     from agentlib.models import load_model
 
-    system = [{"role": "system", "content": " ".join(f"Rule {i}: answer in one short sentence." for i in range(30))}]
+    system = [
+        {"role": "system", "content": " ".join(f"Rule {i}: answer in one short sentence." for i in range(30))}
+    ]
     convs = [[*system, {"role": "user", "content": f"Name a colour and the number {i}."}] for i in range(6)]
     with load_model("smollm2-135m", backend="llamacpp", n_parallel=1, n_ctx=2048, threads=2) as m:
         assert m.max_concurrency == 1

@@ -10,7 +10,10 @@ def test_one_trajectory_per_llamacpp_slot():
     cpu = get_profile("cpu", teacher_backend="llamacpp")  # teacher and student on local llama.cpp servers
     assert cpu.teacher_backend == cpu.student_backend == "llamacpp"
     assert pipeline.teacher_config(cpu).batch_size == cpu.teacher_slots == 1  # one trajectory at a time
-    assert pipeline.teacher_config(get_profile("cpu", teacher_slots=4, teacher_backend="llamacpp")).batch_size == 4
+    assert (
+        pipeline.teacher_config(get_profile("cpu", teacher_slots=4, teacher_backend="llamacpp")).batch_size
+        == 4
+    )
     # the in-process teacher batches continuously
     assert pipeline.teacher_config(get_profile("cpu", teacher_backend="hf")).batch_size == 16
     assert pipeline.student_config(cpu).batch_size == pipeline.SLOTS
@@ -19,7 +22,9 @@ def test_one_trajectory_per_llamacpp_slot():
     assert pipeline.student_config(cpu, sag=True, n_samples=1).batch_size == pipeline.SLOTS
     assert pipeline.student_config(cpu, sag=True, n_samples=64).batch_size == 1
     paper = get_profile("paper")  # vLLM batches any number of conversations
-    assert pipeline.teacher_config(paper).batch_size == pipeline.student_config(paper, sag=True).batch_size == 16
+    assert (
+        pipeline.teacher_config(paper).batch_size == pipeline.student_config(paper, sag=True).batch_size == 16
+    )
 
 
 def test_passage_length_reaches_the_agent():
@@ -34,13 +39,22 @@ def test_agent_methods_batch_all_benchmarks(tmp_path):
 
     from agentlib.data import Example
 
-    sets = {"hotpotqa": [Example("0", "Capital?", "Paris")], "math500": [Example("0", "1+1?", "2", domain="math")]}
+    sets = {
+        "hotpotqa": [Example("0", "Capital?", "Paris")],
+        "math500": [Example("0", "1+1?", "2", domain="math")],
+    }
     model = ScriptedModel(lambda conv, prefix, i: turn("Answer.", "final_answer('Paris')"))
-    recs = pipeline.evaluate_method(get_profile("smoke"), "untuned_agent", model, None, sets, tmp_path, progress=False)
+    recs = pipeline.evaluate_method(
+        get_profile("smoke"), "untuned_agent", model, None, sets, tmp_path, progress=False
+    )
     assert [(r["id"], r["benchmark"], r["method"]) for r in recs] == [
-        ("hotpotqa/0", "hotpotqa", "untuned_agent"), ("math500/0", "math500", "untuned_agent")]
+        ("hotpotqa/0", "hotpotqa", "untuned_agent"),
+        ("math500/0", "math500", "untuned_agent"),
+    ]
     assert len(model.calls) == 1 and len(model.calls[0]["conversations"]) == 2  # one batch, both benchmarks
-    again = pipeline.evaluate_method(get_profile("smoke"), "untuned_agent", model, None, sets, tmp_path, progress=False)
+    again = pipeline.evaluate_method(
+        get_profile("smoke"), "untuned_agent", model, None, sets, tmp_path, progress=False
+    )
     assert again == recs and len(model.calls) == 1  # resumed from untuned_agent__all.jsonl
 
 
@@ -104,20 +118,29 @@ def test_training_question_ids_are_unique_across_sets():
 
 def test_a_training_spec_with_a_first_row_takes_the_rows_after_it():
     first_ten = pipeline.training_sets(get_profile("cpu", train_factual=(("extra", "hotpotqa_dev300", 10),)))
-    p = get_profile("cpu", train_factual=(("extra", "hotpotqa_dev300", 4, 6), ("extra", "hotpotqa_dev300", 2)))
+    p = get_profile(
+        "cpu", train_factual=(("extra", "hotpotqa_dev300", 4, 6), ("extra", "hotpotqa_dev300", 2))
+    )
     factual = pipeline.training_sets(p)["factual"]
     assert [ex.id for ex in factual[:4]] == [ex.id for ex in first_ten["factual"][6:]]  # rows 6-9
-    assert [ex.id for ex in factual[4:]] == [ex.id for ex in first_ten["factual"][:2]]  # rows 0-1, ids unchanged
+    assert [ex.id for ex in factual[4:]] == [
+        ex.id for ex in first_ten["factual"][:2]
+    ]  # rows 0-1, ids unchanged
     assert len({ex.question for ex in factual}) == 6
 
 
 def test_results_table_rows_follow_the_papers_method_order():
     from agentlib.data import Example
 
-    sets = {"math500": [Example("0", "q", "1", domain="math")], "hotpotqa": [Example("a", "q", "x"), Example("b", "q", "y")]}
-    recs = [{"method": m, "benchmark": b, "score": s, "prediction": "x", "gold": "x"}
-            for m in ("zz_custom", "agent_distill", "untuned_cot")
-            for b, s in (("hotpotqa", 1.0), ("hotpotqa", 0.0), ("math500", 1.0))]  # fmt: skip
+    sets = {
+        "math500": [Example("0", "q", "1", domain="math")],
+        "hotpotqa": [Example("a", "q", "x"), Example("b", "q", "y")],
+    }
+    recs = [
+        {"method": m, "benchmark": b, "score": s, "prediction": "x", "gold": "x"}
+        for m in ("zz_custom", "agent_distill", "untuned_cot")
+        for b, s in (("hotpotqa", 1.0), ("hotpotqa", 0.0), ("math500", 1.0))
+    ]
     t = pipeline.results_table(recs, get_profile("smoke"), sets)
     per_bench = t[~t.benchmark.str.endswith("_avg")]
     assert list(per_bench.method) == ["untuned_cot"] * 2 + ["agent_distill"] * 2 + ["zz_custom"] * 2
@@ -147,8 +170,11 @@ def _teacher_fixture(monkeypatch):
 
     from agentlib.data import Example
 
-    qs = [Example("0", "Capital of France?", "Paris"), Example("1", "Capital of Italy?", "Rome"),
-          Example("2", "Capital of Spain?", "Madrid")]  # fmt: skip
+    qs = [
+        Example("0", "Capital of France?", "Paris"),
+        Example("1", "Capital of Italy?", "Rome"),
+        Example("2", "Capital of Spain?", "Madrid"),
+    ]
     monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
     cot_asked: dict[str, int] = {}
     answers = {"France": "Paris", "Italy": "Milan", "Spain": "Madrid"}
@@ -164,15 +190,37 @@ def _teacher_fixture(monkeypatch):
     return qs, ScriptedModel(script)
 
 
-def test_teacher_stage_builds_ftp_from_the_cot_run_and_resamples_only_unsolved_questions(tmp_path, monkeypatch):
+def test_teacher_stage_builds_ftp_from_the_cot_run_and_resamples_only_unsolved_questions(
+    tmp_path, monkeypatch
+):
     qs, model = _teacher_fixture(monkeypatch)
     p = get_profile("smoke", teacher_samples=3, teacher_chunk=2)
     chunks = []
-    runs = pipeline.teacher_stage(p, model, None, tmp_path, progress=False,
-                                  on_chunk=lambda done, total, out: chunks.append((done, total, len(out["agent"]))))  # fmt: skip
-    assert chunks == [(1, 2, 1), (2, 2, 5)]  # France alone, then Italy and Spain; progress published per chunk
-    assert [r["id"] for r in runs["cot"]] == ["0#s0", "1#s0", "2#s0", "1#s1"]  # Italy's CoT solved by sample 1
-    assert [r["id"] for r in runs["agent"]] == ["0#s0", "1#s0", "2#s0", "1#s1", "1#s2"]  # never solved: 3 samples
+    runs = pipeline.teacher_stage(
+        p,
+        model,
+        None,
+        tmp_path,
+        progress=False,
+        on_chunk=lambda done, total, out: chunks.append((done, total, len(out["agent"]))),
+    )
+    assert chunks == [
+        (1, 2, 1),
+        (2, 2, 5),
+    ]  # France alone, then Italy and Spain; progress published per chunk
+    assert [r["id"] for r in runs["cot"]] == [
+        "0#s0",
+        "1#s0",
+        "2#s0",
+        "1#s1",
+    ]  # Italy's CoT solved by sample 1
+    assert [r["id"] for r in runs["agent"]] == [
+        "0#s0",
+        "1#s0",
+        "2#s0",
+        "1#s1",
+        "1#s2",
+    ]  # never solved: 3 samples
     sampled = [c["temperature"] for c in model.calls]
     assert sampled[0] == 0.0 and p.teacher_temperature in sampled  # sample 0 greedy, the others sampled
     # FTP: "Thought: " + the first paragraph of the same question's greedy CoT answer + a blank line
@@ -182,7 +230,9 @@ def test_teacher_stage_builds_ftp_from_the_cot_run_and_resamples_only_unsolved_q
         assert r["prefix"] == f"Thought: {first}\n\n"
         assert r["messages"][2]["content"].startswith(f"Thought: {first}\n\nThought: I know it.")
     calls = len(model.calls)
-    again = pipeline.teacher_stage(p, model, None, tmp_path, progress=False)  # resumed: nothing is asked again
+    again = pipeline.teacher_stage(
+        p, model, None, tmp_path, progress=False
+    )  # resumed: nothing is asked again
     assert len(model.calls) == calls and again == runs
 
 
@@ -197,10 +247,14 @@ def test_published_teacher_set_round_trips_and_is_checked(tmp_path, monkeypatch)
     runs = pipeline.teacher_stage(p, model, None, tmp_path / "teacher", progress=False)
     dest = trajectory.publish_teacher(p, runs, dest=tmp_path / "t.jsonl.gz", backend="hf")
     manifest = json.loads((tmp_path / "t.manifest.json").read_text())
-    assert manifest["backend"] == "hf" and manifest["ftp_source"] == "cot" and manifest["teacher_samples"] == 2
+    assert (
+        manifest["backend"] == "hf" and manifest["ftp_source"] == "cot" and manifest["teacher_samples"] == 2
+    )
     assert manifest["questions"]["agent_ftp"] == {"factual": 3, "math": 0}
     loaded = trajectory.load_published(p, dest)
-    assert {k: [{x: r[x] for x in r if x not in ("run", "domain")} for r in v] for k, v in loaded.items()} == runs
+    assert {
+        k: [{x: r[x] for x in r if x not in ("run", "domain")} for r in v] for k, v in loaded.items()
+    } == runs
     assert {r["domain"] for v in loaded.values() for r in v} == {"factual"}
     # the SFT datasets are the same as the generating run's
     a = pipeline.sft_datasets(runs, tmp_path / "teacher")
@@ -221,7 +275,9 @@ def test_the_paper_profile_has_table_2s_four_students_a_4096_token_cot_and_a_jud
     assert paper.sag_vote == "logs" and paper.ftp_source == "cot"  # the authors' choices
     assert cpu.student_models == ["qwen2.5-coder-0.5b"] and cpu.judge is None
     assert pipeline.student_dir(cpu, None, tmp_path) == tmp_path  # one student: the folder as before
-    assert pipeline.student_dir(paper, "Qwen/Qwen2.5-7B-Instruct", tmp_path) == tmp_path / "Qwen2.5-7B-Instruct"
+    assert (
+        pipeline.student_dir(paper, "Qwen/Qwen2.5-7B-Instruct", tmp_path) == tmp_path / "Qwen2.5-7B-Instruct"
+    )
     assert set(paper.models) >= set(paper.student_models) | {paper.teacher}
 
 
@@ -245,4 +301,6 @@ def test_a_generation_resumes_from_the_published_set_in_a_fresh_checkout(tmp_pat
     assert pipeline.teacher_stage(p, model, None, fresh, progress=False) == runs  # nothing left to generate
     assert len(model.calls) == calls
     assert trajectory.seed_from_published(p, fresh) == 0  # idempotent
-    assert trajectory.seed_from_published(get_profile("smoke", top_k=9), tmp_path / "other") == 0  # other settings
+    assert (
+        trajectory.seed_from_published(get_profile("smoke", top_k=9), tmp_path / "other") == 0
+    )  # other settings

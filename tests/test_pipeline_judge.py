@@ -20,15 +20,39 @@ def test_factual_cells_carry_the_judge_beside_exact_match(tmp_path, monkeypatch)
     try:
         monkeypatch.setenv("AGENTLIB_RUNS_DIR", str(tmp_path))
         p = get_profile("smoke", judge=(f"http://127.0.0.1:{srv.server_address[1]}/v1", "judge-model"))
-        sets = {"hotpotqa": [Example("a", "Capital of France?", "Paris"), Example("b", "Capital of Peru?", "Lima")],
-                "math500": [Example("m", "1+1?", "2", domain="math")]}  # fmt: skip
+        sets = {
+            "hotpotqa": [
+                Example("a", "Capital of France?", "Paris"),
+                Example("b", "Capital of Peru?", "Lima"),
+            ],
+            "math500": [Example("m", "1+1?", "2", domain="math")],
+        }
         records = [
-            {"benchmark": "hotpotqa", "method": "x", "question": "Capital of France?", "gold": "Paris",
-             "prediction": "paris", "score": 1.0},
-            {"benchmark": "hotpotqa", "method": "x", "question": "Capital of Peru?", "gold": "Lima",
-             "prediction": "Cusco", "score": 0.0},
-            {"benchmark": "math500", "method": "x", "question": "1+1?", "gold": "2", "prediction": "2", "score": 1.0},
-        ]  # fmt: skip
+            {
+                "benchmark": "hotpotqa",
+                "method": "x",
+                "question": "Capital of France?",
+                "gold": "Paris",
+                "prediction": "paris",
+                "score": 1.0,
+            },
+            {
+                "benchmark": "hotpotqa",
+                "method": "x",
+                "question": "Capital of Peru?",
+                "gold": "Lima",
+                "prediction": "Cusco",
+                "score": 0.0,
+            },
+            {
+                "benchmark": "math500",
+                "method": "x",
+                "question": "1+1?",
+                "gold": "2",
+                "prediction": "2",
+                "score": 1.0,
+            },
+        ]
         judged = pipeline.judge_factual(p, [dict(r) for r in records], sets)
         assert [r.get("judge") for r in judged] == [1.0, 0.0, None]  # math is not judged
         assert [r["model"] for r in handler.requests] == ["judge-model", "judge-model"]

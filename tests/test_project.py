@@ -64,7 +64,9 @@ def _public_api() -> dict[str, set[str]]:
     for info in pkgutil.iter_modules(agentlib.__path__):
         if not info.name.startswith("_"):
             module = importlib.import_module(f"agentlib.{info.name}")
-            assert isinstance(getattr(module, "__all__", None), list), f"agentlib.{info.name} declares no __all__"
+            assert isinstance(getattr(module, "__all__", None), list), (
+                f"agentlib.{info.name} declares no __all__"
+            )
             assert [n for n in module.__all__ if not hasattr(module, n)] == [], info.name
             api[info.name] = set(module.__all__)
     return api
@@ -93,10 +95,17 @@ def _agentlib_uses(code: str) -> list[tuple[str, str]]:
 def test_notebooks_and_the_lab_call_only_public_api():
     api = _public_api()
     texts = {"agentlib/lab.py": (ROOT / "agentlib" / "lab.py").read_text()}
-    for nb in [*sorted((ROOT / "notebooks").glob("*.ipynb")), *sorted((ROOT / "notebooks" / "labs").glob("*.ipynb"))]:
+    for nb in [
+        *sorted((ROOT / "notebooks").glob("*.ipynb")),
+        *sorted((ROOT / "notebooks" / "labs").glob("*.ipynb")),
+    ]:
         cells = json.loads(nb.read_text())["cells"]
         texts[nb.name] = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     uses = {where: _agentlib_uses(text) for where, text in texts.items()}
-    assert ("metrics", "token_f1") in uses["agentlib/lab.py"] and ("pipeline", "results_table") in uses["03_evaluation.ipynb"]
-    bad = [f"{where}: {m}.{n}" for where, used in uses.items() for m, n in used if m in api and n not in api[m]]
+    assert ("metrics", "token_f1") in uses["agentlib/lab.py"] and ("pipeline", "results_table") in uses[
+        "03_evaluation.ipynb"
+    ]
+    bad = [
+        f"{where}: {m}.{n}" for where, used in uses.items() for m, n in used if m in api and n not in api[m]
+    ]
     assert bad == []

@@ -36,8 +36,15 @@ def test_free_port_is_bindable():
 
 
 def test_vllm_command_with_lora_and_tp():
-    cmd = vllm_command("Qwen/Qwen2.5-32B-Instruct", 8001, tensor_parallel_size=4, gpu_memory_utilization=0.85,
-                       seed=7, lora_modules={"student": "/runs/a1", "ftp": "/runs/a2"}, max_model_len=8192)
+    cmd = vllm_command(
+        "Qwen/Qwen2.5-32B-Instruct",
+        8001,
+        tensor_parallel_size=4,
+        gpu_memory_utilization=0.85,
+        seed=7,
+        lora_modules={"student": "/runs/a1", "ftp": "/runs/a2"},
+        max_model_len=8192,
+    )
     assert cmd[:3] == ["vllm", "serve", "Qwen/Qwen2.5-32B-Instruct"]
 
     def opt(flag):
@@ -49,7 +56,7 @@ def test_vllm_command_with_lora_and_tp():
     assert opt("--seed") == "7" and opt("--max-model-len") == "8192"
     assert "--enable-lora" in cmd and opt("--max-lora-rank") == "64" and opt("--max-loras") == "2"
     i = cmd.index("--lora-modules")
-    assert cmd[i + 1:i + 3] == ["student=/runs/a1", "ftp=/runs/a2"]
+    assert cmd[i + 1 : i + 3] == ["student=/runs/a1", "ftp=/runs/a2"]
 
 
 def test_vllm_command_without_lora_has_no_lora_flags():
@@ -79,12 +86,15 @@ http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
 
 def test_server_process_ready_by_health_and_stop_by_group(tmp_path):
     port = free_port()
-    srv = ServerProcess([sys.executable, "-c", CHILD, str(port), "0.5"], port, name="dummy",
-                        log_path=tmp_path / "dummy.log")
+    srv = ServerProcess(
+        [sys.executable, "-c", CHILD, str(port), "0.5"], port, name="dummy", log_path=tmp_path / "dummy.log"
+    )
     assert not srv.healthy()
     srv.wait_ready(timeout_s=20)
     assert srv.healthy() and os.getpgid(srv.pid) == srv.pid != os.getpgid(0)
-    kids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == srv.pid and int(p) != srv.pid]
+    kids = [
+        int(p) for p in os.listdir("/proc") if p.isdigit() and _pgid(int(p)) == srv.pid and int(p) != srv.pid
+    ]
     assert kids, "the dummy should have a grandchild"
     srv.stop()
     time.sleep(0.2)
@@ -99,8 +109,12 @@ def _pgid(pid: int) -> int | None:
 
 
 def test_server_process_that_dies_reports_its_log(tmp_path):
-    srv = ServerProcess([sys.executable, "-c", "print('bad flag'); raise SystemExit(3)"], free_port(),
-                        name="dies", log_path=tmp_path / "dies.log")
+    srv = ServerProcess(
+        [sys.executable, "-c", "print('bad flag'); raise SystemExit(3)"],
+        free_port(),
+        name="dies",
+        log_path=tmp_path / "dies.log",
+    )
     with pytest.raises(RuntimeError, match="bad flag"):
         srv.wait_ready(timeout_s=20)
     srv.stop()

@@ -110,8 +110,11 @@ def test_no_observation_or_prompt_token_is_trained(tokenizer):
 def test_truncation_drops_the_partial_turn_and_marks_it(tokenizer):
     chat = trajectory_to_chat(record(), "Short student prompt.")
     full = encode_chat(chat, tokenizer)
-    first_end = max(j for j, lab in enumerate(full["labels"][: len(full["labels"]) - 5]) if lab != IGNORE
-                    and tokenizer.decode([lab]) == tokenizer.eos_token)
+    first_end = max(
+        j
+        for j, lab in enumerate(full["labels"][: len(full["labels"]) - 5])
+        if lab != IGNORE and tokenizer.decode([lab]) == tokenizer.eos_token
+    )
     max_length = len(full["input_ids"]) - 4  # cuts the second assistant turn in half
     enc = encode_chat(chat, tokenizer, max_length=max_length)
     assert enc["truncated"]
@@ -127,11 +130,22 @@ def test_assistant_labels_from_spans():
     ids = [10, 11, 12, 13, 14, 15, 16]
     offsets = [(0, 2), (2, 4), (4, 6), (6, 8), (8, 9), (9, 12), (12, 13)]
     spans = [(2, 4, 4), (6, 9, 13)]
-    assert assistant_labels(ids, offsets, spans, ["user", "assistant"]) == [IGNORE, IGNORE, IGNORE, 13, 14, 15, IGNORE]
+    assert assistant_labels(ids, offsets, spans, ["user", "assistant"]) == [
+        IGNORE,
+        IGNORE,
+        IGNORE,
+        13,
+        14,
+        15,
+        IGNORE,
+    ]
     assert assistant_labels(ids, offsets, spans, ["user", "user"]) == [IGNORE] * 7
     # a zero-width token inside the content is not trained; no end-of-turn token when turn_end == content_end
     offsets[3] = (6, 6)
-    assert assistant_labels(ids, offsets, [(2, 4, 4), (6, 9, 9)], ["user", "assistant"]) == [IGNORE] * 4 + [14] + [IGNORE] * 2
+    assert (
+        assistant_labels(ids, offsets, [(2, 4, 4), (6, 9, 9)], ["user", "assistant"])
+        == [IGNORE] * 4 + [14] + [IGNORE] * 2
+    )
 
 
 def test_chat_without_assistant_turn_is_rejected(tokenizer):
@@ -173,10 +187,18 @@ def tiny_model_dir(tmp_path_factory, tokenizer_name="smollm2-135m"):
 
     out = tmp_path_factory.mktemp("tiny")
     tok = AutoTokenizer.from_pretrained(registry.hf_dir(tokenizer_name))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
-                      initializer_range=0.3)  # large weights: outputs depend visibly on context
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        initializer_range=0.3,
+    )  # large weights: outputs depend visibly on context
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out)
     tok.save_pretrained(out)
@@ -210,8 +232,16 @@ def test_packed_loss_equals_separate_losses(tiny):
 def test_qlora_steps_on_cpu(tiny, tmp_path):
     import bitsandbytes as bnb
 
-    cfg = SFTConfig(lora_r=8, lora_alpha=16, load_in_4bit=True, batch_size=2, max_length=512, max_steps=2,
-                    learning_rate=1e-3, device="cpu")
+    cfg = SFTConfig(
+        lora_r=8,
+        lora_alpha=16,
+        load_in_4bit=True,
+        batch_size=2,
+        max_length=512,
+        max_steps=2,
+        learning_rate=1e-3,
+        device="cpu",
+    )
     model, _ = load_for_training(tiny, cfg, "cpu")
     n4 = sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
     assert n4 == 2 * 7  # q k v o gate up down in each of the 2 layers
@@ -228,8 +258,9 @@ def test_qlora_steps_on_cpu(tiny, tmp_path):
     assert meta["config"]["load_in_4bit"] is True
     again = train(cfg, records, tiny, tmp_path / "adapter", progress=False)
     assert again.skipped and again.losses == pytest.approx(res.losses)
-    changed = train(SFTConfig(**{**cfg.__dict__, "max_steps": 1}), records, tiny, tmp_path / "adapter",
-                    progress=False)
+    changed = train(
+        SFTConfig(**{**cfg.__dict__, "max_steps": 1}), records, tiny, tmp_path / "adapter", progress=False
+    )
     assert not changed.skipped and len(changed.losses) == 1
     # the logged rate is the one the step used: a one-step run trains at the full rate (warmup of 1 step)
     with (tmp_path / "adapter" / "loss.csv").open() as f:
@@ -241,8 +272,15 @@ def test_train_warns_when_examples_lose_their_final_turn(tiny, tmp_path):
 
     tok = AutoTokenizer.from_pretrained(tiny)
     full = len(encode_chat(trajectory_to_chat(record(), None), tok)["input_ids"])
-    cfg = SFTConfig(lora_r=8, lora_alpha=16, load_in_4bit=False, batch_size=2, max_length=full - 4, max_steps=1,
-                    device="cpu")
+    cfg = SFTConfig(
+        lora_r=8,
+        lora_alpha=16,
+        load_in_4bit=False,
+        batch_size=2,
+        max_length=full - 4,
+        max_steps=1,
+        device="cpu",
+    )
     with pytest.warns(UserWarning, match=r"2 of 2 examples are longer than max_length"):
         res = train(cfg, [record(), record()], tiny, tmp_path / "cut", progress=False)
     assert res.n_truncated == 2
@@ -255,7 +293,11 @@ def test_config_from_profile():
     p = PROFILES["cpu"]
     cfg = replace(sft_config(p, "cot"), batching="group")
     assert cfg.batch_size == p.sft.batch_size
-    assert (cfg.lora_r, cfg.lora_alpha, cfg.max_length) == (p.sft.lora_r, p.sft.lora_alpha, p.sft_max_length_cot)
+    assert (cfg.lora_r, cfg.lora_alpha, cfg.max_length) == (
+        p.sft.lora_r,
+        p.sft.lora_alpha,
+        p.sft_max_length_cot,
+    )
     assert cfg.batching == "group"
     assert sft_config(p, "agent").max_length == p.sft.max_length
     assert cfg.hash("m", "d") != sft_config(p, "agent").hash("m", "d")
@@ -265,15 +307,42 @@ def test_config_from_profile():
 # Each profile's SFT settings as notebook 02 trains them, and their config hashes (a hash decides whether a
 # trained adapter is reused): pinned so that reorganising the profiles changes neither.
 PINNED_SFT = {
-    "smoke": dict(lora_r=8, lora_alpha=16, num_epochs=1, batch_size=2, micro_batch_size=1, max_steps=3,
-                  load_in_4bit=False, gradient_checkpointing=False, lengths=(768, 512),
-                  hashes=("ae15db9222e74b17", "72f086e4f4ee1f2b")),
-    "cpu": dict(lora_r=16, lora_alpha=32, num_epochs=2, batch_size=2, micro_batch_size=1, max_steps=None,
-                load_in_4bit=False, gradient_checkpointing=False, lengths=(3072, 1024),
-                hashes=("f1018871af7ca211", "63e0c244428e1d6c")),
-    "paper": dict(lora_r=64, lora_alpha=128, num_epochs=2.0, batch_size=8, micro_batch_size=1, max_steps=None,
-                  load_in_4bit=True, gradient_checkpointing=True, lengths=(10240, 4096),
-                  hashes=("01b0c35d7fe40315", "adfacdf6e369833c")),
+    "smoke": dict(
+        lora_r=8,
+        lora_alpha=16,
+        num_epochs=1,
+        batch_size=2,
+        micro_batch_size=1,
+        max_steps=3,
+        load_in_4bit=False,
+        gradient_checkpointing=False,
+        lengths=(768, 512),
+        hashes=("ae15db9222e74b17", "72f086e4f4ee1f2b"),
+    ),
+    "cpu": dict(
+        lora_r=16,
+        lora_alpha=32,
+        num_epochs=2,
+        batch_size=2,
+        micro_batch_size=1,
+        max_steps=None,
+        load_in_4bit=False,
+        gradient_checkpointing=False,
+        lengths=(3072, 1024),
+        hashes=("f1018871af7ca211", "63e0c244428e1d6c"),
+    ),
+    "paper": dict(
+        lora_r=64,
+        lora_alpha=128,
+        num_epochs=2.0,
+        batch_size=8,
+        micro_batch_size=1,
+        max_steps=None,
+        load_in_4bit=True,
+        gradient_checkpointing=True,
+        lengths=(10240, 4096),
+        hashes=("01b0c35d7fe40315", "adfacdf6e369833c"),
+    ),
 }
 
 
@@ -299,10 +368,23 @@ def test_profile_sft_settings_are_pinned(name):
 @pytest.mark.slow
 def test_smollm2_lora_loss_falls(tmp_path):
     """A real SmolLM2-135M bf16 LoRA run of a few steps on a handful of trajectories: loss goes down."""
-    records = [record(), record(obs="Observation: Ed Wood was born in Poughkeepsie, New York."),
-               record(obs="Observation: Scott Derrickson is an American director.")]
-    cfg = SFTConfig(lora_r=16, lora_alpha=32, lora_dropout=0.0, batch_size=3, max_length=1024, num_epochs=8,
-                    learning_rate=2e-3, warmup_ratio=0.0, batching="pack", device="cpu")
+    records = [
+        record(),
+        record(obs="Observation: Ed Wood was born in Poughkeepsie, New York."),
+        record(obs="Observation: Scott Derrickson is an American director."),
+    ]
+    cfg = SFTConfig(
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        batch_size=3,
+        max_length=1024,
+        num_epochs=8,
+        learning_rate=2e-3,
+        warmup_ratio=0.0,
+        batching="pack",
+        device="cpu",
+    )
     res = train(cfg, records, "smollm2-135m", tmp_path / "smol", progress=False)
     assert len(res.losses) == 8
     assert res.losses[-1] < 0.5 * res.losses[0], res.losses

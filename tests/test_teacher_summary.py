@@ -7,13 +7,27 @@ from agentlib import pipeline
 
 
 def _rec(qid: str, sample: int, domain: str, score: float, prediction: str | None = "x") -> dict:
-    return {"id": f"{qid}#s{sample}", "domain": domain, "score": score, "prediction": prediction, "steps": [],
-            "parse_errors": 0, "hit_step_limit": False}  # fmt: skip
+    return {
+        "id": f"{qid}#s{sample}",
+        "domain": domain,
+        "score": score,
+        "prediction": prediction,
+        "steps": [],
+        "parse_errors": 0,
+        "hit_step_limit": False,
+    }
 
 
 def test_yield_with_and_without_rejection_sampling_per_run_and_domain():
-    runs = {"cot": [_rec("a", 0, "math", 1.0), _rec("b", 0, "math", 0.0, None), _rec("b", 1, "math", 1.0),
-                    _rec("c", 0, "factual", 0.0), _rec("c", 1, "factual", 0.0)]}  # fmt: skip
+    runs = {
+        "cot": [
+            _rec("a", 0, "math", 1.0),
+            _rec("b", 0, "math", 0.0, None),
+            _rec("b", 1, "math", 1.0),
+            _rec("c", 0, "factual", 0.0),
+            _rec("c", 1, "factual", 0.0),
+        ]
+    }
     kept = {"cot": [r for r in runs["cot"] if r["score"] >= 1.0]}
     rows = {r["domain"]: r for r in pipeline.teacher_summary(runs, kept)}
     assert rows["math"]["accuracy_greedy"] == 50.0 and rows["math"]["yield_greedy_pct"] == 50.0

@@ -15,24 +15,64 @@ EVIL = "</pre><script>alert('x')</script><img src=x onerror=alert(1)>"
 
 def record(i: int = 0, score: float = 1.0) -> dict:
     return {
-        "id": f"q{i}", "benchmark": "hotpotqa", "method": "agent+sag", "question": f"Question {i} & <b>bold</b>?",
-        "gold": "Paris", "prediction": "Paris" if score else "Lyon", "score": score, "parse_errors": 1,
-        "hit_step_limit": False, "used_prefix": True, "prefix": "Thought: first find the capital.", "sag_n": 2,
+        "id": f"q{i}",
+        "benchmark": "hotpotqa",
+        "method": "agent+sag",
+        "question": f"Question {i} & <b>bold</b>?",
+        "gold": "Paris",
+        "prediction": "Paris" if score else "Lyon",
+        "score": score,
+        "parse_errors": 1,
+        "hit_step_limit": False,
+        "used_prefix": True,
+        "prefix": "Thought: first find the capital.",
+        "sag_n": 2,
         "messages": [],
         "steps": [
-            {"thought": "I search.", "code": f'print(search("{EVIL}"))', "observation": f"Doc 1 {EVIL}",
-             "error": None, "parse_error": None, "duration_s": 0.1, "prompt_tokens": 10, "completion_tokens": 5,
-             "candidates": [
-                 {"code": 'print(search("a"))', "outcome": "Doc A", "error": None, "votes": 3, "chosen": True},
-                 {"code": "1/0", "outcome": "", "error": "ZeroDivisionError: division by zero", "votes": 1,
-                  "chosen": False},
-             ]},
-            {"thought": "Oops.", "code": "x = undefined_name", "observation": "",
-             "error": "NameError: name 'undefined_name' is not defined", "parse_error": None, "candidates": []},
-            {"thought": "Done.", "code": 'final_answer("Paris")', "observation": "", "error": None,
-             "parse_error": None, "candidates": []},
+            {
+                "thought": "I search.",
+                "code": f'print(search("{EVIL}"))',
+                "observation": f"Doc 1 {EVIL}",
+                "error": None,
+                "parse_error": None,
+                "duration_s": 0.1,
+                "prompt_tokens": 10,
+                "completion_tokens": 5,
+                "candidates": [
+                    {
+                        "code": 'print(search("a"))',
+                        "outcome": "Doc A",
+                        "error": None,
+                        "votes": 3,
+                        "chosen": True,
+                    },
+                    {
+                        "code": "1/0",
+                        "outcome": "",
+                        "error": "ZeroDivisionError: division by zero",
+                        "votes": 1,
+                        "chosen": False,
+                    },
+                ],
+            },
+            {
+                "thought": "Oops.",
+                "code": "x = undefined_name",
+                "observation": "",
+                "error": "NameError: name 'undefined_name' is not defined",
+                "parse_error": None,
+                "candidates": [],
+            },
+            {
+                "thought": "Done.",
+                "code": 'final_answer("Paris")',
+                "observation": "",
+                "error": None,
+                "parse_error": None,
+                "candidates": [],
+            },
         ],
-    }  # fmt: skip
+    }
 
 
 class Tags(HTMLParser):
@@ -121,11 +161,16 @@ def test_plots_write_png(tmp_path):
     _png(tmp_path / "f" / "loss.png")
     assert [len(line.get_xdata()) for line in fig.axes[0].get_lines()] == [4, 3]
 
-    df = pd.DataFrame({
-        "method": ["cot", "cot", "agent", "agent"], "benchmark": ["hotpotqa", "math500"] * 2,
-        "score": [0.2, 0.3, 0.35, 0.4], "ci_low": [0.1, 0.2, 0.25, 0.3], "ci_high": [0.3, 0.4, 0.45, 0.5],
-        "n": [40, 30, 40, 30],
-    })  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "method": ["cot", "cot", "agent", "agent"],
+            "benchmark": ["hotpotqa", "math500"] * 2,
+            "score": [0.2, 0.3, 0.35, 0.4],
+            "ci_low": [0.1, 0.2, 0.25, 0.3],
+            "ci_high": [0.3, 0.4, 0.45, 0.5],
+            "n": [40, 30, 40, 30],
+        }
+    )
     fig = viz.plot_accuracy_bars(df, tmp_path / "bars.png")
     _png(tmp_path / "bars.png")
     # one panel per benchmark; in each, one bar per method, top to bottom in the table's order

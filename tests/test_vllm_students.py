@@ -25,7 +25,9 @@ HI = [{"role": "user", "content": "Hi"}]
 def _adapter(tmp_path: Path, name: str = "agent") -> Path:
     d = tmp_path / "students" / "qwen2.5-0.5b" / name
     d.mkdir(parents=True)
-    (d / "adapter_config.json").write_text(json.dumps({"r": 64, "lora_alpha": 128, "base_model_name_or_path": BASE}))
+    (d / "adapter_config.json").write_text(
+        json.dumps({"r": 64, "lora_alpha": 128, "base_model_name_or_path": BASE})
+    )
     return d
 
 
@@ -113,8 +115,9 @@ def test_requests_name_the_lora_module_on_running_servers(vllm_servers, tmp_path
         m.close()
 
 
-def test_a_server_without_the_module_loads_it_at_run_time_or_says_how_to_serve_it(vllm_servers, tmp_path,
-                                                                                   monkeypatch):
+def test_a_server_without_the_module_loads_it_at_run_time_or_says_how_to_serve_it(
+    vllm_servers, tmp_path, monkeypatch
+):
     adapter = _adapter(tmp_path, "agent")
     runtime, url = vllm_servers([BASE], allow_runtime_lora=True)
     monkeypatch.setenv("AGENTLIB_ENDPOINTS", url)
@@ -214,8 +217,11 @@ def test_without_endpoints_one_server_per_device_and_load_model_owns_them(fake_v
     assert m.chat_batch([HI] * 4, max_tokens=4) == [["from cot"]] * 4
     m.close()
     assert all(_refused(p) for p in ports)
-    assert sorted(e["cuda"] for e in map(json.loads, (tmp_path / "fake_vllm.jsonl").read_text().splitlines())
-                  if "argv" in e) == ["0", "1"]
+    assert sorted(
+        e["cuda"]
+        for e in map(json.loads, (tmp_path / "fake_vllm.jsonl").read_text().splitlines())
+        if "argv" in e
+    ) == ["0", "1"]
     # the base model alone: no LoRA flags
     with open_vllm(BASE, ready_timeout_s=60) as m:
         assert m.chat(HI, max_tokens=4) == [f"from {BASE}"]
