@@ -306,42 +306,24 @@ def test_config_from_profile():
 
 # Each profile's SFT settings as notebook 02 trains them, and their config hashes (a hash decides whether a
 # trained adapter is reused): pinned so that reorganising the profiles changes neither.
+FIELDS = (
+    "lora_r",
+    "lora_alpha",
+    "num_epochs",
+    "batch_size",
+    "micro_batch_size",
+    "max_steps",
+    "load_in_4bit",
+    "gradient_checkpointing",
+)
+# name: (FIELDS' values, (agent, cot) max_length, (agent, cot) config hash)
 PINNED_SFT = {
-    "smoke": dict(
-        lora_r=8,
-        lora_alpha=16,
-        num_epochs=1,
-        batch_size=2,
-        micro_batch_size=1,
-        max_steps=3,
-        load_in_4bit=False,
-        gradient_checkpointing=False,
-        lengths=(768, 512),
-        hashes=("ae15db9222e74b17", "72f086e4f4ee1f2b"),
-    ),
-    "cpu": dict(
-        lora_r=16,
-        lora_alpha=32,
-        num_epochs=2,
-        batch_size=2,
-        micro_batch_size=1,
-        max_steps=None,
-        load_in_4bit=False,
-        gradient_checkpointing=False,
-        lengths=(3072, 1024),
-        hashes=("f1018871af7ca211", "63e0c244428e1d6c"),
-    ),
-    "paper": dict(
-        lora_r=64,
-        lora_alpha=128,
-        num_epochs=2.0,
-        batch_size=8,
-        micro_batch_size=1,
-        max_steps=None,
-        load_in_4bit=True,
-        gradient_checkpointing=True,
-        lengths=(10240, 4096),
-        hashes=("01b0c35d7fe40315", "adfacdf6e369833c"),
+    "smoke": ((8, 16, 1, 2, 1, 3, False, False), (768, 512), ("ae15db9222e74b17", "72f086e4f4ee1f2b")),
+    "cpu": ((16, 32, 2, 2, 1, None, False, False), (3072, 1024), ("f1018871af7ca211", "63e0c244428e1d6c")),
+    "paper": (
+        (64, 128, 2.0, 8, 1, None, True, True),
+        (10240, 4096),
+        ("01b0c35d7fe40315", "adfacdf6e369833c"),
     ),
 }
 
@@ -353,8 +335,8 @@ def test_profile_sft_settings_are_pinned(name):
     from agentlib import pipeline
     from agentlib.profiles import PROFILES
 
-    want = dict(PINNED_SFT[name])
-    lengths, hashes = want.pop("lengths"), want.pop("hashes")
+    values, lengths, hashes = PINNED_SFT[name]
+    want = dict(zip(FIELDS, values, strict=True))
     for kind, length, digest in zip(("agent", "cot"), lengths, hashes, strict=True):
         cfg = pipeline.sft_config(PROFILES[name], kind)
         assert {k: getattr(cfg, k) for k in want} == want
