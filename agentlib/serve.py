@@ -435,17 +435,7 @@ def open_vllm(
 
 
 @contextmanager
-def vllm_model(
-    base_model: str,
-    adapter: str | os.PathLike | None = None,
-    *,
-    endpoints: Sequence[str] | None = None,
-    devices: Sequence[str | None] | None = None,
-    max_lora_rank: int = 64,
-    server_kw: Mapping[str, object] | None = None,
-    ready_timeout_s: float = 900.0,
-    **model_kw: Any,
-) -> Iterator[OpenAIModel]:
+def vllm_model(base_model: str, adapter: str | os.PathLike | None = None, **kw: Any) -> Iterator[OpenAIModel]:
     """An ``OpenAIModel`` over vLLM for ``base_model``, or for its LoRA ``adapter`` (a peft folder), for a block.
 
     Requests name the model ``lora_name(adapter)`` (the adapter folder's name) when an adapter is given, else
@@ -458,17 +448,11 @@ def vllm_model(
 
         with vllm_model("Qwen/Qwen2.5-0.5B-Instruct", "runs/paper/students/agent") as m:
             m.chat([{"role": "user", "content": "Hi"}])  # POST .../chat/completions {"model": "agent", ...}
+
+    Keywords as :func:`open_vllm`: ``endpoints``, ``devices``, ``max_lora_rank``, ``server_kw``,
+    ``ready_timeout_s``, and the rest for ``OpenAIModel``.
     """
-    model = open_vllm(
-        base_model,
-        adapter,
-        endpoints=endpoints,
-        devices=devices,
-        max_lora_rank=max_lora_rank,
-        server_kw=server_kw,
-        ready_timeout_s=ready_timeout_s,
-        **model_kw,
-    )
+    model = open_vllm(base_model, adapter, **kw)
     try:
         yield model
     finally:

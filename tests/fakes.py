@@ -5,8 +5,10 @@ The real model and retriever are exercised in ``test_agent_real.py``.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from agentlib.models import Usage, cut_at_stop
@@ -139,3 +141,18 @@ class SpySandbox(Sandbox):
     def close(self) -> None:
         self.closed = True
         super().close()
+
+
+class JsonHandler(BaseHTTPRequestHandler):
+    """A quiet HTTP handler for fake servers on 127.0.0.1 that answer JSON (``_send``)."""
+
+    def log_message(self, *a):
+        pass
+
+    def _send(self, code: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)

@@ -7,31 +7,21 @@ import json
 import re
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pytest
+from fakes import JsonHandler
 
 from agentlib.metrics import JUDGE_PROMPT, LLMJudge, judge_records, parse_verdict
 
 
-class _JudgeServer(BaseHTTPRequestHandler):
+class _JudgeServer(JsonHandler):
     """Says score 1 when the predicted answer equals the gold answer (case-insensitive), else 0."""
 
     requests: list = []
     reject_schema = False  # answer 400 to requests with response_format (servers without structured output)
     delay_s = 0.0
     reply = None  # a fixed reply text, if set
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code: int, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

@@ -13,10 +13,11 @@ import signal
 import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fakes import JsonHandler
 
 from agentlib import registry
 from agentlib.models import EndpointPool, OpenAIModel, Usage, cut_at_stop, endpoints_from_env, load_model
@@ -352,20 +353,9 @@ def test_hf_equal_rows_decode_on_packed_gqa_path(smol, monkeypatch):
 # ------------------------------------------------------------------------------------------ fake servers
 
 
-class _Fake(BaseHTTPRequestHandler):
+class _Fake(JsonHandler):
     mode = "ok"  # ok | 500 | hang | dead (health hangs too)
     hits: list = []
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code: int, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         if self.mode == "dead":

@@ -10,10 +10,11 @@ import socket
 import stat
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from fakes import JsonHandler
 
 from agentlib.models import OpenAIModel, load_model
 from agentlib.serve import lora_name, open_vllm, vllm_model
@@ -31,24 +32,13 @@ def _adapter(tmp_path: Path, name: str = "agent") -> Path:
     return d
 
 
-class _Vllm(BaseHTTPRequestHandler):
+class _Vllm(JsonHandler):
     """An OpenAI-compatible server like ``vllm serve --lora-modules``: lists and answers its models only."""
 
     served: list = []
     requests: list = []
     loads: list = []
     allow_runtime_lora = False
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, code: int, obj: dict) -> None:
-        body = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         if self.path == "/health":
