@@ -59,52 +59,24 @@ QWEN = dict(
     use_sliding_window=False,
 )
 # Shapes of the Qwen2.5-*-Instruct checkpoints' config.json (0.5B/1.5B/3B tie the embeddings; 7B does not).
+_SHAPE_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+)
 SHAPES: dict[str, dict] = {
-    "tiny": dict(
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=256,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),  # CPU smoke of this script
-    "0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "1.5b": dict(
-        hidden_size=1536,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        intermediate_size=8960,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "3b": dict(
-        hidden_size=2048,
-        num_hidden_layers=36,
-        num_attention_heads=16,
-        num_key_value_heads=2,
-        intermediate_size=11008,
-        vocab_size=151936,
-        tie_word_embeddings=True,
-    ),
-    "7b": dict(
-        hidden_size=3584,
-        num_hidden_layers=28,
-        num_attention_heads=28,
-        num_key_value_heads=4,
-        intermediate_size=18944,
-        vocab_size=152064,
-        tie_word_embeddings=False,
-    ),
+    name: dict(zip(_SHAPE_FIELDS, row, strict=True))
+    for name, row in {
+        "tiny": (128, 2, 4, 2, 256, 151936, True),  # CPU smoke of this script
+        "0.5b": (896, 24, 14, 2, 4864, 151936, True),
+        "1.5b": (1536, 28, 12, 2, 8960, 151936, True),
+        "3b": (2048, 36, 16, 2, 11008, 151936, True),
+        "7b": (3584, 28, 28, 4, 18944, 152064, False),
+    }.items()
 }
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 WORDS = (

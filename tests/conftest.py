@@ -13,3 +13,13 @@ def data_root():
         return data_dir()
     except FileNotFoundError as e:
         pytest.fail(str(e))
+
+
+@pytest.fixture
+def fake_servers():
+    """``fakes.FakeServers``: fake HTTP servers on 127.0.0.1, stopped after the test."""
+    from fakes import FakeServers
+
+    servers = FakeServers()
+    yield servers
+    servers.close()

@@ -6,9 +6,10 @@ The real model and retriever are exercised in ``test_agent_real.py``.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from agentlib.models import Usage, cut_at_stop
@@ -156,3 +157,25 @@ class JsonHandler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+class FakeServers:
+    """Fake HTTP servers on 127.0.0.1, each in a daemon thread; ``close()`` stops them (the ``fake_servers``
+    fixture does)."""
+
+    def __init__(self) -> None:
+        self.made: list[ThreadingHTTPServer] = []
+
+    def start(self, handler: type, **attrs: Any) -> tuple[type, str]:
+        """A server of a fresh subclass of ``handler`` with class attributes ``attrs``; (subclass, root URL)."""
+        cls = type(handler.__name__, (handler,), attrs)
+        srv = ThreadingHTTPServer(("127.0.0.1", 0), cls)
+        srv.daemon_threads = True
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        self.made.append(srv)
+        return cls, f"http://127.0.0.1:{srv.server_address[1]}"
+
+    def close(self) -> None:
+        for srv in self.made:
+            srv.shutdown()
+            srv.server_close()

@@ -44,21 +44,12 @@ class _JudgeServer(JsonHandler):
 
 
 @pytest.fixture
-def server():
-    made = []
-
+def server(fake_servers):
     def make(**attrs):
-        handler = type("JudgeServer", (_JudgeServer,), {"requests": [], **attrs})
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        srv.daemon_threads = True
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        made.append(srv)
-        return handler, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+        handler, root = fake_servers.start(_JudgeServer, requests=[], **attrs)
+        return handler, root + "/v1"
 
-    yield make
-    for s in made:
-        s.shutdown()
-        s.server_close()
+    return make
 
 
 def test_judge_sends_the_authors_prompt_and_schema_and_caches(server, tmp_path):

@@ -9,8 +9,6 @@ import os
 import socket
 import stat
 import sys
-import threading
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -61,21 +59,11 @@ class _Vllm(JsonHandler):
 
 
 @pytest.fixture
-def vllm_servers():
-    made = []
-
+def vllm_servers(fake_servers):
     def make(served: list[str], **attrs):
-        handler = type("Vllm", (_Vllm,), {"served": list(served), "requests": [], "loads": [], **attrs})
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        srv.daemon_threads = True
-        threading.Thread(target=srv.serve_forever, daemon=True).start()
-        made.append(srv)
-        return handler, f"http://127.0.0.1:{srv.server_address[1]}"
+        return fake_servers.start(_Vllm, served=list(served), requests=[], loads=[], **attrs)
 
-    yield make
-    for s in made:
-        s.shutdown()
-        s.server_close()
+    return make
 
 
 def test_lora_name_is_the_adapter_folder_name(tmp_path):
