@@ -153,12 +153,15 @@ class ServerProcess:
 # --------------------------------------------------------------------------------------------- llama.cpp
 
 
+DEFAULT_SLOTS = 4  # llama.cpp server slots unless a caller says otherwise
+
+
 def llamacpp_command(
     model: str | os.PathLike,
     port: int,
     host: str = "127.0.0.1",
     n_ctx: int = 8192,
-    n_parallel: int = 4,
+    n_parallel: int = DEFAULT_SLOTS,
     threads: int | None = None,
     seed: int | None = None,
     lora: str | os.PathLike | None = None,
@@ -193,26 +196,22 @@ def start_llamacpp(
     model: str | os.PathLike,
     port: int | None = None,
     host: str = "127.0.0.1",
-    n_ctx: int = 8192,
-    n_parallel: int = 4,
-    threads: int | None = None,
-    seed: int | None = None,
-    lora: str | os.PathLike | None = None,
     ready_timeout_s: float = 300.0,
+    **options: Any,
 ) -> ServerProcess:
     """A ready llama.cpp server for a GGUF file or a registry name (``qwen2.5-coder-1.5b``).
 
-    ``lora``: a GGUF LoRA file (see `agentlib.gguf_lora`) applied at scale 1 to every request.
-
-    ``n_ctx`` is shared by the ``n_parallel`` slots (each gets ``n_ctx / n_parallel`` tokens).
+    ``options`` as :func:`llamacpp_command`: ``n_ctx`` (shared by the ``n_parallel`` slots, each gets
+    ``n_ctx / n_parallel`` tokens), ``n_parallel``, ``threads``, ``seed``, and ``lora``, a GGUF LoRA file (see
+    `agentlib.gguf_lora`) applied at scale 1 to every request.
     """
     from agentlib.registry import gguf_file
 
     path = gguf_file(model)
     port = port or free_port(host)
-    cmd = llamacpp_command(path, port, host, n_ctx, n_parallel, threads, seed, lora)
+    cmd = llamacpp_command(path, port, host, **options)
     server = ServerProcess(cmd, port, host, name=f"llamacpp-{path.stem}")
-    server.n_parallel = n_parallel
+    server.n_parallel = options.get("n_parallel", DEFAULT_SLOTS)
     return server.wait_ready(ready_timeout_s)
 
 
