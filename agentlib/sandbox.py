@@ -432,6 +432,15 @@ def kernel_isolation_problem(preload: Sequence[str] = ()) -> str | None:
     return _zygote(tuple(preload) or DEFAULT_PRELOAD).kernel_problem
 
 
+def isolation_summary() -> str:
+    """One line on what isolates a default Sandbox here (for benchmark and run descriptions)."""
+    problem = kernel_isolation_problem()
+    if problem:
+        return f"process (in-process layers only; kernel isolation unavailable: {problem})"
+    cg = "per-sandbox cgroups (memory, pids)" if _cgroup_limits(1, 1) else "no cgroups (rlimits)"
+    return f"kernel (user, mount, PID, network, IPC, UTS namespaces; {cg})"
+
+
 def _cgroup_limits(memory_bytes: int, max_processes: int) -> dict[str, dict[str, int]] | None:
     """Per-sandbox cgroup v1 memory and pids limits where this process may create cgroups (root)."""
     mem, pids = os.path.join(CGROUP_V1, "memory"), os.path.join(CGROUP_V1, "pids")
@@ -519,6 +528,7 @@ class Sandbox:
             "uid": NOBODY if self._root else None, "gid": NOBODY if self._root else None,
             "disk_mb": int(disk_mb), "max_files": int(max_files), "copy_mb": min(64, int(disk_mb)),
             "isolation": isolation, "cores": min(self.max_parallel, os.cpu_count() or 1),
+            "clone3": os.environ.get("AGENTLIB_SANDBOX_CLONE3", "1") != "0",  # 0: the fork+unshare path
         }
         self._cgroups = None
         if isolation == "kernel":
@@ -529,6 +539,7 @@ class Sandbox:
                                       "(rlimits) and per user namespace, not over the whole sandbox.")
             self._cfg["cgroups"] = self._cgroups
         self._closed = False
+        self._lost_state = False
         self._generation = 0
         self._batch = 0
         self._box: _Box | None = None
@@ -571,6 +582,7 @@ class Sandbox:
                 self._cont()
                 self._worker.send(("run", code, self.timeout_s))
                 result = self._result(self._serve(self._worker, t0 + self.timeout_s), t0)
+                self._lost_state = False
                 self._stop()
                 return result
             except _Timeout:
@@ -620,7 +632,11 @@ class Sandbox:
                     self._check_candidate(proc)
                     self._candidates[i] = proc
                     proc.send(("run", codes[i], self.timeout_s))
-                    r = self._result(self._serve(proc, deadline), t0)
+                    d = self._serve(proc, deadline)
+                    r = self._result(d, t0)
+                    if d.get("broken") is True:  # no copy of the state: nothing to commit
+                        self._candidates[i] = None
+                        self._discard(proc)
                 except Exception as e:  # noqa: BLE001 - _Timeout, _Died, or a protocol violation
                     timed_out = isinstance(e, _Timeout)
                     text = self._timeout_text() if timed_out else self._crash_text(e)
@@ -636,13 +652,19 @@ class Sandbox:
 
             with ThreadPoolExecutor(max_workers=max(1, min(n, self.max_parallel))) as pool:
                 list(pool.map(one, range(n)))
+            self._lost_state = False
             try:
-                if not self._worker.alive():  # the template itself died: start fresh
-                    self._restart()
-                else:
+                alive = self._worker.alive()
+                if alive:
                     self._stop()
             except Exception:  # noqa: BLE001 - the box's init is gone
+                alive = False
+            if not alive:  # the template itself died: start fresh (committing any result restarts again)
                 self._restart()
+                self._candidates = [None] * n
+                for r in results:
+                    if r is not None:
+                        r.restarted = True
             return [r for r in results if r is not None]
 
     def commit(self, result: ExecResult) -> None:
@@ -663,6 +685,7 @@ class Sandbox:
                 if proc is not None:
                     self._discard(proc)
                 self._restart()
+                self._lost_state = True  # said by the next result (restarted=True)
                 return
             old, self._worker = self._worker, proc
             if self._box is not None and _is_namespace_init(old.pid):
@@ -842,7 +865,7 @@ class Sandbox:
         called = d["called_final_answer"]
         answer = to_plain(d.get("final_answer"), self._max_answer) if called else None
         return ExecResult(stdout=stdout, error=error, final_answer=answer, called_final_answer=called,
-                          last_output=last, duration_s=time.monotonic() - t0)
+                          last_output=last, duration_s=time.monotonic() - t0, restarted=self._lost_state)
 
     def _timeout_text(self) -> str:
         return f"TimeoutError: the code did not finish within {self.timeout_s:g} s and was stopped."

@@ -27,7 +27,7 @@ def main() -> int:
         print(f"== {script.name}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
         if rc:
             failed.append(script.name)
-    lines = [f"# Benchmarks\n\nMachine: {machine()}\n",
+    lines = [f"# Benchmarks\n\nMachine: {machine()}; sandbox isolation: {__import__('agentlib.sandbox', fromlist=['x']).isolation_summary()}\n",
              "| bench | metric | value | unit | reference | ref value | ratio | bar | pass |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for path in sorted(OUT_DIR.glob("*.json")):
