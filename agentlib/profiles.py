@@ -74,6 +74,7 @@ class Profile:
     teacher_source: str = (
         "generate"  # notebook 01: "generate" runs the teacher, "published" loads data/'s set
     )
+    teacher_set: str | None = None  # the profile whose published teacher set this one uses (cpu-full: cpu)
     teacher_chunk: int = 10  # training questions per teacher chunk: all three runs, then a checkpoint/publish
     ftp_source: str = (
         "cot"  # first-thought prefix from the CoT run's answers (the authors'); "plan": asked for
@@ -350,6 +351,26 @@ def departures_markdown() -> str:
     ]
     lines += [f"| {d.what} | {d.theirs} | {d.ours} | {d.why} | {d.profiles} |" for d in DEPARTURES]
     return "\n".join(lines) + "\n"
+
+
+# Every method and ablation of the cpu profile at the sizes that can separate methods (hours; resumable).
+PROFILES["cpu-full"] = replace(
+    PROFILES["cpu"],
+    name="cpu-full",
+    description="The cpu profile at full n: 300 factual and 200+ math questions, AIME and OlymMATH, every ablation.",
+    expected_wall="many hours on 2 cores (resumable across sessions)",
+    eval_sets=(
+        ("test", "hotpotqa", 200),  # the paper's HotpotQA test questions whose evidence is in the corpus
+        ("extra", "musique_train100", 100),  # out of domain
+        ("test", "math500", 100),
+        ("test", "gsm_hard", 100),  # where the paper's code tool helps most
+        ("test", "aime", 30),
+        ("test", "olymath", 100),
+    ),
+    teacher_set="cpu",  # the same teacher data as cpu
+    sag_sweep=(1, 2, 4, 8),
+    k_sweep=(1, 3, 5),
+)
 
 
 def get_profile(name: str = "cpu", **overrides) -> Profile:

@@ -139,9 +139,10 @@ def summarize(records: list[dict]) -> dict:
 
 # ------------------------------------------------------------------ publishing the teacher's trajectories
 def published_path(p: Profile) -> Path:
+    """``data/teacher_trajectories_<set>.jsonl.gz``: the profile's own set, or the one it shares (``teacher_set``)."""
     from agentlib.paths import ROOT
 
-    return ROOT / "data" / f"teacher_trajectories_{p.name}.jsonl.gz"
+    return ROOT / "data" / f"teacher_trajectories_{p.teacher_set or p.name}.jsonl.gz"
 
 
 def _manifest_path(path: Path) -> Path:

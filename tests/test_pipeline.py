@@ -304,3 +304,14 @@ def test_a_generation_resumes_from_the_published_set_in_a_fresh_checkout(tmp_pat
     assert (
         trajectory.seed_from_published(get_profile("smoke", top_k=9), tmp_path / "other") == 0
     )  # other settings
+
+
+def test_cpu_full_scores_every_benchmark_at_full_n_from_the_cpu_teacher_set():
+    from agentlib.trajectory import published_path, teacher_settings
+
+    full, cpu = get_profile("cpu-full"), get_profile("cpu")
+    n = {name: count for _, name, count in full.eval_sets}
+    assert n["hotpotqa"] + n["musique_train100"] >= 300 and n["math500"] + n["gsm_hard"] >= 200
+    assert {"aime", "olymath"} <= set(n) and full.sag_sweep == (1, 2, 4, 8) and full.k_sweep == (1, 3, 5)
+    assert published_path(full) == published_path(cpu)
+    assert teacher_settings(full) == teacher_settings(cpu)
