@@ -1,14 +1,22 @@
 """Child side of `agentlib.sandbox`: a zygote process that forks warm, locked-down workers.
 
 Started as ``python -I _sandbox_worker.py CTL_FD PRELOAD``; the standard library only (plus the preloaded
-packages), so it never imports agentlib. The zygote imports numpy/sympy once, becomes a child subreaper
-(so workers orphaned by ``commit`` are still reaped) and forks one worker per request. A worker locks
-itself down (rlimits, an unprivileged uid when started as root, an audit hook, an import allow-list, an
-AST check, a trimmed builtins) and then runs code sent over its socket, keeping its globals between runs.
-For ``run_candidates`` a worker forks copies of itself, each with its own socket and working directory.
+packages), so it never imports agentlib. The zygote imports numpy/sympy once, becomes a child subreaper,
+checks once whether kernel isolation works here (`probe_kernel`), and then, per request, either
+
+* builds a kernel box (`spawn_box`): new user, mount, PID, network, IPC and UTS namespaces, the
+  sandbox's cgroups, a read-only root of the interpreter and libraries with a size-capped tmpfs at /tmp
+  (`build_root`), a pid 1 (`box_init`) that stops and continues the box on the parent's command, and
+  the worker as pid 2, without capabilities; or
+* forks a plain worker (process isolation).
+
+Either way the worker locks itself down (rlimits, an audit hook, an import allow-list, an AST check, a
+trimmed builtins; as root in process isolation, an unprivileged uid) and runs code sent over its
+socket, keeping its globals between runs. For ``run_candidates`` it makes copies of itself, each with
+its own socket and file state (in a box: its own namespaces too, see `Worker._clone_copies`).
 
 Messages are length-prefixed pickles. The parent loads what a worker sends with an unpickler that
-refuses every class, so only plain data (see `to_plain`) crosses back.
+refuses every class, checks and bounds it again (`to_plain`), and learns a process's pid from the kernel.
 """
 
 from __future__ import annotations
