@@ -35,9 +35,9 @@ lint: $(STAMP)
 	$(PY) -m ruff check agentlib tests bench notebooks
 	$(PY) -m ruff format --check agentlib tests bench  # notebooks: excluded in pyproject.toml
 
-# Runs the notebooks in order with papermill into runs/$(PROFILE)/; resumable.
+# Runs the notebooks in order with papermill into runs/$(PROFILE)/; resumable. TEACHER=generate: run the teacher.
 reproduce: setup
-	$(PY) -m agentlib.reproduce --profile $(PROFILE) --kernel $(KERNEL)
+	$(PY) -m agentlib.reproduce --profile $(PROFILE) --kernel $(KERNEL) $(if $(TEACHER),--teacher-source $(TEACHER))
 	$(PY) -m agentlib.report $(PROFILE)  # the README's results block for this profile, if it has one
 
 bench: $(STAMP) data

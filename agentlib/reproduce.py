@@ -165,6 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="cpu")
     parser.add_argument("--kernel", default="agentlib")
     parser.add_argument("--only", nargs="*", default=None, help="notebook name prefixes, e.g. 01 02")
+    parser.add_argument(
+        "--teacher-source",
+        choices=("published", "generate"),
+        default=None,
+        help="notebook 01: load data/'s teacher set or run the teacher (default: the profile's)",
+    )
     args = parser.parse_args(argv)
     for var in (
         "AGENTLIB_DATA_DIR",
@@ -182,7 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.only and not any(nb.name.startswith(p) for p in args.only):
                 continue
             print(f"== {nb.name} (profile {args.profile})", flush=True)
-            rec = run_notebook(nb, args.profile, args.kernel, out_dir, log=current["notebooks"])
+            params = (
+                {"teacher_source": args.teacher_source}
+                if args.teacher_source and nb.name.startswith("01")
+                else {}
+            )
+            rec = run_notebook(nb, args.profile, args.kernel, out_dir, log=current["notebooks"], **params)
             print(f"== {nb.name}: {rec['wall_s']} s, peak RSS {rec['peak_rss_mb']} MB", flush=True)
     finally:  # a failed or interrupted notebook still counts towards the run's time
         summary = write_timing(out_dir, args.profile, invocations)
