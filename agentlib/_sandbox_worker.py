@@ -56,13 +56,22 @@ ALLOWED_IMPORTS = frozenset(
 INTERNAL_IMPORTS = frozenset({"_strptime", "encodings.idna", "encodings.punycode", "stringprep"})
 # Codecs the zygote imports once (``str.encode`` imports them lazily; a worker that runs as nobody may not
 # be able to read the standard library, e.g. under /root, in process isolation).
-PRELOAD_CODECS = tuple("encodings." + c for c in (
-    "ascii latin_1 utf_8_sig utf_16 utf_16_le utf_16_be utf_32 utf_32_le utf_32_be utf_7 cp1252 cp1251 cp437"
-    " cp850 iso8859_2 iso8859_15 koi8_r mac_roman charmap unicode_escape raw_unicode_escape punycode idna"
-    " base64_codec hex_codec rot_13 quopri_codec uu_codec zlib_codec bz2_codec shift_jis euc_jp gbk gb2312"
-    " gb18030 big5 euc_kr"
-).split())
-DENIED_SUBMODULES = ("numpy.ctypeslib", "numpy.distutils", "numpy.f2py", "numpy.testing", "sympy.utilities.autowrap")
+PRELOAD_CODECS = tuple(
+    "encodings." + c
+    for c in (
+        "ascii latin_1 utf_8_sig utf_16 utf_16_le utf_16_be utf_32 utf_32_le utf_32_be utf_7 cp1252 cp1251 cp437"
+        " cp850 iso8859_2 iso8859_15 koi8_r mac_roman charmap unicode_escape raw_unicode_escape punycode idna"
+        " base64_codec hex_codec rot_13 quopri_codec uu_codec zlib_codec bz2_codec shift_jis euc_jp gbk gb2312"
+        " gb18030 big5 euc_kr"
+    ).split()
+)
+DENIED_SUBMODULES = (
+    "numpy.ctypeslib",
+    "numpy.distutils",
+    "numpy.f2py",
+    "numpy.testing",
+    "sympy.utilities.autowrap",
+)
 # Modules the audit hook refuses to load for sandboxed code even if the import guard were bypassed.
 HARD_DENIED_IMPORTS = frozenset(
     "subprocess _posixsubprocess ctypes _ctypes socket _socket multiprocessing _multiprocessing pty asyncio"
@@ -101,11 +110,18 @@ AUDIT_RULES: dict[str, str] = {
         " urllib.Request http.client.connect ftplib.connect smtplib.connect telnetlib.Telnet.open"
     ).split()
 }
-AUDIT_RULES.update({e: PATH for e in (
-    "os.chdir os.mkdir os.remove os.rmdir os.rename os.truncate os.utime shutil.copyfile shutil.copymode"
-    " shutil.copystat shutil.copytree shutil.rmtree shutil.move"
-).split()})
-AUDIT_RULES.update({e: LIST for e in ("os.listdir", "os.scandir", "glob.glob")})  # import machinery lists dirs
+AUDIT_RULES.update(
+    {
+        e: PATH
+        for e in (
+            "os.chdir os.mkdir os.remove os.rmdir os.rename os.truncate os.utime shutil.copyfile shutil.copymode"
+            " shutil.copystat shutil.copytree shutil.rmtree shutil.move"
+        ).split()
+    }
+)
+AUDIT_RULES.update(
+    {e: LIST for e in ("os.listdir", "os.scandir", "glob.glob")}
+)  # import machinery lists dirs
 AUDIT_RULES.update({"open": OPEN, "import": IMPORT, "sys._getframe": FRAME, "object.__getattr__": FRAME})
 FRAME_EVENT_ATTRS = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 INTROSPECTION_FILES = ("inspect.py", "traceback.py")
@@ -334,12 +350,22 @@ def install_audit_hook(base: str, read_roots: list[str]) -> None:
     import stat
 
     rules, trusted_codes, busy = dict(AUDIT_RULES), frozenset(TRUSTED), set()
-    getframe, get_ident, main_ident, hard = sys._getframe, _thread.get_ident, _thread.get_ident(), HARD_DENIED_IMPORTS
+    getframe, get_ident, main_ident, hard = (
+        sys._getframe,
+        _thread.get_ident,
+        _thread.get_ident(),
+        HARD_DENIED_IMPORTS,
+    )
     lstat, readlink, getcwd, is_link = posix.lstat, posix.readlink, posix.getcwd, stat.S_ISLNK
     write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
     base = base.rstrip("/") + "/"
     read_roots = tuple(r.rstrip("/") + "/" for r in read_roots)
-    user_file, introspection, frame_attrs, af_unix = USER_FILE, INTROSPECTION_FILES, FRAME_EVENT_ATTRS, _socket.AF_UNIX
+    user_file, introspection, frame_attrs, af_unix = (
+        USER_FILE,
+        INTROSPECTION_FILES,
+        FRAME_EVENT_ATTRS,
+        _socket.AF_UNIX,
+    )
 
     def resolve(path) -> str | None:
         """Absolute path with symlinks resolved, or None for anything but a plain str/bytes path."""
@@ -431,7 +457,9 @@ def install_audit_hook(base: str, read_roots: list[str]) -> None:
             writing = any(c in (mode or "") for c in "wax+") or bool((flags or 0) & write_flags)
             if inside(path, base) or (not writing and inside(path, read_roots)):
                 return
-            raise PermissionError(f"access to '{path}' is not allowed in the sandbox (only the working directory)")
+            raise PermissionError(
+                f"access to '{path}' is not allowed in the sandbox (only the working directory)"
+            )
         if rule == LIST:
             path = getcwd() if not args or args[0] is None else args[0]
             if inside(path, (base, *read_roots)):
@@ -442,7 +470,9 @@ def install_audit_hook(base: str, read_roots: list[str]) -> None:
             if args and type(args[0]) is int:
                 raise PermissionError(f"'{event}' on a file descriptor is not allowed in the sandbox")
             if not paths or not all(inside(p, base) for p in paths):
-                raise PermissionError(f"'{event}' outside the working directory is not allowed in the sandbox")
+                raise PermissionError(
+                    f"'{event}' outside the working directory is not allowed in the sandbox"
+                )
 
     sys.addaudithook(hook)
 
@@ -505,7 +535,10 @@ class Worker:
         self.out = CappedWriter(cfg["max_output_chars"])
         sys.stdout = sys.stderr = self.out
         self.final, self.called = None, False
-        self.globals: dict = {"__name__": "__main__", "__builtins__": make_builtins(frozenset(cfg["allowed"]))}
+        self.globals: dict = {
+            "__name__": "__main__",
+            "__builtins__": make_builtins(frozenset(cfg["allowed"])),
+        }
         for name in cfg["tools"]:
             self.globals[name] = self._make_tool(name)
         self.globals["final_answer"] = self._make_final_answer()
@@ -547,8 +580,14 @@ class Worker:
                 os._exit(0)
             _reap_children()
             if msg[0] == "run":
-                self.send(("result", dict(self.execute(msg[1], msg[2]), broken=True) if self.broken
-                           else self.execute(msg[1], msg[2])))
+                self.send(
+                    (
+                        "result",
+                        dict(self.execute(msg[1], msg[2]), broken=True)
+                        if self.broken
+                        else self.execute(msg[1], msg[2]),
+                    )
+                )
                 if self.broken:  # a candidate without its copy: gone, so that a commit of it restarts
                     os._exit(0)
             elif msg[0] == "fork":
@@ -589,9 +628,14 @@ class Worker:
         _restore_handlers()
         mc = self.cfg["max_answer_chars"]
         answer = to_plain(self.final, mc) if self.called else None
-        result = {"stdout": self.out.getvalue(), "error": error, "final_answer": answer,
-                  "called_final_answer": self.called, "duration_s": time.perf_counter() - t0,
-                  "last_output": None if error or self.called else _short_str(value, mc)}
+        result = {
+            "stdout": self.out.getvalue(),
+            "error": error,
+            "final_answer": answer,
+            "called_final_answer": self.called,
+            "duration_s": time.perf_counter() - t0,
+            "last_output": None if error or self.called else _short_str(value, mc),
+        }
         if len(pickle.dumps(answer, protocol=5)) > MAX_MESSAGE // 4:
             result["final_answer"] = "<final answer too large to return>"
         return result
@@ -622,7 +666,7 @@ class Worker:
         received = received or tuple(fds)
         while fds:
             mine, rest = fds[0], fds[1:]
-            theirs, fds = rest[: len(rest) // 2], rest[len(rest) // 2:]
+            theirs, fds = rest[: len(rest) // 2], rest[len(rest) // 2 :]
             pid = os.fork()
             if pid == 0:
                 try:
@@ -678,7 +722,7 @@ class Worker:
                     return fds[i:]
                 if pid == 0:
                     try:
-                        for fd in fds[i + 1:]:  # (the earlier ones are closed already)
+                        for fd in fds[i + 1 :]:  # (the earlier ones are closed already)
                             os.close(fd)
                         self._become_clone(mine, old, empty)
                         self.send(("ready",))
@@ -736,8 +780,13 @@ class Worker:
                 try:
                     os.mkdir(BOX_WORKDIR + "/.upper", 0o755)
                     os.mkdir(BOX_WORKDIR + "/.work", 0o700)
-                    k.mount("overlay", "/tmp", "overlay", flags,
-                            f"lowerdir=/tmp,upperdir={BOX_WORKDIR}/.upper,workdir={BOX_WORKDIR}/.work")
+                    k.mount(
+                        "overlay",
+                        "/tmp",
+                        "overlay",
+                        flags,
+                        f"lowerdir=/tmp,upperdir={BOX_WORKDIR}/.upper,workdir={BOX_WORKDIR}/.work",
+                    )
                 except OSError:
                     k.umount(BOX_WORKDIR, MNT_DETACH)
                     raise
@@ -839,8 +888,11 @@ def _open_fds(keep: set) -> dict:
         info = None
         if stat.S_ISREG(st.st_mode):
             try:
-                info = (os.readlink(f"/proc/self/fd/{fd}"), fcntl.fcntl(fd, fcntl.F_GETFL),
-                        os.lseek(fd, 0, os.SEEK_CUR))
+                info = (
+                    os.readlink(f"/proc/self/fd/{fd}"),
+                    fcntl.fcntl(fd, fcntl.F_GETFL),
+                    os.lseek(fd, 0, os.SEEK_CUR),
+                )
             except OSError:
                 pass
         out[fd] = info
@@ -854,7 +906,7 @@ def _reopen_fds(fds: dict, old: str | None, new: str | None) -> None:
     for fd, info in fds.items():
         target = -1
         if info is not None and old is not None and info[0].startswith(old.rstrip("/") + "/"):
-            path = new.rstrip("/") + info[0][len(old.rstrip("/")):]
+            path = new.rstrip("/") + info[0][len(old.rstrip("/")) :]
             flags = info[1] & ~(os.O_CREAT | os.O_TRUNC | os.O_EXCL)
             try:
                 target = os.open(path, flags & (os.O_ACCMODE | os.O_APPEND))
@@ -889,10 +941,32 @@ def _disable_ctypes() -> None:
     ctypes = sys.modules.get("ctypes")
     if ctypes is None:
         return
-    for name in ("memmove", "memset", "cast", "string_at", "wstring_at", "CFUNCTYPE", "PYFUNCTYPE", "CDLL",
-                 "PyDLL", "cdll", "pydll", "pythonapi", "LibraryLoader", "_CFuncPtr", "_FuncPtr", "_cast",
-                 "_string_at", "_wstring_at", "_memmove_addr", "_memset_addr", "_cast_addr",
-                 "_string_at_addr", "_wstring_at_addr", "_c_functype_cache"):
+    for name in (
+        "memmove",
+        "memset",
+        "cast",
+        "string_at",
+        "wstring_at",
+        "CFUNCTYPE",
+        "PYFUNCTYPE",
+        "CDLL",
+        "PyDLL",
+        "cdll",
+        "pydll",
+        "pythonapi",
+        "LibraryLoader",
+        "_CFuncPtr",
+        "_FuncPtr",
+        "_cast",
+        "_string_at",
+        "_wstring_at",
+        "_memmove_addr",
+        "_memset_addr",
+        "_cast_addr",
+        "_string_at_addr",
+        "_wstring_at_addr",
+        "_c_functype_cache",
+    ):
         if hasattr(ctypes, name):
             setattr(ctypes, name, _refused)
 
@@ -917,8 +991,15 @@ def copy_tree(src, dst: str, max_bytes: int, _used: list | None = None) -> None:
             continue
         d = os.path.join(dst, entry.name)
         if entry.is_dir(follow_symlinks=False):
-            sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
-                          dir_fd=src if isinstance(src, int) else None) if isinstance(src, int) else entry.path
+            sub = (
+                os.open(
+                    entry.name,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                    dir_fd=src if isinstance(src, int) else None,
+                )
+                if isinstance(src, int)
+                else entry.path
+            )
             try:
                 copy_tree(sub, d, max_bytes, used)
             finally:
@@ -928,8 +1009,11 @@ def copy_tree(src, dst: str, max_bytes: int, _used: list | None = None) -> None:
             used[0] += entry.stat(follow_symlinks=False).st_size
             if used[0] > max_bytes:
                 raise OSError(27, f"the work dir holds more than {max_bytes // 2**20} MB to copy")
-            fi = os.open(entry.name if isinstance(src, int) else entry.path, os.O_RDONLY | os.O_NOFOLLOW,
-                         dir_fd=src if isinstance(src, int) else None)
+            fi = os.open(
+                entry.name if isinstance(src, int) else entry.path,
+                os.O_RDONLY | os.O_NOFOLLOW,
+                dir_fd=src if isinstance(src, int) else None,
+            )
             try:
                 fo = os.open(d, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 try:
@@ -985,12 +1069,23 @@ def format_error(e: BaseException, code: str) -> str:
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
-MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
+MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = (
+    1024,
+    2048,
+    4096,
+    16384,
+    1 << 18,
+    1 << 21,
+)
 MNT_DETACH = 2
 PR_SET_DUMPABLE, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS, PR_SET_CHILD_SUBREAPER = 4, 24, 38, 36
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217, "i686": 217}
 CAP_SETFCAP_BIT = 1 << 31
-SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_CLONE3 = 428, 429, 435  # the same on every architecture (added after the unification)
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_CLONE3 = (
+    428,
+    429,
+    435,
+)  # the same on every architecture (added after the unification)
 BOX_WORKDIR = "/tmp/work"  # the code's working directory inside a kernel box (on the box's own tmpfs)
 DEV_NODES = ("null", "zero", "random", "urandom")
 
@@ -1007,8 +1102,13 @@ class Kernel:
         self.pivot_nr = SYS_PIVOT_ROOT.get(platform.machine())
         for name in ("unshare", "mount", "umount2", "prctl", "syscall", "capset"):
             getattr(self.libc, name)  # AttributeError: no such libc function (not Linux/glibc)
-        self.libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                                    ctypes.c_char_p]
+        self.libc.mount.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_char_p,
+            ctypes.c_ulong,
+            ctypes.c_char_p,
+        ]
         self.api = ctypes.pythonapi
         for name in ("PyOS_BeforeFork", "PyOS_AfterFork_Parent", "PyOS_AfterFork_Child"):
             getattr(self.api, name).restype = None
@@ -1061,7 +1161,9 @@ class Kernel:
         return fd if fd >= 0 else None  # OPEN_TREE_CLONE | AT_RECURSIVE
 
     def move_mount(self, tree: int, target: str) -> None:
-        self._check(self.libc.syscall(SYS_MOVE_MOUNT, tree, b"", -100, target.encode(), 4), f"move_mount {target}")
+        self._check(
+            self.libc.syscall(SYS_MOVE_MOUNT, tree, b"", -100, target.encode(), 4), f"move_mount {target}"
+        )
 
     @trusted
     def pivot_root(self, new: str, old: str) -> None:
@@ -1120,8 +1222,15 @@ def _mount_flags(path: str) -> int:
     """The mount flags of `path` that a bind mount in a user namespace must keep (they are locked)."""
     f = os.statvfs(path).f_flag
     out = 0
-    for st, ms in ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC), (1024, MS_NOATIME),
-                   (2048, MS_NODIRATIME), (4096, MS_RELATIME)):
+    for st, ms in (
+        (1, MS_RDONLY),
+        (2, MS_NOSUID),
+        (4, MS_NODEV),
+        (8, MS_NOEXEC),
+        (1024, MS_NOATIME),
+        (2048, MS_NODIRATIME),
+        (4096, MS_RELATIME),
+    ):
         if f & st:
             out |= ms
     return out
@@ -1167,9 +1276,14 @@ def build_root(spec: dict) -> None:
 
 def box_spec(cfg: dict, ro: list[str]) -> dict:
     """What `build_root` mounts; run before entering the namespaces (paths are opened here)."""
-    links = [(p, os.readlink(p)) for p in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
-             if os.path.islink(p)]
-    dirs = [p for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64") if os.path.isdir(p) and not os.path.islink(p)]
+    links = [
+        (p, os.readlink(p))
+        for p in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+        if os.path.islink(p)
+    ]
+    dirs = [
+        p for p in ("/usr", "/bin", "/sbin", "/lib", "/lib64") if os.path.isdir(p) and not os.path.islink(p)
+    ]
     roots: list[str] = []
     for p in sorted(set(dirs + ro)):
         if p == "/" or p.split("/")[1] in ("tmp", "proc", "dev", "sys", "mnt"):
@@ -1261,7 +1375,9 @@ def spawn_box(fds: list[int], cfg: dict, ro: list[str], vm: int) -> int:
             spec = box_spec(cfg, ro)
             if uid == 0:
                 os.setgroups([])  # (an unprivileged user keeps its groups: it cannot drop them)
-            KERNEL.unshare(CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+            KERNEL.unshare(
+                CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+            )
             os.write(w, b"U")
             if os.read(r2, 1) != b"M":
                 raise OSError("the zygote could not map the sandbox's user namespace")
@@ -1432,7 +1548,9 @@ def _probe_in_box(sock) -> None:
                 sock.sendall(b"ok")
                 os._exit(0)
             except BaseException as e:  # noqa: BLE001
-                sock.sendall(f"a candidate could not get its own namespaces: {type(e).__name__}: {e}".encode()[:200])
+                sock.sendall(
+                    f"a candidate could not get its own namespaces: {type(e).__name__}: {e}".encode()[:200]
+                )
             finally:
                 os._exit(1)
         os.waitpid(pid, 0)

@@ -69,10 +69,19 @@ __all__ = ["ALLOWED_IMPORTS", "ExecResult", "Sandbox", "SandboxError"]
 
 WORKER_SCRIPT = str(Path(__file__).with_name("_sandbox_worker.py"))
 DEFAULT_PRELOAD = ("numpy", "numpy.random", "numpy.linalg", "numpy.fft", "numpy.polynomial", "sympy")
-WORKER_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/nonexistent", "OPENBLAS_NUM_THREADS": "1",
-              "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-RESET_NOTE = ("The sandbox was restarted: all variables, functions and imports from earlier steps are gone, "
-              "so define what you need again.")
+WORKER_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/nonexistent",
+    "OPENBLAS_NUM_THREADS": "1",
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "PYTHONHASHSEED": "0",
+}
+RESET_NOTE = (
+    "The sandbox was restarted: all variables, functions and imports from earlier steps are gone, "
+    "so define what you need again."
+)
 
 
 class SandboxError(RuntimeError):
@@ -175,7 +184,9 @@ class _Proc:
         for level, kind, payload in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(payload) >= _UCRED.size:
                 pid = _UCRED.unpack(payload[: _UCRED.size])[0]
-        self._pending = data + self._read(HEADER.size - len(data), deadline) if len(data) < HEADER.size else data
+        self._pending = (
+            data + self._read(HEADER.size - len(data), deadline) if len(data) < HEADER.size else data
+        )
         return pid
 
     def send(self, obj: Any, timeout: float = 10.0, fds: Sequence[int] = ()) -> None:
@@ -315,9 +326,14 @@ class _Zygote:
         self.lock = threading.Lock()
         self.proc = subprocess.Popen(
             [sys.executable, "-I", WORKER_SCRIPT, str(theirs.fileno()), ",".join(preload)],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
             stderr=None if os.environ.get("AGENTLIB_SANDBOX_DEBUG") else subprocess.DEVNULL,
-            env=WORKER_ENV, cwd="/", start_new_session=True, close_fds=True,
+            env=WORKER_ENV,
+            cwd="/",
+            start_new_session=True,
+            close_fds=True,
         )
         theirs.close()
         self.chan = _Proc(ours, self.proc.pid, "/")
@@ -381,14 +397,14 @@ def sweep_stale_dirs(tmp: str | os.PathLike | None = None) -> int:
     Runs once per process by itself."""
     removed = 0
     for path in Path(tmp or tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
-        pid = path.name[len(_DIR_PREFIX):].split("-", 1)[0]
+        pid = path.name[len(_DIR_PREFIX) :].split("-", 1)[0]
         if pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
             removed += not path.exists()
     if tmp is None:
         for ctrl in ("memory", "pids"):
             for path in Path(CGROUP_V1, ctrl, _CG_DIR).glob(f"{_DIR_PREFIX}*-*"):
-                pid = path.name[len(_DIR_PREFIX):].split("-", 1)[0]
+                pid = path.name[len(_DIR_PREFIX) :].split("-", 1)[0]
                 if pid.isdigit() and not _alive(int(pid)):
                     _rmdir(str(path))
     return removed
@@ -444,15 +460,21 @@ def isolation_summary() -> str:
 def _cgroup_limits(memory_bytes: int, max_processes: int) -> dict[str, dict[str, int]] | None:
     """Per-sandbox cgroup v1 memory and pids limits where this process may create cgroups (root)."""
     mem, pids = os.path.join(CGROUP_V1, "memory"), os.path.join(CGROUP_V1, "pids")
-    if not (os.path.isfile(os.path.join(mem, "memory.limit_in_bytes")) and os.path.isdir(pids)
-            and os.access(mem, os.W_OK) and os.access(pids, os.W_OK)):
+    if not (
+        os.path.isfile(os.path.join(mem, "memory.limit_in_bytes"))
+        and os.path.isdir(pids)
+        and os.access(mem, os.W_OK)
+        and os.access(pids, os.W_OK)
+    ):
         return None
     name = f"{_DIR_PREFIX}{os.getpid()}-{next(_CG_COUNTER)}"
     mem_limits = {"memory.limit_in_bytes": memory_bytes}
     if os.path.exists(os.path.join(mem, "memory.memsw.limit_in_bytes")):
         mem_limits["memory.memsw.limit_in_bytes"] = memory_bytes
-    return {os.path.join(mem, _CG_DIR, name): mem_limits,
-            os.path.join(pids, _CG_DIR, name): {"pids.max": max_processes}}
+    return {
+        os.path.join(mem, _CG_DIR, name): mem_limits,
+        os.path.join(pids, _CG_DIR, name): {"pids.max": max_processes},
+    }
 
 
 class Sandbox:
@@ -509,10 +531,13 @@ class Sandbox:
             if problem and isolation == "kernel":
                 raise SandboxError(f"kernel isolation is unavailable here: {problem}")
             if problem:
-                _warn_once("kernel", f"agentlib.sandbox: kernel isolation is unavailable ({problem}); "
-                                     "model-written code runs with the in-process layers only "
-                                     "(import allow-list, audit hook, rlimits). Sandbox(isolation='process') "
-                                     "silences this warning.")
+                _warn_once(
+                    "kernel",
+                    f"agentlib.sandbox: kernel isolation is unavailable ({problem}); "
+                    "model-written code runs with the in-process layers only "
+                    "(import allow-list, audit hook, rlimits). Sandbox(isolation='process') "
+                    "silences this warning.",
+                )
                 isolation = "process"
             else:
                 isolation = "kernel"
@@ -521,22 +546,34 @@ class Sandbox:
         self._max_answer = int(max_answer_chars)
         self._max_message = 8 * (self._max_output + 3 * self._max_answer) + 2**20
         self._cfg = {
-            "memory_mb": int(memory_mb), "max_output_chars": int(max_output_chars),
-            "max_answer_chars": int(max_answer_chars), "file_size_mb": int(file_size_mb),
-            "max_open_files": int(max_open_files), "max_processes": int(max_processes), "cpu_s": int(cpu_s),
-            "allowed": sorted(allowed_imports), "tools": sorted(self.tools),
-            "uid": NOBODY if self._root else None, "gid": NOBODY if self._root else None,
-            "disk_mb": int(disk_mb), "max_files": int(max_files), "copy_mb": min(64, int(disk_mb)),
-            "isolation": isolation, "cores": min(self.max_parallel, os.cpu_count() or 1),
+            "memory_mb": int(memory_mb),
+            "max_output_chars": int(max_output_chars),
+            "max_answer_chars": int(max_answer_chars),
+            "file_size_mb": int(file_size_mb),
+            "max_open_files": int(max_open_files),
+            "max_processes": int(max_processes),
+            "cpu_s": int(cpu_s),
+            "allowed": sorted(allowed_imports),
+            "tools": sorted(self.tools),
+            "uid": NOBODY if self._root else None,
+            "gid": NOBODY if self._root else None,
+            "disk_mb": int(disk_mb),
+            "max_files": int(max_files),
+            "copy_mb": min(64, int(disk_mb)),
+            "isolation": isolation,
+            "cores": min(self.max_parallel, os.cpu_count() or 1),
             "clone3": os.environ.get("AGENTLIB_SANDBOX_CLONE3", "1") != "0",  # 0: the fork+unshare path
         }
         self._cgroups = None
         if isolation == "kernel":
             self._cgroups = _cgroup_limits((int(memory_mb) + int(disk_mb) + 256) * 2**20, int(max_processes))
             if self._cgroups is None:
-                _warn_once("cgroups", "agentlib.sandbox: no cgroups to create here (not root, or no cgroup v1 "
-                                      "memory/pids hierarchy): memory and process limits hold per process "
-                                      "(rlimits) and per user namespace, not over the whole sandbox.")
+                _warn_once(
+                    "cgroups",
+                    "agentlib.sandbox: no cgroups to create here (not root, or no cgroup v1 "
+                    "memory/pids hierarchy): memory and process limits hold per process "
+                    "(rlimits) and per user namespace, not over the whole sandbox.",
+                )
             self._cfg["cgroups"] = self._cgroups
         self._closed = False
         self._lost_state = False
@@ -587,12 +624,19 @@ class Sandbox:
                 return result
             except _Timeout:
                 self._restart()
-                return ExecResult(error=self._timeout_text() + " " + RESET_NOTE, timed_out=True, restarted=True,
-                                  duration_s=time.monotonic() - t0)
+                return ExecResult(
+                    error=self._timeout_text() + " " + RESET_NOTE,
+                    timed_out=True,
+                    restarted=True,
+                    duration_s=time.monotonic() - t0,
+                )
             except Exception as e:  # noqa: BLE001 - _Died, or anything a hostile worker's bytes caused here
                 self._restart()
-                return ExecResult(error=self._crash_text(e) + " " + RESET_NOTE, restarted=True,
-                                  duration_s=time.monotonic() - t0)
+                return ExecResult(
+                    error=self._crash_text(e) + " " + RESET_NOTE,
+                    restarted=True,
+                    duration_s=time.monotonic() - t0,
+                )
 
     def run_candidates(self, codes: Sequence[str]) -> list[ExecResult]:
         """Run each code in its own fork of the current state (``max_parallel`` at a time).
@@ -614,7 +658,7 @@ class Sandbox:
                 pass  # the copies' sockets then report EOF
             for start in range(0, n, MAX_FDS):  # the worker forks while we wait for the copies below
                 pairs = [socket.socketpair() for _ in range(start, min(n, start + MAX_FDS))]
-                socks[start: start + len(pairs)] = [_Proc.listen(ours) for ours, _ in pairs]
+                socks[start : start + len(pairs)] = [_Proc.listen(ours) for ours, _ in pairs]
                 try:
                     self._worker.send(("fork",), fds=[theirs.fileno() for _, theirs in pairs])
                 except _Died:
@@ -627,8 +671,9 @@ class Sandbox:
                 t0 = time.monotonic()
                 deadline, proc = t0 + self.timeout_s, None
                 try:
-                    proc = _Proc.greeted(socks[i], self._worker.workdir if self._box else "", deadline,
-                                         self._max_message)
+                    proc = _Proc.greeted(
+                        socks[i], self._worker.workdir if self._box else "", deadline, self._max_message
+                    )
                     self._check_candidate(proc)
                     self._candidates[i] = proc
                     proc.send(("run", codes[i], self.timeout_s))
@@ -640,8 +685,11 @@ class Sandbox:
                 except Exception as e:  # noqa: BLE001 - _Timeout, _Died, or a protocol violation
                     timed_out = isinstance(e, _Timeout)
                     text = self._timeout_text() if timed_out else self._crash_text(e)
-                    r = ExecResult(error=text + " This candidate was discarded.", timed_out=timed_out,
-                                   duration_s=time.monotonic() - t0)
+                    r = ExecResult(
+                        error=text + " This candidate was discarded.",
+                        timed_out=timed_out,
+                        duration_s=time.monotonic() - t0,
+                    )
                     self._candidates[i] = None
                     if proc is not None:
                         self._discard(proc)
@@ -748,7 +796,9 @@ class Sandbox:
             ctl, ctl_theirs = socket.socketpair()
             _Proc.listen(data)
             try:
-                msg = zygote.spawn(dict(self._cfg, workdir=BOX_WORKDIR), [data_theirs.fileno(), ctl_theirs.fileno()])
+                msg = zygote.spawn(
+                    dict(self._cfg, workdir=BOX_WORKDIR), [data_theirs.fileno(), ctl_theirs.fileno()]
+                )
             finally:
                 data_theirs.close()
                 ctl_theirs.close()
@@ -818,9 +868,15 @@ class Sandbox:
                 raise _Died("protocol violation (not a message)")
             if msg[0] == "result" and len(msg) == 2 and type(msg[1]) is dict:
                 return msg[1]
-            if not (msg[0] == "tool" and len(msg) == 4 and type(msg[1]) is str and msg[1] in self.tools
-                    and type(msg[2]) is list and type(msg[3]) is dict
-                    and all(type(k) is str and k.isidentifier() for k in msg[3])):
+            if not (
+                msg[0] == "tool"
+                and len(msg) == 4
+                and type(msg[1]) is str
+                and msg[1] in self.tools
+                and type(msg[2]) is list
+                and type(msg[3]) is dict
+                and all(type(k) is str and k.isidentifier() for k in msg[3])
+            ):
                 raise _Died("protocol violation (malformed tool call)")
             _, name, args, kwargs = msg
             mc = self._max_answer
@@ -852,20 +908,33 @@ class Sandbox:
     def _result(self, d: dict, t0: float) -> ExecResult:
         """The worker's result dict, checked and capped again here."""
         stdout, error, last = d.get("stdout"), d.get("error"), d.get("last_output")
-        if type(stdout) is not str or not (error is None or type(error) is str) or \
-                not (last is None or type(last) is str) or type(d.get("called_final_answer")) is not bool:
+        if (
+            type(stdout) is not str
+            or not (error is None or type(error) is str)
+            or not (last is None or type(last) is str)
+            or type(d.get("called_final_answer")) is not bool
+        ):
             raise _Died("protocol violation (malformed result)")
         limit = self._max_output
         if len(stdout) > limit + 200:
-            stdout = stdout[:limit] + f"\n[... output truncated: {len(stdout) - limit} more characters not shown]"
+            stdout = (
+                stdout[:limit] + f"\n[... output truncated: {len(stdout) - limit} more characters not shown]"
+            )
         if error is not None and len(error) > 20_000:
             error = error[:20_000] + "\n[... error text truncated]"
         if last is not None and len(last) > self._max_answer:
             last = last[: self._max_answer] + "..."
         called = d["called_final_answer"]
         answer = to_plain(d.get("final_answer"), self._max_answer) if called else None
-        return ExecResult(stdout=stdout, error=error, final_answer=answer, called_final_answer=called,
-                          last_output=last, duration_s=time.monotonic() - t0, restarted=self._lost_state)
+        return ExecResult(
+            stdout=stdout,
+            error=error,
+            final_answer=answer,
+            called_final_answer=called,
+            last_output=last,
+            duration_s=time.monotonic() - t0,
+            restarted=self._lost_state,
+        )
 
     def _timeout_text(self) -> str:
         return f"TimeoutError: the code did not finish within {self.timeout_s:g} s and was stopped."

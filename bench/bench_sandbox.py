@@ -43,8 +43,12 @@ with Sandbox(timeout_s=10, **kw) as sb:
 
 def measure(package_dir: str, **kw) -> dict:
     """The three timings of the sandbox importable from `package_dir`, in a fresh interpreter."""
-    out = subprocess.run([sys.executable, "-c", MEASURE, package_dir, json.dumps(kw)], cwd=ROOT / "bench",
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, package_dir, json.dumps(kw)],
+        cwd=ROOT / "bench",
+        capture_output=True,
+        text=True,
+    )
     if out.returncode:
         raise RuntimeError(f"measuring the sandbox in {package_dir} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -72,24 +76,58 @@ def main() -> None:
         assert sb.run(SNIPPET).stdout == "2\n"
     fresh_s = median_seconds(
         lambda: subprocess.run([sys.executable, "-c", "print(1)"], check=True, capture_output=True),
-        repeat=30, warmup=2,
+        repeat=30,
+        warmup=2,
     )
     iso = now["isolation"]
     ref = "sandbox before kernel isolation" if before else ""
     old = before or {"run": None, "cand": None, "commit": None}
     ms = lambda v: None if v is None else v * 1e3  # noqa: E731
     rows = [
-        row(f"run p50 (trivial snippet, warm; {iso} isolation)", now["run"] * 1e3, "ms", ref, ms(old["run"]),
-            "<= 1 ms", now["run"] <= 1e-3),
-        row(f"run p50 ({iso} isolation) vs a fresh python -c", now["run"] * 1e3, "ms", "fresh python -c",
-            fresh_s * 1e3, ">= 8x faster than python -c", fresh_s / now["run"] >= 8),
-        row(f"run_candidates p50 (8 trivial candidates; {iso} isolation)", now["cand"] * 1e3, "ms", ref,
-            ms(old["cand"]), "<= 50 ms", now["cand"] <= 0.050),
-        row(f"run_candidates(8) + commit p50 ({iso} isolation)", now["commit"] * 1e3, "ms", ref,
-            ms(old["commit"]), "(info)"),
+        row(
+            f"run p50 (trivial snippet, warm; {iso} isolation)",
+            now["run"] * 1e3,
+            "ms",
+            ref,
+            ms(old["run"]),
+            "<= 1 ms",
+            now["run"] <= 1e-3,
+        ),
+        row(
+            f"run p50 ({iso} isolation) vs a fresh python -c",
+            now["run"] * 1e3,
+            "ms",
+            "fresh python -c",
+            fresh_s * 1e3,
+            ">= 8x faster than python -c",
+            fresh_s / now["run"] >= 8,
+        ),
+        row(
+            f"run_candidates p50 (8 trivial candidates; {iso} isolation)",
+            now["cand"] * 1e3,
+            "ms",
+            ref,
+            ms(old["cand"]),
+            "<= 50 ms",
+            now["cand"] <= 0.050,
+        ),
+        row(
+            f"run_candidates(8) + commit p50 ({iso} isolation)",
+            now["commit"] * 1e3,
+            "ms",
+            ref,
+            ms(old["commit"]),
+            "(info)",
+        ),
         row("run p50 (process isolation only)", process["run"] * 1e3, "ms", ref, ms(old["run"]), "(info)"),
-        row("run_candidates p50 (8; process isolation only)", process["cand"] * 1e3, "ms", ref, ms(old["cand"]),
-            "(info)"),
+        row(
+            "run_candidates p50 (8; process isolation only)",
+            process["cand"] * 1e3,
+            "ms",
+            ref,
+            ms(old["cand"]),
+            "(info)",
+        ),
     ]
     try:
         from smolagents.local_python_executor import LocalPythonExecutor
@@ -98,9 +136,18 @@ def main() -> None:
         ex.send_tools({})
         assert ex(SNIPPET).logs == "2\n"
         smol_s = median_seconds(lambda: ex(SNIPPET), repeat=500, warmup=20)
-        rows.insert(2, row(f"run p50 ({iso} isolation) vs smolagents LocalPythonExecutor", now["run"] * 1e3, "ms",
-                           "smolagents in-process", smol_s * 1e3, "within 5x of smolagents",
-                           now["run"] <= 5 * smol_s))
+        rows.insert(
+            2,
+            row(
+                f"run p50 ({iso} isolation) vs smolagents LocalPythonExecutor",
+                now["run"] * 1e3,
+                "ms",
+                "smolagents in-process",
+                smol_s * 1e3,
+                "within 5x of smolagents",
+                now["run"] <= 5 * smol_s,
+            ),
+        )
     except ImportError:
         print("smolagents not installed: skipping that reference")
     write_rows("sandbox", rows)

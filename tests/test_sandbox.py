@@ -20,8 +20,10 @@ from agentlib.sandbox import (
 )
 
 KERNEL_PROBLEM = kernel_isolation_problem()
-ISOLATIONS = [pytest.param("kernel", marks=pytest.mark.skipif(bool(KERNEL_PROBLEM), reason=str(KERNEL_PROBLEM))),
-              "process"]
+ISOLATIONS = [
+    pytest.param("kernel", marks=pytest.mark.skipif(bool(KERNEL_PROBLEM), reason=str(KERNEL_PROBLEM))),
+    "process",
+]
 
 
 def inner_pid(pid: int) -> int:
@@ -94,8 +96,10 @@ def test_tool_error_is_raised_inside_the_code(sb):
 
 
 def test_allowed_and_denied_imports(sb):
-    r = sb.run("import math, re, collections, itertools, functools, datetime, statistics, random, numpy, sympy"
-               "\nfrom fractions import Fraction\nprint(math.comb(5, 2), numpy.arange(4).sum(), sympy.factorint(12))")
+    r = sb.run(
+        "import math, re, collections, itertools, functools, datetime, statistics, random, numpy, sympy"
+        "\nfrom fractions import Fraction\nprint(math.comb(5, 2), numpy.arange(4).sum(), sympy.factorint(12))"
+    )
     assert r.error is None and r.stdout == "10 6 {2: 2, 3: 1}\n"
     for mod in ("os", "sys", "subprocess", "socket", "ctypes", "importlib", "shutil", "pickle"):
         r = sb.run(f"import {mod}")
@@ -116,7 +120,9 @@ def test_error_reads_like_python(sb):
     r = sb.run("print('before')\nundefined_name + 1")
     assert r.stdout == "before\n" and r.error.endswith("NameError: name 'undefined_name' is not defined")
     r = sb.run("x = = 2")
-    assert r.error.splitlines()[0] == '  File "<code>", line 1' and r.error.endswith("SyntaxError: invalid syntax")
+    assert r.error.splitlines()[0] == '  File "<code>", line 1' and r.error.endswith(
+        "SyntaxError: invalid syntax"
+    )
 
 
 def test_observation_joins_stdout_and_error(sb):
@@ -154,14 +160,20 @@ def test_last_output_is_the_value_of_the_last_statement(sb):
 
 
 def test_ordinary_code_that_the_interpreter_imports_for(sb):
-    r = sb.run("import datetime, time\n"
-               "print(datetime.datetime.strptime('2024-03-05', '%Y-%m-%d').date())\n"
-               "print(time.strptime('5 Mar 2024', '%d %b %Y').tm_yday)\n"
-               "print('bücher.de'.encode('idna'), b'xn--bcher-kva.de'.decode('idna'))\n"
-               "print('ü'.encode('latin-1'), 'x'.encode('utf-16-le'), 'abc'.encode('punycode'))")
+    r = sb.run(
+        "import datetime, time\n"
+        "print(datetime.datetime.strptime('2024-03-05', '%Y-%m-%d').date())\n"
+        "print(time.strptime('5 Mar 2024', '%d %b %Y').tm_yday)\n"
+        "print('bücher.de'.encode('idna'), b'xn--bcher-kva.de'.decode('idna'))\n"
+        "print('ü'.encode('latin-1'), 'x'.encode('utf-16-le'), 'abc'.encode('punycode'))"
+    )
     assert r.error is None, r.error
-    assert r.stdout.splitlines() == ["2024-03-05", "65", "b'xn--bcher-kva.de' bücher.de",
-                                     "b'\\xfc' b'x\\x00' b'abc-'"]
+    assert r.stdout.splitlines() == [
+        "2024-03-05",
+        "65",
+        "b'xn--bcher-kva.de' bücher.de",
+        "b'\\xfc' b'x\\x00' b'abc-'",
+    ]
 
 
 def test_big_integer_answers_are_strings(sb):
@@ -178,8 +190,10 @@ def test_big_integer_answers_are_strings(sb):
 
 def test_run_candidates_are_independent_and_commit_does_not_rerun(sb):
     sb.run("log = []\ncounter = 0")
-    codes = [f"log.append({i})\ncounter += {i}\nsearch('q{i}')\nopen('f{i}.txt', 'w').write('x')\nfinal_answer(counter)"
-             for i in range(4)]
+    codes = [
+        f"log.append({i})\ncounter += {i}\nsearch('q{i}')\nopen('f{i}.txt', 'w').write('x')\nfinal_answer(counter)"
+        for i in range(4)
+    ]
     results = sb.run_candidates(codes)
     assert [r.final_answer for r in results] == [0, 1, 2, 3]
     assert [r.candidate for r in results] == [0, 1, 2, 3]
@@ -234,7 +248,9 @@ def test_tool_calls_from_candidates_are_served_concurrently(isolation):
 
 
 def test_environment_is_empty_and_workdir_private(sb, monkeypatch):
-    r = sb.run("import random\nenv = dict(random._os.environ)\nprint(sorted(env))\nprint(random._os.getcwd())")
+    r = sb.run(
+        "import random\nenv = dict(random._os.environ)\nprint(sorted(env))\nprint(random._os.getcwd())"
+    )
     names, cwd = r.stdout.splitlines()
     assert "OPENAI_API_KEY" not in names and "AGENTLIB_DATA_DIR" not in names
     assert cwd == sb.workdir

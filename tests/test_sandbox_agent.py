@@ -15,17 +15,25 @@ BIG = int_text(10**4999 + 7)  # 5,000 digits
 
 
 def test_the_agent_handles_a_5000_digit_final_answer():
-    model = ScriptedModel(by_question({
-        "big power": [turn("compute", "final_answer(10**4999 + 7)")],
-        "factorial": [turn("compute", "import math\nn = math.factorial(2000)\nprint(str(n)[:5])"),
-                      turn("answer", "final_answer(n)")],
-        "nested": [turn("compute", "final_answer({'n': [10**5000] * 3, 'self': None})")],
-        "ordinary": [turn("compute", "final_answer(6 * 7)")],
-    }))
-    exs = [Ex("a", "What is the big power?", BIG, domain="math"),
-           Ex("b", "What is the factorial of 2000?", int_text(math.factorial(2000)), domain="math"),
-           Ex("c", "A nested answer?", "x", domain="math"),
-           Ex("d", "An ordinary question?", "42", domain="math")]
+    model = ScriptedModel(
+        by_question(
+            {
+                "big power": [turn("compute", "final_answer(10**4999 + 7)")],
+                "factorial": [
+                    turn("compute", "import math\nn = math.factorial(2000)\nprint(str(n)[:5])"),
+                    turn("answer", "final_answer(n)"),
+                ],
+                "nested": [turn("compute", "final_answer({'n': [10**5000] * 3, 'self': None})")],
+                "ordinary": [turn("compute", "final_answer(6 * 7)")],
+            }
+        )
+    )
+    exs = [
+        Ex("a", "What is the big power?", BIG, domain="math"),
+        Ex("b", "What is the factorial of 2000?", int_text(math.factorial(2000)), domain="math"),
+        Ex("c", "A nested answer?", "x", domain="math"),
+        Ex("d", "An ordinary question?", "42", domain="math"),
+    ]
     recs = run_agent(model, exs, AgentConfig(), score_fn=exact_score, progress=False)  # the default sandbox
     by_id = {r["id"]: r for r in recs}
     assert by_id["a"]["prediction"] == BIG and by_id["a"]["score"] == 1.0
@@ -37,6 +45,11 @@ def test_the_agent_handles_a_5000_digit_final_answer():
 
 def test_sag_candidates_with_big_answers():
     model = ScriptedModel(by_question({"big": lambda step: [turn("c", "final_answer(10**4999 + 7)")] * 2}))
-    recs = run_agent(model, [Ex("a", "big?", BIG, domain="math")], AgentConfig.sag(n_samples=2),
-                     score_fn=exact_score, progress=False)
+    recs = run_agent(
+        model,
+        [Ex("a", "big?", BIG, domain="math")],
+        AgentConfig.sag(n_samples=2),
+        score_fn=exact_score,
+        progress=False,
+    )
     assert recs[0]["prediction"] == BIG

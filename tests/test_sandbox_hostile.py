@@ -77,15 +77,19 @@ def _last(r) -> str:
 
 # ----------------------------------------------------------------------------- runaway computation
 
-@pytest.mark.parametrize("code", [
-    "while True:\n    pass",
-    "sum(range(10**12))",                      # a loop inside one C call
-    "x = 10**10**8",                           # a huge integer power
-    "import time\ntime.sleep(60)",
-    "import itertools\nfor _ in itertools.count():\n    pass",
-    "s = find('signal')\ns.signal(s.SIGTERM, s.SIG_IGN)\ns.signal(s.SIGALRM, s.SIG_IGN)\nwhile True:\n    pass",
-    "try:\n    find('os').setsid()\nexcept OSError:\n    pass\nwhile True:\n    pass",  # tries to leave its group
-])
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "while True:\n    pass",
+        "sum(range(10**12))",  # a loop inside one C call
+        "x = 10**10**8",  # a huge integer power
+        "import time\ntime.sleep(60)",
+        "import itertools\nfor _ in itertools.count():\n    pass",
+        "s = find('signal')\ns.signal(s.SIGTERM, s.SIG_IGN)\ns.signal(s.SIGALRM, s.SIG_IGN)\nwhile True:\n    pass",
+        "try:\n    find('os').setsid()\nexcept OSError:\n    pass\nwhile True:\n    pass",  # tries to leave its group
+    ],
+)
 def test_runaway_code_is_killed_from_outside(sb_quick, code):
     sb = sb_quick
     old = sb.pid
@@ -97,21 +101,31 @@ def test_runaway_code_is_killed_from_outside(sb_quick, code):
 
 # --------------------------------------------------------------------------------------- memory
 
-@pytest.mark.parametrize("code", [
-    "x = bytearray(8 * 1024**3)",
-    "x = [0] * (2 * 10**9)",
-    "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))",
-    "import numpy as np\na = np.ones((60000, 60000))",
-])
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "x = bytearray(8 * 1024**3)",
+        "x = [0] * (2 * 10**9)",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(50 * 2**20))",
+        "import numpy as np\na = np.ones((60000, 60000))",
+    ],
+)
 def test_memory_bombs_hit_the_address_space_limit(sb, code):
     r = sb.run(code)
-    assert _last(r).startswith(("MemoryError", "numpy.core._exceptions._ArrayMemoryError",
-                                "numpy._core._exceptions._ArrayMemoryError")), r.error
+    assert _last(r).startswith(
+        (
+            "MemoryError",
+            "numpy.core._exceptions._ArrayMemoryError",
+            "numpy._core._exceptions._ArrayMemoryError",
+        )
+    ), r.error
     assert not r.restarted
     _still_works(sb, state_kept=True)
 
 
 # ---------------------------------------------------------------------------- processes and escape
+
 
 def test_fork_bomb_is_refused(sb):
     before = _children_of_zygote(sb)
@@ -121,36 +135,63 @@ def test_fork_bomb_is_refused(sb):
     _still_works(sb, state_kept=True)
 
 
-@pytest.mark.parametrize("code, expected", [
-    ("import os\nos.fork()", "ImportError: import of 'os' is not allowed"),
-    ("import subprocess", "ImportError: import of 'subprocess' is not allowed"),
-    (f"find('subprocess').run(['touch', '{OUTSIDE}'])", "PermissionError: 'subprocess.Popen' is not allowed"),
-    (f"find('os').system('touch {OUTSIDE}')", "PermissionError: 'os.system' is not allowed"),
-    (f"find('os').execv('/bin/touch', ['touch', '{OUTSIDE}'])", "PermissionError: 'os.exec' is not allowed"),
-    (f"find('os').posix_spawn('/bin/touch', ['touch', '{OUTSIDE}'], {{}})",
-     "PermissionError: 'os.posix_spawn' is not allowed"),
-    ("import ctypes", "ImportError: import of 'ctypes' is not allowed"),
-    (f"c = find('ctypes')\nc.CDLL(None).system(b'touch {OUTSIDE}')", "PermissionError: ctypes is disabled"),
-    ("c = find('ctypes')\nc.create_string_buffer(8)", "PermissionError: 'ctypes.create_string_buffer' is not"),
-    ("c = find('ctypes')\nc.memmove(id(1), id(2), 8)", "PermissionError: ctypes is disabled"),
-    ("c = find('ctypes')\nc.cast(id(1), c.POINTER(c.c_char))", "PermissionError: ctypes is disabled"),
-    ("c = find('ctypes')\nc.c_char.from_address(id(1))", "PermissionError: 'ctypes.cdata' is not allowed"),
-    ("[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen']",
-     "PermissionError: access to attribute '__"),
-    ("getattr(getattr((), '__cla' + 'ss__'), '__subclasses__')()",
-     "PermissionError: access to attribute '__class__' is not allowed"),
-    ("find('os').kill(find('os').getppid(), 9)", "PermissionError: 'os.kill' is not allowed"),
-    ("find('os').killpg(0, 9)", "PermissionError: 'os.killpg' is not allowed"),
-    ("find('inspect').currentframe()", "PermissionError: access to stack frames is not allowed"),
-    ("find('inspect').stack()", "PermissionError: access to stack frames is not allowed"),
-    ("find('sys')._getframe(0)", "PermissionError: access to stack frames is not allowed"),
-    ("def g():\n    yield 1\ngetattr(g(), 'gi_' + 'frame')", "PermissionError: access to attribute 'gi_frame'"),
-    ("find('gc').get_objects()", "PermissionError: 'gc.get_objects' is not allowed"),
-    ("find('sys').settrace(print)", "PermissionError: 'sys.settrace' is not allowed"),
-    ("eval('1 + 1')", "NameError: name 'eval' is not defined"),
-    ("exec('x = 1')", "NameError: name 'exec' is not defined"),
-    ("__import__('os')", "PermissionError: name '__import__' is not allowed"),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("import os\nos.fork()", "ImportError: import of 'os' is not allowed"),
+        ("import subprocess", "ImportError: import of 'subprocess' is not allowed"),
+        (
+            f"find('subprocess').run(['touch', '{OUTSIDE}'])",
+            "PermissionError: 'subprocess.Popen' is not allowed",
+        ),
+        (f"find('os').system('touch {OUTSIDE}')", "PermissionError: 'os.system' is not allowed"),
+        (
+            f"find('os').execv('/bin/touch', ['touch', '{OUTSIDE}'])",
+            "PermissionError: 'os.exec' is not allowed",
+        ),
+        (
+            f"find('os').posix_spawn('/bin/touch', ['touch', '{OUTSIDE}'], {{}})",
+            "PermissionError: 'os.posix_spawn' is not allowed",
+        ),
+        ("import ctypes", "ImportError: import of 'ctypes' is not allowed"),
+        (
+            f"c = find('ctypes')\nc.CDLL(None).system(b'touch {OUTSIDE}')",
+            "PermissionError: ctypes is disabled",
+        ),
+        (
+            "c = find('ctypes')\nc.create_string_buffer(8)",
+            "PermissionError: 'ctypes.create_string_buffer' is not",
+        ),
+        ("c = find('ctypes')\nc.memmove(id(1), id(2), 8)", "PermissionError: ctypes is disabled"),
+        ("c = find('ctypes')\nc.cast(id(1), c.POINTER(c.c_char))", "PermissionError: ctypes is disabled"),
+        (
+            "c = find('ctypes')\nc.c_char.from_address(id(1))",
+            "PermissionError: 'ctypes.cdata' is not allowed",
+        ),
+        (
+            "[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'Popen']",
+            "PermissionError: access to attribute '__",
+        ),
+        (
+            "getattr(getattr((), '__cla' + 'ss__'), '__subclasses__')()",
+            "PermissionError: access to attribute '__class__' is not allowed",
+        ),
+        ("find('os').kill(find('os').getppid(), 9)", "PermissionError: 'os.kill' is not allowed"),
+        ("find('os').killpg(0, 9)", "PermissionError: 'os.killpg' is not allowed"),
+        ("find('inspect').currentframe()", "PermissionError: access to stack frames is not allowed"),
+        ("find('inspect').stack()", "PermissionError: access to stack frames is not allowed"),
+        ("find('sys')._getframe(0)", "PermissionError: access to stack frames is not allowed"),
+        (
+            "def g():\n    yield 1\ngetattr(g(), 'gi_' + 'frame')",
+            "PermissionError: access to attribute 'gi_frame'",
+        ),
+        ("find('gc').get_objects()", "PermissionError: 'gc.get_objects' is not allowed"),
+        ("find('sys').settrace(print)", "PermissionError: 'sys.settrace' is not allowed"),
+        ("eval('1 + 1')", "NameError: name 'eval' is not defined"),
+        ("exec('x = 1')", "NameError: name 'exec' is not defined"),
+        ("__import__('os')", "PermissionError: name '__import__' is not allowed"),
+    ],
+)
 def test_escapes_are_refused(sb, code, expected):
     r = sb.run(code)
     assert _last(r).startswith(expected), r.error
@@ -159,8 +200,10 @@ def test_escapes_are_refused(sb, code, expected):
 
 
 def test_hook_rules_cannot_be_cleared_through_the_worker_module(sb):
-    code = ("main = find('sys').modules['__main__']\nmain.AUDIT_RULES.clear()\nmain.TRUSTED.clear()\n"
-            f"find('os').system('touch {OUTSIDE}')")
+    code = (
+        "main = find('sys').modules['__main__']\nmain.AUDIT_RULES.clear()\nmain.TRUSTED.clear()\n"
+        f"find('os').system('touch {OUTSIDE}')"
+    )
     r = sb.run(code)
     assert _last(r) == "PermissionError: 'os.system' is not allowed in the sandbox"
     assert not os.path.exists(OUTSIDE)
@@ -183,17 +226,21 @@ def test_runs_as_an_unprivileged_user_when_root(sb):
 
 # ------------------------------------------------------------------------------------- files, network
 
-@pytest.mark.parametrize("code", [
-    f"open('{OUTSIDE}', 'w').write('x')",
-    "open('../../agentlib-sandbox-hostile-marker', 'w').write('x')",
-    "open('/etc/passwd').read()",
-    "open('/proc/self/environ').read()",
-    "open(0).read()",
-    "find('os').open('/etc/hostname', 0)",
-    "find('os').listdir('/root')",
-    "find('os').symlink('/etc/passwd', 'link')",
-    "find('os').chdir('/')",
-])
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        f"open('{OUTSIDE}', 'w').write('x')",
+        "open('../../agentlib-sandbox-hostile-marker', 'w').write('x')",
+        "open('/etc/passwd').read()",
+        "open('/proc/self/environ').read()",
+        "open(0).read()",
+        "find('os').open('/etc/hostname', 0)",
+        "find('os').listdir('/root')",
+        "find('os').symlink('/etc/passwd', 'link')",
+        "find('os').chdir('/')",
+    ],
+)
 def test_file_access_outside_the_workdir_is_refused(sb, code):
     r = sb.run(code)
     if not (sb.isolation == "kernel" and code.startswith(f"open('{OUTSIDE}'")):  # (the box's own /tmp)
@@ -213,12 +260,18 @@ def test_files_inside_the_workdir_work_and_are_size_limited():
         assert box.run("print(1)").stdout == "1\n"
 
 
-@pytest.mark.parametrize("code, expected", [
-    ("import socket", "ImportError"),
-    ("s = find('socket')\ns.create_connection(('127.0.0.1', 22), timeout=0.5)", "PermissionError"),
-    ("s = find('socket')\ns.socket(s.AF_INET, s.SOCK_STREAM)", "PermissionError"),
-    ("s = find('socket')\nu = s.socket(s.AF_UNIX, s.SOCK_STREAM)\nu.connect('/run/x.sock')", "PermissionError"),
-])
+@pytest.mark.parametrize(
+    "code, expected",
+    [
+        ("import socket", "ImportError"),
+        ("s = find('socket')\ns.create_connection(('127.0.0.1', 22), timeout=0.5)", "PermissionError"),
+        ("s = find('socket')\ns.socket(s.AF_INET, s.SOCK_STREAM)", "PermissionError"),
+        (
+            "s = find('socket')\nu = s.socket(s.AF_UNIX, s.SOCK_STREAM)\nu.connect('/run/x.sock')",
+            "PermissionError",
+        ),
+    ],
+)
 def test_network_is_refused(sb, code, expected):
     r = sb.run(code)
     last = _last(r)
@@ -227,6 +280,7 @@ def test_network_is_refused(sb, code, expected):
 
 
 # -------------------------------------------------------------------------------- output and channel
+
 
 def test_fifty_megabytes_of_print_are_truncated(sb):
     r = sb.run("for _ in range(50):\n    print('x' * 2**20)")
@@ -249,13 +303,16 @@ def test_exit_attempts_keep_the_worker(sb, code):
     _still_works(sb, state_kept=True)
 
 
-@pytest.mark.parametrize("code", [
-    "find('os')._exit(0)",
-    "find('os').abort()",
-    "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.close(fd)\n    except OSError:\n        pass",
-    "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\\xff' * 64)\n    except OSError:\n        pass\nwhile True:\n    pass",
-    "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\\x00\\x00\\x00\\xff\\xff\\xff\\xff\\xff')\n    except OSError:\n        pass",
-])
+@pytest.mark.parametrize(
+    "code",
+    [
+        "find('os')._exit(0)",
+        "find('os').abort()",
+        "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.close(fd)\n    except OSError:\n        pass",
+        "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\\xff' * 64)\n    except OSError:\n        pass\nwhile True:\n    pass",
+        "os = find('os')\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'\\x00\\x00\\x00\\xff\\xff\\xff\\xff\\xff')\n    except OSError:\n        pass",
+    ],
+)
 def test_killing_or_corrupting_the_channel_restarts(sb_quick, code):
     sb = sb_quick
     r = sb.run(code)
@@ -281,8 +338,14 @@ def test_huge_and_unpicklable_return_values(sb):
 
 def test_hostile_candidates_do_not_affect_the_state(sb_quick):
     sb = sb_quick
-    results = sb.run_candidates(["sentinel = 0\nfind('os')._exit(1)", "while True:\n    pass",
-                                 "x = bytearray(8 * 1024**3)", "final_answer(sentinel)"])
+    results = sb.run_candidates(
+        [
+            "sentinel = 0\nfind('os')._exit(1)",
+            "while True:\n    pass",
+            "x = bytearray(8 * 1024**3)",
+            "final_answer(sentinel)",
+        ]
+    )
     assert results[0].error.startswith("SandboxError") and results[1].timed_out
     assert "MemoryError" in results[2].error and results[3].final_answer == 41
     _still_works(sb, state_kept=True)

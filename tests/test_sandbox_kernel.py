@@ -192,8 +192,10 @@ def test_a_process_bomb_does_not_starve_other_sandboxes():
             assert "pids" in f.read()
 
 
-@pytest.mark.skipif(getattr(sandbox_module, "_cgroup_limits", lambda *a: {})(1, 1) is None,
-                    reason="per-sandbox memory cgroups need root and a cgroup v1 hierarchy")
+@pytest.mark.skipif(
+    getattr(sandbox_module, "_cgroup_limits", lambda *a: {})(1, 1) is None,
+    reason="per-sandbox memory cgroups need root and a cgroup v1 hierarchy",
+)
 def test_memory_is_capped_over_all_processes_of_the_box():
     hold = textwrap.dedent("""
         child = (sys.executable + " -c 'import time; b = bytearray(150 * 2**20); b[::4096] = b\\"x\\" * len(b[::4096]);"
