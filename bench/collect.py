@@ -27,16 +27,20 @@ def main() -> int:
         print(f"== {script.name}: exit {rc} in {time.time() - t0:.0f} s", flush=True)
         if rc:
             failed.append(script.name)
-    lines = [f"# Benchmarks\n\nMachine: {machine()}; sandbox isolation: {__import__('agentlib.sandbox', fromlist=['x']).isolation_summary()}\n",
-             "| bench | metric | value | unit | reference | ref value | ratio | bar | pass |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Benchmarks\n\nMachine: {machine()}; sandbox isolation: {__import__('agentlib.sandbox', fromlist=['x']).isolation_summary()}\n",
+        "| bench | metric | value | unit | reference | ref value | ratio | bar | pass |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for path in sorted(OUT_DIR.glob("*.json")):
         payload = json.loads(path.read_text())
         for r in payload["rows"]:
             fmt = lambda v: "" if v is None else f"{v:.4g}"  # noqa: E731
             ok = {True: "yes", False: "NO", None: ""}[r["passed"]]
-            lines.append(f"| {payload['bench']} | {r['metric']} | {fmt(r['value'])} | {r['unit']} | "
-                         f"{r['reference']} | {fmt(r['reference_value'])} | {fmt(r['ratio'])} | {r['bar']} | {ok} |")  # fmt: skip
+            lines.append(
+                f"| {payload['bench']} | {r['metric']} | {fmt(r['value'])} | {r['unit']} | "
+                f"{r['reference']} | {fmt(r['reference_value'])} | {fmt(r['ratio'])} | {r['bar']} | {ok} |"
+            )
     table = "\n".join(lines) + "\n"
     (OUT_DIR / "BENCH.md").write_text(table)
     print(table)
