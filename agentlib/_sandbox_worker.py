@@ -634,7 +634,7 @@ class Worker:
             "final_answer": answer,
             "called_final_answer": self.called,
             "duration_s": time.perf_counter() - t0,
-            "last_output": None if error or self.called else _short_str(value, mc),
+            "last_output": None if error or self.called or value is None else _short_str(value, mc),
         }
         if len(pickle.dumps(answer, protocol=5)) > MAX_MESSAGE // 4:
             result["final_answer"] = "<final answer too large to return>"

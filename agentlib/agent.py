@@ -209,6 +209,7 @@ class AgentConfig:
     sag_vote: str = (
         "logs"  # SAG groups candidates by printed logs ("logs", the authors') or "logs+answer" (ours)
     )
+    last_output: str = "always"  # smolagents' "Last output from code snippet" line; "not_none": only a value
 
     @classmethod
     def teacher(cls, **kw: Any) -> AgentConfig:
@@ -356,8 +357,18 @@ def select_action(texts: Sequence[str], sb: Any, vote_on: str = "logs+answer") -
     )
 
 
-def observation(action: Action, max_chars: int = OBS_MAX_CHARS) -> str:
-    """The text of the next user turn for an action (smolagents' wording)."""
+LAST_OUTPUTS = ("always", "not_none")
+
+
+def observation(action: Action, max_chars: int = OBS_MAX_CHARS, last_output: str = "always") -> str:
+    """The text of the next user turn for an action (smolagents' wording).
+
+    ``last_output``: ``"always"`` ends a successful step's observation with the value of the code's last
+    statement, ``None`` after a ``print`` (smolagents, the authors'); ``"not_none"`` leaves that line out when
+    the value is ``None`` (a departure: the 1.5B teacher read the ``None`` after its print as a failed step and
+    ran the same code again)."""
+    if last_output not in LAST_OUTPUTS:
+        raise ValueError(f"unknown last_output {last_output!r}; choose from {LAST_OUTPUTS}")
     p = prompts("codeact")
     if action.parse_error is not None:
         body = "Error:\n" + render(p["parse_error"], error=str(action.parse_error)) + "\n" + p["retry"]
@@ -370,7 +381,8 @@ def observation(action: Action, max_chars: int = OBS_MAX_CHARS) -> str:
             body += (r.error or "Code execution timed out.") + "\n" + p["retry"]
         elif r.called_final_answer:
             body += ("\n" if stdout and not stdout.endswith("\n") else "") + f"Final answer: {r.final_answer}"
-        else:  # smolagents' observation: the logs, then the value of the code's last statement
+        elif getattr(r, "last_output", None) is not None or last_output == "always":
+            # smolagents' observation: the logs, then the value of the code's last statement
             last = getattr(r, "last_output", None)
             last = "None" if last is None else _truncate(last, max_chars)
             body += (
@@ -447,7 +459,7 @@ def _apply(t: _Trajectory, action: Action, config: AgentConfig) -> dict:
         content += "<end_code>"  # as smolagents stores it: nudges later turns to stop at <end_code>
     t.messages.append({"role": "assistant", "content": content})
     r = action.result
-    obs = observation(action)
+    obs = observation(action, last_output=config.last_output)
     if action.parse_error is not None:
         t.parse_errors += 1
     finished = r is not None and not _failed(r) and r.called_final_answer

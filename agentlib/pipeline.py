@@ -264,6 +264,7 @@ def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
         method="teacher",
         short_prompt=p.teacher_short_prompt,
         stop_on_repeat=p.stop_on_repeat,
+        last_output=p.last_output,
     )
     return AgentConfig.teacher(**{**base, **kw})
 
@@ -280,6 +281,7 @@ def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
         batch_size=_batch(p.student_backend, n_samples),
         stop_on_repeat=p.stop_on_repeat,
         sag_vote=p.sag_vote,
+        last_output=p.last_output,
     )
     if sag:
         base.update(n_samples=p.sag_n, temperature=p.sag_temperature, top_p=p.sag_top_p)

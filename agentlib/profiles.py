@@ -82,6 +82,9 @@ class Profile:
     sag_vote: str = (
         "logs"  # SAG groups candidates by printed logs (the authors'); "logs+answer" adds the answer
     )
+    last_output: str = (
+        "always"  # observations end with the code's last value (smolagents); "not_none": unless None
+    )
     students: tuple[str, ...] = ()  # the student sizes of Table 2 (notebooks 02/03); () = (student,)
     judge: tuple[str, str] | None = (
         None  # (OpenAI-compatible base URL, model) scoring factual answers, or None
@@ -179,6 +182,7 @@ PROFILES: dict[str, Profile] = {
         cot_max_tokens=2048,  # the teacher's CoT is rarely cut before its answer; half the paper's 4,096
         stop_on_repeat=True,  # small models loop; a repeated step would run on into the step limit
         sag_vote="logs+answer",  # ours: candidates that print nothing but answer differently are not one group
+        last_output="not_none",  # the 1.5B read "Last output: None" after a print as a failed step and repeated it
         teacher_slots=1,  # on 2 cores more slots decode no faster and each prefills the long prompt again
         teacher_servers=2,  # one 1-thread server per core, trajectories dealt over them
         # teacher_short_prompt stays False: on the zero-shot prompt the 1.5B wrote its own `search`
@@ -320,6 +324,14 @@ DEPARTURES: tuple[Departure, ...] = (
         "math-verify for expressions",
         "1e-4 accepted 28801 for 28800",
         "all",
+    ),
+    Departure(
+        "Last output in observations",
+        "every successful step's observation ends with 'Last output from code snippet:' and the value of the "
+        "last statement, `None` after a print",
+        "the line only when that value is not None (`last_output='not_none'`)",
+        "the 1.5B teacher read the `None` after its print as a failed step and ran the same code again",
+        "`cpu`",
     ),
     Departure(
         "Passages in observations",

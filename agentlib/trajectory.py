@@ -180,6 +180,7 @@ def teacher_settings(p: Profile) -> dict[str, Any]:
         "stop_on_repeat": p.stop_on_repeat,
         "short_prompt": p.teacher_short_prompt,
         "ftp_source": p.ftp_source,
+        "last_output": p.last_output,
         "train_factual": [list(x) for x in p.train_factual],
         "train_math": [list(x) for x in p.train_math],
     }

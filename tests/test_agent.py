@@ -626,3 +626,22 @@ def test_observation_carries_the_last_output_as_smolagents_does():
         assert observation(a) == "Observation:\nExecution logs:\nlogs\nLast output from code snippet:\n42"
         b = select_action([turn("t", "print('only logs')")], sb)
         assert observation(b).endswith("only logs\nLast output from code snippet:\nNone")
+
+
+def test_the_last_output_line_can_be_left_out_when_it_is_none():
+    with SpySandbox({}) as sb:
+        printed = select_action([turn("t", "print('logs')")], sb)
+        valued = select_action([turn("t", "6 * 7")], sb)
+    assert observation(printed, last_output="not_none") == "Observation:\nExecution logs:\nlogs\n"
+    assert observation(valued, last_output="not_none").endswith("Last output from code snippet:\n42")
+    assert observation(printed).endswith("Last output from code snippet:\nNone")  # the authors' default
+    with pytest.raises(ValueError, match="unknown last_output"):
+        observation(printed, last_output="sometimes")
+    (r,) = run(
+        ScriptedModel(
+            lambda conv, prefix, i: turn("t", "print(1)") if len(conv) < 3 else turn("d", "final_answer(1)")
+        ),
+        [Ex("1", "q", "1")],
+        AgentConfig(last_output="not_none"),
+    )
+    assert r["messages"][3]["content"] == "Observation:\nExecution logs:\n1\n"
