@@ -428,9 +428,12 @@ def plot_teacher_ftp(summary: Any, path: str | Path) -> Any:
         ("mean_search_calls", "search calls / trajectory"),
     ]
     cols = [(c, t) for c, t in cols if c in summary]
-    fig = _figure(figsize=(3.2 * len(cols), 3.2))
+    labels = list(summary["run"])
+    if "domain" in summary:  # one row per run and domain
+        labels = [f"{run}\n{domain}" for run, domain in zip(summary["run"], summary["domain"], strict=True)]
+    fig = _figure(figsize=(max(3.2, 0.8 * len(labels)) * len(cols), 3.2))
     for ax, (col, title) in zip(fig.subplots(1, len(cols), squeeze=False)[0], cols, strict=True):
-        _bars(ax, list(summary["run"]), summary[col].fillna(0).to_numpy(float), title)
+        _bars(ax, labels, summary[col].fillna(0).to_numpy(float), title)
     return _save(fig, path)
 
 
