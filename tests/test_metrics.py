@@ -299,6 +299,7 @@ MATH_VERIFY_DEPARTURES = [
     ("math-verify extracts nothing after an escaped dollar sign", r"\$150", "150", True, False),
     ("math-verify reads the e of e-notation as Euler's number", "0.0000020107", "2.0107e-06", True, False),
     ("a list is a multiset here, a set in math-verify", "1,1,3", "1,3", False, True),
+    ("a percent gold accepts the number without its sign", "10.0", "10\\%", True, False),
     (
         "GSM-Hard's stated precision: the gold rounded to the prediction's decimals",
         "5031.98",
@@ -346,10 +347,8 @@ def test_grader_agrees_with_math_verify_on_published_predictions():
             correct += ours
             if ours != mv and (p, g) not in departures:
                 disagree.append((p, g, ours, mv))
-    assert not disagree
-    assert len(preds) * len(golds) >= 1200 and agree == len(preds) * len(
-        golds
-    )  # 45 x 28: no departure occurs
+    assert not disagree  # every disagreement is a documented departure
+    assert len(preds) * len(golds) >= 1200 and agree >= len(preds) * len(golds) - len(departures)
     assert correct >= 20
 
 
