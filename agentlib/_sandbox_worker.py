@@ -1508,6 +1508,9 @@ def probe_kernel(ro: list[str], vm: int) -> str | None:
     candidate namespace). None if it works, else the reason."""
     if KERNEL is None:
         return "no Linux libc interfaces (unshare, mount) here"
+    hidden = [r for r in ro if r.split("/")[1:2] and r.split("/")[1] in ("tmp", "proc", "dev", "sys", "mnt")]
+    if hidden:  # a box mounts its own /tmp (and /proc, /dev): libraries there would vanish inside it
+        return f"the interpreter's libraries are under {hidden[0]}, which a kernel box replaces with its own"
     a, b = _socket.socketpair()
     c, d = _socket.socketpair()
     cfg = {"disk_mb": 1, "max_files": 64, "uid": NOBODY, "gid": NOBODY, "probe": True}
