@@ -42,6 +42,7 @@ __all__ = [
     "METHODS",
     "training_sets",
     "eval_sets",
+    "question_domains",
     "closed_book",
     "open_retriever",
     "open_model",
@@ -128,6 +129,11 @@ def training_sets(p: Profile) -> dict[str, list[Example]]:
                 seen.add(ex.id)
                 out[domain].append(ex)
     return out
+
+
+def question_domains(p: Profile) -> dict[str, str]:
+    """Training question id -> "factual" or "math" (records carry only the id)."""
+    return {ex.id: domain for domain, exs in training_sets(p).items() for ex in exs}
 
 
 def eval_sets(p: Profile) -> dict[str, list[Example]]:
@@ -406,7 +412,7 @@ def teacher_runs(
                 f"teacher ({backend}): {usage.completion_tokens:,} tokens generated, {usage.prompt_tokens:,} "
                 f"prompt tokens, {usage.seconds / 60:.1f} min generating, {usage.tokens_per_s:.1f} tokens/s"
             )
-    domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
+    domain = question_domains(p)
     for records in runs.values():  # the summary reports per domain; published records carry it already
         for r in records:
             r.setdefault("domain", domain.get(base_id(r["id"]), ""))

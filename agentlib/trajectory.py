@@ -199,11 +199,11 @@ def publish_teacher(
     import subprocess
 
     from agentlib.paths import ROOT, file_sha256
-    from agentlib.pipeline import training_sets
+    from agentlib.pipeline import question_domains
 
     dest = dest or published_path(p)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    domain = {ex.id: d for d, exs in training_sets(p).items() for ex in exs}
+    domain = question_domains(p)
     lines = [
         json.dumps(
             {**r, "run": name, "domain": r.get("domain") or domain.get(base_id(r["id"]), "")},
