@@ -31,6 +31,7 @@ from typing import Any
 __all__ = [
     "Messages",
     "Usage",
+    "Sampling",
     "cut_at_stop",
     "ChatModel",
     "RoundSession",
@@ -75,6 +76,17 @@ class Usage:
         self.seconds = self.prefill_seconds = 0.0
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to sample a completion: ``n`` of them per conversation, up to ``max_tokens`` each, cut at ``stop``."""
+
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: Sequence[str] | None = None
+
+
 def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
     """``text`` up to (excluding) the earliest occurrence of any stop string."""
     if not stop:
@@ -84,7 +96,8 @@ def cut_at_stop(text: str, stop: Sequence[str] | None) -> str:
 
 
 class ChatModel:
-    """Shared single-conversation form of ``chat_batch``."""
+    """The public calls (``chat``, ``chat_batch``, ``session``) over one method a backend implements:
+    ``generate(conversations, prefixes, sampling)``."""
 
     usage: Usage
 
@@ -119,6 +132,15 @@ class ChatModel:
         stop: Sequence[str] | None = None,
         prefixes: Sequence[str | None] | None = None,
     ) -> list[list[str]]:
+        """``n`` completions for each conversation (continuing its prefix, if given)."""
+        prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
+        sampling = Sampling(n, temperature, top_p, max_tokens, stop)
+        return self.generate(list(conversations), prefixes, sampling)
+
+    def generate(
+        self, conversations: list[Messages], prefixes: list[str | None], sampling: Sampling
+    ) -> list[list[str]]:
+        """The backend's ``chat_batch``, with its arguments gathered."""
         raise NotImplementedError
 
     def prime(self, messages: Messages) -> None:
@@ -133,7 +155,10 @@ class ChatModel:
         stop: Sequence[str] | None = None,
     ) -> RoundSession:
         """Requests answered as they come (see ``RoundSession``; ``HFModel`` batches continuously)."""
-        return RoundSession(self, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
+        return self.open_session(Sampling(n, temperature, top_p, max_tokens, stop))
+
+    def open_session(self, sampling: Sampling) -> RoundSession:
+        return RoundSession(self, sampling)
 
 
 def _usage_tokens(model: Any) -> tuple[float, float]:
@@ -167,8 +192,8 @@ class RoundSession:
     Per-request tokens are the call's totals shared out by characters, time evenly (servers report per call).
     """
 
-    def __init__(self, model: Any, **gen: Any):
-        self.model, self.gen = model, gen
+    def __init__(self, model: Any, sampling: Sampling):
+        self.model, self.sampling = model, sampling
         self.pending: list[tuple[Any, Messages, str | None]] = []
 
     def submit(self, key: Any, messages: Messages, prefix: str | None = None) -> None:
@@ -185,7 +210,7 @@ class RoundSession:
             p0, c0 = _usage_tokens(self.model)
             t0 = time.perf_counter()
             outs = self.model.chat_batch(
-                [m for _, m, _ in batch], prefixes=prefixes if any(prefixes) else None, **self.gen
+                [m for _, m, _ in batch], prefixes=prefixes if any(prefixes) else None, **vars(self.sampling)
             )
             gen_s = (time.perf_counter() - t0) / len(batch)
             p1, c1 = _usage_tokens(self.model)
@@ -316,30 +341,15 @@ class HFModel(ChatModel):
     def tokenize(self, messages: Messages, prefix: str | None = None) -> list[int]:
         return self.tokenizer(self.render(messages, prefix), add_special_tokens=False).input_ids
 
-    def session(
-        self,
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 512,
-        stop: Sequence[str] | None = None,
-    ) -> HFSession:
+    def open_session(self, sampling: Sampling) -> HFSession:
         """Continuous batching (``agentlib.decoding``): requests join and leave the running batch step by step."""
-        return HFSession(self, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
+        return HFSession(self, sampling)
 
-    def chat_batch(
-        self,
-        conversations: Sequence[Messages],
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 512,
-        stop: Sequence[str] | None = None,
-        prefixes: Sequence[str | None] | None = None,
+    def generate(
+        self, conversations: list[Messages], prefixes: list[str | None], sampling: Sampling
     ) -> list[list[str]]:
         """Generate for all conversations, ``max_batch`` of them decoding at a time (continuous batching)."""
-        prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
-        s = self.session(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
+        s = self.open_session(sampling)
         for i, (m, p) in enumerate(zip(conversations, prefixes, strict=True)):
             s.submit(i, m, p)
         out: list[list[str]] = [[] for _ in conversations]
@@ -361,27 +371,19 @@ class HFSession(RoundSession):
     """``RoundSession``'s interface over ``HFModel``'s continuous batching: a request is answered the step its
     last sample ends, and a follow-up submitted then joins the running batch at the next step."""
 
-    def __init__(
-        self,
-        hf: HFModel,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
-        stop: Sequence[str] | None,
-    ):
+    def __init__(self, hf: HFModel, sampling: Sampling):
         from agentlib.decoding import Decoder
 
-        self.hf, self.n, self.stop = hf, n, stop
-        self.greedy = temperature <= 0.0
+        self.hf, self.n, self.stop = hf, sampling.n, sampling.stop
+        self.greedy = sampling.temperature <= 0.0
         self.decoder = Decoder(
             hf.model,
             hf.tokenizer,
             [*hf.eos_ids, hf.tokenizer.pad_token_id],
-            temperature,
-            top_p,
-            max_tokens,
-            stop,
+            sampling.temperature,
+            sampling.top_p,
+            sampling.max_tokens,
+            sampling.stop,
             hf.max_batch,
             hf.prefix_cache,
             hf.usage,
@@ -691,20 +693,11 @@ class OpenAIModel(ChatModel):
         )
 
     # -- requests
-    def chat_batch(
-        self,
-        conversations: Sequence[Messages],
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 512,
-        stop: Sequence[str] | None = None,
-        prefixes: Sequence[str | None] | None = None,
+    def generate(
+        self, conversations: list[Messages], prefixes: list[str | None], sampling: Sampling
     ) -> list[list[str]]:
         """All conversations concurrently (at most ``max_concurrency`` requests in flight)."""
-        return self._runtime().run(
-            self._batch(conversations, n, temperature, top_p, max_tokens, stop, prefixes)
-        )
+        return self._runtime().run(self._batch(conversations, prefixes, sampling))
 
     def prime(self, messages: Messages) -> None:
         """Prefill ``messages`` once (one token generated), before conversations that all start with them.
@@ -715,29 +708,21 @@ class OpenAIModel(ChatModel):
         """
         self.chat_batch([messages], max_tokens=1)
 
-    async def achat_batch(self, *args: Any, **kwargs: Any) -> list[list[str]]:
-        """``chat_batch`` for callers inside their own event loop."""
-        rt = self._runtime()
-        fut = asyncio.run_coroutine_threadsafe(self._batch(*args, **kwargs), rt.loop)
+    async def achat_batch(
+        self, conversations: Sequence[Messages], prefixes: Sequence[str | None] | None = None, **sampling: Any
+    ) -> list[list[str]]:
+        """``chat_batch`` for callers inside their own event loop (``sampling``: ``Sampling``'s fields)."""
+        prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
+        coro = self._batch(list(conversations), prefixes, Sampling(**sampling))
+        fut = asyncio.run_coroutine_threadsafe(coro, self._runtime().loop)
         return await asyncio.wrap_future(fut)
 
     async def _batch(
-        self,
-        conversations: Sequence[Messages],
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 512,
-        stop: Sequence[str] | None = None,
-        prefixes: Sequence[str | None] | None = None,
+        self, conversations: list[Messages], prefixes: list[str | None], sampling: Sampling
     ) -> list[list[str]]:
-        prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
         if self.model is None:
             self.model = await self._first_model()
-        jobs = [
-            self._one(m, p, n, temperature, top_p, max_tokens, stop)
-            for m, p in zip(conversations, prefixes, strict=True)
-        ]
+        jobs = [self._one(m, p, sampling) for m, p in zip(conversations, prefixes, strict=True)]
         return list(await asyncio.gather(*jobs))
 
     async def _first_model(self) -> str:
@@ -751,22 +736,14 @@ class OpenAIModel(ChatModel):
         finally:
             self.pool.release(ep)
 
-    async def _one(
-        self,
-        messages: Messages,
-        prefix: str | None,
-        n: int,
-        temperature: float,
-        top_p: float,
-        max_tokens: int,
-        stop: Sequence[str] | None,
-    ) -> list[str]:
+    async def _one(self, messages: Messages, prefix: str | None, sampling: Sampling) -> list[str]:
+        n, stop = sampling.n, sampling.stop
         body: dict[str, Any] = {
             "model": self.model,
             "messages": list(messages),
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
+            "max_tokens": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
             **self.extra_body,
         }
         if stop:

@@ -68,6 +68,9 @@ class Profile:
     )
     teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
     teacher_servers: int = 1  # llama.cpp teacher servers, each with an equal share of the cores
+    teacher_spec: str | None = (
+        None  # llama.cpp n-gram speculative decoding (serve.SPEC_TYPES); same greedy text
+    )
     cot_max_tokens: int | None = (
         None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
     )
@@ -111,6 +114,18 @@ class Profile:
         return asdict(self)
 
 
+# The paper's eight test sets and their sizes (Table 1)
+PAPER_TESTS = {
+    "hotpotqa": 500,
+    "bamboogle": 125,
+    "musique": 500,
+    "2wikimultihopqa": 500,
+    "math500": 500,
+    "gsm_hard": 500,
+    "aime": 90,
+    "olymath": 200,
+}
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
@@ -148,7 +163,7 @@ PROFILES: dict[str, Profile] = {
         description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
         expected_wall="~46-76 min on 2 cores (measurements: docs/profile_choices.md)",
         teacher="qwen2.5-coder-1.5b",
-        teacher_backend="llamacpp",  # fast on every CPU; "auto" picks batched bf16 transformers where bf16 is native
+        teacher_backend="auto",  # batched bf16 transformers where bf16 is native (1.6x llama.cpp), else llama.cpp
         teacher_max_tokens=512,  # MATH thoughts in LaTeX ran past 256 tokens before their code (parse errors)
         teacher_temperature=0.7,
         teacher_top_p=0.8,
@@ -185,6 +200,7 @@ PROFILES: dict[str, Profile] = {
         last_output="not_none",  # the 1.5B read "Last output: None" after a print as a failed step and repeated it
         teacher_slots=1,  # on 2 cores more slots decode no faster and each prefills the long prompt again
         teacher_servers=2,  # one 1-thread server per core, trajectories dealt over them
+        teacher_chunk=30,  # 30 trajectories a run fill the in-process batch; a chunk is ~1 h on 2 cores
         # teacher_short_prompt stays False: on the zero-shot prompt the 1.5B wrote its own `search`
         sag_sweep=(1, 2),
         k_sweep=(1, 3),
@@ -217,16 +233,7 @@ PROFILES: dict[str, Profile] = {
         passage_chars=4000,
         train_factual=(("train", "hotpotqa", 1000),),
         train_math=(("train", "math", 1000), ("train", "math_medium", 1000)),
-        eval_sets=(
-            ("test", "hotpotqa", 500),
-            ("test", "bamboogle", 125),
-            ("test", "musique", 500),
-            ("test", "2wikimultihopqa", 500),
-            ("test", "math500", 500),
-            ("test", "gsm_hard", 500),
-            ("test", "aime", 90),
-            ("test", "olymath", 200),
-        ),
+        eval_sets=tuple(("test", name, n) for name, n in PAPER_TESTS.items()),
         answerable_only=False,
         cot_max_tokens=4096,  # the authors' CoT budget (teacher data and student evaluation)
         judge=("https://api.openai.com/v1", "gpt-4o-mini"),  # the paper's judge; any OpenAI-compatible server

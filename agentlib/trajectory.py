@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -191,9 +192,9 @@ def publish_teacher(
 ) -> Path:
     """Write ``data/teacher_trajectories_<profile>.jsonl.gz`` (+ ``.manifest.json``) from a teacher run.
 
-    Each record gains ``run`` and ``domain``. The manifest holds :func:`teacher_settings`, the backend that
-    made the set, the questions covered per run and domain, the date, the code version and the file's
-    sha256, so notebook 01 (``teacher_source="published"``) and the lab start from it instead of regenerating.
+    Each record gains ``run``, ``domain`` and ``backend`` (a record of the set it replaces keeps its own). The
+    manifest holds :func:`teacher_settings`, the backend of this run and the records per backend, the
+    questions covered per run and domain, the date, the code version and the file's sha256, so notebook 01 (``teacher_source="published"``) and the lab start from it instead of regenerating.
     """
     import datetime
     import subprocess
@@ -204,12 +205,18 @@ def publish_teacher(
     dest = dest or published_path(p)
     dest.parent.mkdir(parents=True, exist_ok=True)
     domain = question_domains(p)
+    backend = backend or p.teacher_backend
+    made_by = _backends_before(dest)  # a record published before keeps the backend that made it
+    stamped = {
+        name: [{**r, "backend": r.get("backend") or made_by.get((name, r["id"]), backend)} for r in records]
+        for name, records in runs.items()
+    }
     lines = [
         json.dumps(
             {**r, "run": name, "domain": r.get("domain") or domain.get(base_id(r["id"]), "")},
             ensure_ascii=False,
         )
-        for name, records in runs.items()
+        for name, records in stamped.items()
         for r in records
     ]
     with gzip.GzipFile(dest, "wb", mtime=0) as f:  # mtime=0: the same trajectories give the same bytes
@@ -227,7 +234,10 @@ def publish_teacher(
     manifest = {
         "profile": p.name,
         **teacher_settings(p),
-        "backend": backend or p.teacher_backend,
+        "backend": backend,
+        "backends": dict(
+            Counter(r["backend"] for records in stamped.values() for r in records).most_common()
+        ),
         "counts": {name: len(records) for name, records in runs.items()},
         "questions": covered,
         "date": datetime.date.today().isoformat(),
@@ -236,6 +246,15 @@ def publish_teacher(
     }
     _manifest_path(dest).write_text(json.dumps(manifest, indent=2) + "\n")
     return dest
+
+
+def _backends_before(path: Path) -> dict[tuple[str, str], str]:
+    """(run, id) -> the backend that made each record of the set already at ``path`` (its manifest's, for
+    records from before records carried one)."""
+    if not path.exists() or not _manifest_path(path).exists():
+        return {}
+    default = json.loads(_manifest_path(path).read_text()).get("backend", "")
+    return {(r["run"], r["id"]): r.get("backend") or default for r in read_records(path)}
 
 
 class PublishedMismatch(ValueError):

@@ -76,11 +76,9 @@ def main() -> None:
     sets = pipeline.training_sets(p)
     questions = sets["factual"][: args.factual] + sets["math"][: args.math]
     retriever = pipeline.open_retriever(p)
-    picked = (
-        "llamacpp2"
-        if pipeline.teacher_backend(p) == "llamacpp" and p.teacher_servers == 2
-        else pipeline.teacher_backend(p)
-    )
+    picked = pipeline.teacher_backend(p)
+    if picked == "llamacpp":
+        picked += "2" if p.teacher_servers == 2 else ""
     print(f"{len(questions)} questions; the profile's teacher path here: {picked}", flush=True)
     res = {}
     for name in args.arms.split(","):

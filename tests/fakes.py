@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from agentlib.models import Usage, cut_at_stop
+from agentlib.models import ChatModel, Sampling, Usage, cut_at_stop
 from agentlib.sandbox import Sandbox
 
 
@@ -38,7 +38,7 @@ def turn(thought: str, code: str) -> str:
     return f"Thought: {thought}\nCode:\n```py\n{code}\n```"
 
 
-class ScriptedModel:
+class ScriptedModel(ChatModel):
     """A chat model whose replies come from ``script(conversation, prefix, sample_index) -> str``.
 
     The reply is the *full* assistant text; when a prefix is forced and the reply starts with it, the
@@ -55,32 +55,14 @@ class ScriptedModel:
     def prime(self, messages: list[dict]) -> None:
         self.primed.append(list(messages))
 
-    def chat(self, messages: list[dict], n: int = 1, prefix: str | None = None, **kw: Any) -> list[str]:
-        return self.chat_batch([messages], n=n, prefixes=[prefix], **kw)[0]
-
-    def chat_batch(
-        self,
-        conversations: Sequence[list[dict]],
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 512,
-        stop: Sequence[str] | None = None,
-        prefixes: Sequence[str | None] | None = None,
+    def generate(
+        self, conversations: list[list[dict]], prefixes: list[str | None], sampling: Sampling
     ) -> list[list[str]]:
         if self.fail_on_call is not None and len(self.calls) + 1 == self.fail_on_call:
             raise RuntimeError("simulated crash")
-        prefixes = list(prefixes) if prefixes is not None else [None] * len(conversations)
+        n, stop = sampling.n, sampling.stop
         self.calls.append(
-            {
-                "conversations": [list(c) for c in conversations],
-                "n": n,
-                "prefixes": prefixes,
-                "temperature": temperature,
-                "top_p": top_p,
-                "stop": stop,
-                "max_tokens": max_tokens,
-            }
+            {"conversations": [list(c) for c in conversations], "prefixes": prefixes, **vars(sampling)}
         )
         out = []
         for conv, prefix in zip(conversations, prefixes, strict=True):

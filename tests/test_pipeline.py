@@ -15,7 +15,9 @@ def test_one_trajectory_per_llamacpp_slot():
         == 4
     )
     # the in-process teacher batches continuously
-    assert pipeline.teacher_config(get_profile("cpu", teacher_backend="hf")).batch_size == 16
+    assert (
+        pipeline.teacher_config(get_profile("cpu", teacher_backend="hf")).batch_size == pipeline.TEACHER_BATCH
+    )
     assert pipeline.student_config(cpu).batch_size == pipeline.SLOTS
     # a SAG step asks for N samples, each taking a slot
     assert pipeline.student_config(cpu, sag=True).batch_size == max(1, pipeline.SLOTS // cpu.sag_n)
@@ -253,8 +255,22 @@ def test_published_teacher_set_round_trips_and_is_checked(tmp_path, monkeypatch)
     assert manifest["questions"]["agent_ftp"] == {"factual": 3, "math": 0}
     loaded = trajectory.load_published(p, dest)
     assert {
-        k: [{x: r[x] for x in r if x not in ("run", "domain")} for r in v] for k, v in loaded.items()
+        k: [{x: r[x] for x in r if x not in ("run", "domain", "backend")} for r in v]
+        for k, v in loaded.items()
     } == runs
+    # published again by another backend with one more record: the earlier records keep the backend that made them
+    more = {**runs, "agent": [*runs["agent"], {**runs["agent"][0], "id": "extra#s0"}]}
+    trajectory.publish_teacher(p, more, dest=tmp_path / "t2.jsonl.gz", backend="hf")
+    dest2 = trajectory.publish_teacher(p, more, dest=tmp_path / "t2.jsonl.gz", backend="llamacpp")
+    again = trajectory.read_published(dest2)
+    assert {r["backend"] for r in again["agent"]} == {"hf"}  # all were published by hf first
+    (tmp_path / "t2.jsonl.gz").unlink()
+    trajectory.publish_teacher(p, runs, dest=tmp_path / "t2.jsonl.gz", backend="hf")
+    trajectory.publish_teacher(p, more, dest=tmp_path / "t2.jsonl.gz", backend="llamacpp")
+    again = trajectory.read_published(tmp_path / "t2.jsonl.gz")
+    assert [r["backend"] for r in again["agent"]] == ["hf"] * len(runs["agent"]) + ["llamacpp"]
+    n = sum(len(v) for v in runs.values())
+    assert json.loads((tmp_path / "t2.manifest.json").read_text())["backends"] == {"hf": n, "llamacpp": 1}
     assert {r["domain"] for v in loaded.values() for r in v} == {"factual"}
     # the SFT datasets are the same as the generating run's
     a = pipeline.sft_datasets(runs, tmp_path / "teacher")
@@ -298,7 +314,11 @@ def test_a_generation_resumes_from_the_published_set_in_a_fresh_checkout(tmp_pat
     fresh.mkdir()
     assert trajectory.seed_from_published(p, fresh) == sum(map(len, runs.values()))
     calls = len(model.calls)
-    assert pipeline.teacher_stage(p, model, None, fresh, progress=False) == runs  # nothing left to generate
+    resumed = pipeline.teacher_stage(p, model, None, fresh, progress=False)  # nothing left to generate
+    assert {k: [r.pop("backend") for r in v] for k, v in resumed.items()} == {
+        k: [p.teacher_backend] * len(v) for k, v in runs.items()
+    }  # a resumed record keeps the backend that made it
+    assert resumed == runs
     assert len(model.calls) == calls
     assert trajectory.seed_from_published(p, fresh) == 0  # idempotent
     assert (

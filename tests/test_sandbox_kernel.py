@@ -225,21 +225,25 @@ def test_nothing_runs_between_runs():
         assert _cpu_ticks(sb.pid) - before <= 2  # ticks of 10 ms: stopped, not spinning
 
 
-def test_an_early_result_does_not_let_the_code_go_on():
-    forge = textwrap.dedent("""
+def _forge(message: str, then: str = "import time\ntime.sleep(0.5)") -> str:
+    """Code that writes `message` (Python source of a value) on the worker's channel, then runs `then`."""
+    send = textwrap.dedent(f"""
         struct = sys.modules['struct']
         pickle = sys.modules['pickle']
-        body = pickle.dumps(('result', {'stdout': 'early\\n', 'error': None, 'final_answer': None,
-                                        'called_final_answer': False, 'duration_s': 0.0, 'last_output': None}))
+        body = pickle.dumps({message})
         for fd in range(3, 64):
             try:
                 if os.fstat(fd).st_mode & 0o170000 == 0o140000:
                     os.write(fd, struct.pack('!Q', len(body)) + body)
             except OSError:
                 pass
-        while True:
-            pass
     """)
+    return send + then + "\n"
+
+
+def test_an_early_result_does_not_let_the_code_go_on():
+    result = "{'stdout': 'early\\n', 'error': None, 'final_answer': None, 'called_final_answer': False, 'duration_s': 0.0, 'last_output': None}"
+    forge = _forge(f"('result', {result})", then="while True:\n    pass")
     with box(timeout_s=3) as sb:
         r = sb.run(forge)
         assert r.stdout == "early\n" and not r.timed_out
@@ -261,23 +265,6 @@ def test_a_slow_tool_call_cannot_hold_the_timeout():
 
 
 # ------------------------------------------------------------------------- hostile bytes to the parent
-
-
-def _forge(message: str) -> str:
-    """Code that writes `message` (Python source of a value) on the worker's channel, then sleeps."""
-    return textwrap.dedent(f"""
-        struct = sys.modules['struct']
-        pickle = sys.modules['pickle']
-        body = pickle.dumps({message})
-        for fd in range(3, 64):
-            try:
-                if os.fstat(fd).st_mode & 0o170000 == 0o140000:
-                    os.write(fd, struct.pack('!Q', len(body)) + body)
-            except OSError:
-                pass
-        import time
-        time.sleep(0.5)
-    """)
 
 
 @pytest.mark.parametrize(
@@ -353,15 +340,12 @@ def test_an_open_file_is_not_shared_with_candidates():
 
 
 def test_candidates_cannot_talk_over_an_inherited_socketpair():
+    send = "import time\nfor _ in range(20):\n    a.send(b'hello')\n    time.sleep(0.05)"
+    receive = "b.settimeout(1.5)\ntry:\n    print(b.recv(100))\nexcept OSError as e:\n    print('no', type(e).__name__)"
     with box(timeout_s=5) as sb:
         sb.run("a, b = sys.modules['_socket'].socketpair()")
-        results = sb.run_candidates(
-            [
-                "import time\nfor _ in range(20):\n    a.send(b'hello')\n    time.sleep(0.05)",
-                "b.settimeout(1.5)\ntry:\n    print(b.recv(100))\nexcept OSError as e:\n    print('no', type(e).__name__)",
-            ]
-        )
-        assert "hello" not in results[1].stdout
+        heard = sb.run_candidates([send, receive])[1].stdout
+    assert "hello" not in heard
 
 
 def test_uncommitted_candidates_change_nothing():

@@ -355,18 +355,9 @@ def test_smollm2_lora_loss_falls(tmp_path):
         record(obs="Observation: Ed Wood was born in Poughkeepsie, New York."),
         record(obs="Observation: Scott Derrickson is an American director."),
     ]
-    cfg = SFTConfig(
-        lora_r=16,
-        lora_alpha=32,
-        lora_dropout=0.0,
-        batch_size=3,
-        max_length=1024,
-        num_epochs=8,
-        learning_rate=2e-3,
-        warmup_ratio=0.0,
-        batching="pack",
-        device="cpu",
-    )
+    lora = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0}
+    schedule = {"num_epochs": 8, "learning_rate": 2e-3, "warmup_ratio": 0.0}  # 8 steps of 3 packed examples
+    cfg = SFTConfig(**lora, **schedule, batch_size=3, max_length=1024, batching="pack", device="cpu")
     res = train(cfg, records, "smollm2-135m", tmp_path / "smol", progress=False)
     assert len(res.losses) == 8
     assert res.losses[-1] < 0.5 * res.losses[0], res.losses
