@@ -47,8 +47,12 @@ __all__ = [
     "open_retriever",
     "open_model",
     "native_bf16",
+    "resolve_backend",
     "teacher_backend",
+    "student_backend",
     "open_teacher",
+    "open_student",
+    "STUDENT_BATCH",
     "TEACHER_BATCH",
     "teacher_config",
     "student_config",
@@ -204,11 +208,41 @@ def native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def teacher_backend(p: Profile) -> str:
-    """The profile's teacher backend; ``"auto"`` picks ``"hf"`` on CPUs with native bf16, else ``"llamacpp"``."""
-    if p.teacher_backend != "auto":
-        return p.teacher_backend
+def resolve_backend(backend: str) -> str:
+    """``"auto"``: ``"hf"`` (batched bf16 transformers) on CPUs with native bf16, else ``"llamacpp"``."""
+    if backend != "auto":
+        return backend
     return "hf" if native_bf16() else "llamacpp"
+
+
+def teacher_backend(p: Profile) -> str:
+    """The profile's teacher backend (:func:`resolve_backend`)."""
+    return resolve_backend(p.teacher_backend)
+
+
+def student_backend(p: Profile) -> str:
+    """The profile's student backend (:func:`resolve_backend`)."""
+    return resolve_backend(p.student_backend)
+
+
+@contextmanager
+def open_student(
+    p: Profile, name: str, adapter: str | Path | None = None, backend: str | None = None
+) -> Iterator[Any]:
+    """Student ``name`` (with its LoRA ``adapter``, if any) on the profile's student backend.
+
+    ``hf``: the adapter merged into the bf16 weights (no LoRA matmuls at run time), ``STUDENT_BATCH``
+    trajectories decoding together; ``llamacpp``: the GGUF base with the adapter applied at run time.
+    """
+    backend = backend or student_backend(p)
+    kw: dict[str, Any] = {"merge_adapter": True, "max_batch": STUDENT_BATCH} if backend == "hf" else {}
+    with open_model(name, backend, adapter=adapter, **kw) as model:
+        yield model
+
+
+STUDENT_BATCH = (
+    32  # student trajectories decoding together in-process (SAG's N samples share one row's prompt)
+)
 
 
 @contextmanager
@@ -286,7 +320,7 @@ def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
         max_tokens=p.student_max_tokens,
         search_k=p.top_k,
         search_chars=p.passage_chars,
-        batch_size=_batch(p.student_backend, n_samples),
+        batch_size=STUDENT_BATCH if student_backend(p) == "hf" else _batch(student_backend(p), n_samples),
         stop_on_repeat=p.stop_on_repeat,
         sag_vote=p.sag_vote,
         last_output=p.last_output,

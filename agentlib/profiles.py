@@ -160,7 +160,7 @@ PROFILES: dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu",
-        description="Offline laptop run: Qwen2.5-Coder-1.5B teacher (llama.cpp), Qwen2.5-Coder-0.5B student.",
+        description="Offline laptop run: Qwen2.5-Coder-1.5B teacher, Qwen2.5-Coder-0.5B student (llama.cpp or bf16).",
         expected_wall="~46-76 min on 2 cores (measurements: docs/profile_choices.md)",
         teacher="qwen2.5-coder-1.5b",
         teacher_backend="auto",  # batched bf16 transformers where bf16 is native (1.6x llama.cpp), else llama.cpp

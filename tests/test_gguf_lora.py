@@ -91,3 +91,22 @@ def test_llamacpp_with_gguf_lora_matches_transformers_with_peft(adapter):
     hf = load_model(MODEL, backend="hf", adapter=adapter).chat(PROMPT, **kw)[0]
     assert served != base  # the adapter is applied
     assert served.split()[:4] == hf.split()[:4]  # and applied the way peft applies it
+
+
+def test_open_student_merges_the_adapter_into_the_weights_on_hf(adapter):
+    """The in-process student path merges the LoRA into the bf16 weights: same greedy text as peft's run-time
+    LoRA, and no LoRA layers left to compute."""
+    from agentlib import pipeline
+    from agentlib.profiles import get_profile
+
+    kw = dict(temperature=0.0, max_tokens=12)
+    p = get_profile("smoke", student_backend="auto")
+    with pipeline.open_student(p, MODEL, adapter, backend="hf") as merged:
+        assert merged.max_batch == pipeline.STUDENT_BATCH
+        assert not any("lora" in name for name, _ in merged.model.named_modules())
+        text = merged.chat(PROMPT, **kw)[0]
+    assert text == load_model(MODEL, backend="hf", adapter=adapter).chat(PROMPT, **kw)[0]
+    assert pipeline.student_backend(p) == ("hf" if pipeline.native_bf16() else "llamacpp")
+    assert pipeline.student_config(p).batch_size == (
+        pipeline.STUDENT_BATCH if pipeline.native_bf16() else pipeline.SLOTS
+    )
