@@ -7,8 +7,9 @@ from agentlib.profiles import get_profile
 
 
 def test_one_trajectory_per_llamacpp_slot():
-    cpu = get_profile("cpu", teacher_backend="llamacpp")  # teacher and student on local llama.cpp servers
-    assert cpu.teacher_backend == cpu.student_backend == "llamacpp"
+    # teacher and student on local llama.cpp servers (the cpu profile's pick without native bf16)
+    cpu = get_profile("cpu", teacher_backend="llamacpp", student_backend="llamacpp")
+    assert pipeline.teacher_backend(cpu) == pipeline.student_backend(cpu) == "llamacpp"
     assert pipeline.teacher_config(cpu).batch_size == cpu.teacher_slots == 1  # one trajectory at a time
     assert (
         pipeline.teacher_config(get_profile("cpu", teacher_slots=4, teacher_backend="llamacpp")).batch_size
