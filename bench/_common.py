@@ -55,6 +55,16 @@ def row(
     }
 
 
+def speed_row(
+    metric: str, value: float, unit: str, ref: tuple[str, float] | None, times: float | None
+) -> dict:
+    """A speed compared with the reference arm ``ref`` (label, value); ``times``: the bar's factor, for the arm
+    that the bar is about (None for the others)."""
+    label, ref_value = ref if ref else ("", None)
+    passed = value >= times * ref_value if times and ref_value else None
+    return row(metric, value, unit, label, ref_value, f">= {times:g}x" if times else "", passed)
+
+
 def write_rows(name: str, rows: list[dict]) -> Path:
     """Write a benchmark's rows (with the machine description) and print them."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)

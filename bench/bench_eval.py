@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import row, write_rows  # noqa: E402
+from _common import row, speed_row, write_rows  # noqa: E402
 
 from agentlib import pipeline, trajectory  # noqa: E402
 from agentlib.paths import runs_dir  # noqa: E402
@@ -70,18 +70,18 @@ def run_arm(p, sets, retriever, adapter: Path, backend: str) -> dict:
         "wall_s": wall,
         "questions": len(recs),
         "per_min": 60 * len(recs) / wall,
+        "steps": sum(len(r["steps"]) for r in recs),
         "gen_tokens": usage.completion_tokens,
         "correct": sum(r["score"] for r in recs),
-        "steps": sum(len(r["steps"]) for r in recs),
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--profile", default="cpu")
-    ap.add_argument("--per-set", type=int, default=10)
-    ap.add_argument("--arms", default="llamacpp,hf")
     ap.add_argument("--adapter", default=None, help="an agent student's adapter folder")
+    ap.add_argument("--per-set", type=int, default=10, help="questions from each of the four sets")
+    ap.add_argument("--arms", default="llamacpp,hf")
+    ap.add_argument("--profile", default="cpu")
     args = ap.parse_args()
     p = get_profile(args.profile)
     p = replace(p, eval_sets=tuple((split, name, args.per_set) for split, name in SETS))
@@ -99,17 +99,9 @@ def main() -> None:
     rows = []
     for name, r in res.items():
         is_new = name == picked and name != "llamacpp"
-        rows.append(
-            row(
-                f"{name}: agent_distill questions per minute ({n} questions)",
-                r["per_min"],
-                "q/min",
-                "llamacpp, run-time LoRA" if ref else "",
-                ref["per_min"] if ref else None,
-                ">= 3x" if is_new else "",
-                (r["per_min"] >= 3 * ref["per_min"]) if is_new and ref else None,
-            )
-        )
+        reference = ("llamacpp, run-time LoRA", ref["per_min"]) if ref else None
+        metric = f"{name}: agent_distill questions per minute ({n} questions)"
+        rows.append(speed_row(metric, r["per_min"], "q/min", reference, 3 if is_new else None))
         rows.append(row(f"{name}: correct of {r['questions']}", r["correct"], "questions"))
         rows.append(row(f"{name}: tokens generated", r["gen_tokens"], "tokens", "steps", r["steps"]))
     rows.append(

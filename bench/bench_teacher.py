@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import row, write_rows  # noqa: E402
+from _common import row, speed_row, write_rows  # noqa: E402
 
 from agentlib import pipeline  # noqa: E402
 from agentlib.agent import run_agent  # noqa: E402
@@ -88,17 +88,9 @@ def main() -> None:
     rows = []
     for name, r in res.items():
         is_new = name == picked
-        rows.append(
-            row(
-                f"{name}: trajectories per hour ({len(questions)} questions)",
-                r["per_hour"],
-                "traj/h",
-                "llamacpp, 1 slot" if ref else "",
-                ref["per_hour"] if ref else None,
-                ">= 2.5x" if is_new else "",
-                (r["per_hour"] >= 2.5 * ref["per_hour"]) if is_new and ref else None,
-            )
-        )
+        reference = ("llamacpp, 1 slot", ref["per_hour"]) if ref else None
+        metric = f"{name}: trajectories per hour ({len(questions)} questions)"
+        rows.append(speed_row(metric, r["per_hour"], "traj/h", reference, 2.5 if is_new else None))
         rows.append(row(f"{name}: correct of {r['trajectories']}", r["correct"], "trajectories"))
         rows.append(
             row(
