@@ -240,9 +240,8 @@ def open_student(
         yield model
 
 
-STUDENT_BATCH = (
-    32  # student trajectories decoding together in-process (SAG's N samples share one row's prompt)
-)
+# student trajectories decoding together in-process (SAG's N samples share one row's prompt)
+STUDENT_BATCH = 32
 
 
 @contextmanager
@@ -286,10 +285,12 @@ def open_teacher(p: Profile, backend: str | None = None) -> Iterator[Any]:
 TEACHER_BATCH = 32  # trajectories decoding together in-process: a full batch keeps the 2 cores busy (bf16)
 
 
-def _batch(backend: str, n_samples: int = 1, slots: int = SLOTS) -> int:
-    """Trajectories advanced together: one per llama.cpp slot (a SAG step takes ``n_samples`` slots); 16
-    elsewhere (vLLM batches any number)."""
-    return max(1, slots // n_samples) if backend == "llamacpp" else 16
+def _batch(backend: str, n_samples: int = 1, slots: int = SLOTS, in_process: int = 16) -> int:
+    """Trajectories advanced together: one per llama.cpp slot (a SAG step takes ``n_samples`` slots);
+    ``in_process`` with transformers; 16 elsewhere (vLLM batches any number)."""
+    if backend == "llamacpp":
+        return max(1, slots // n_samples)
+    return in_process if backend == "hf" else 16
 
 
 def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
@@ -300,9 +301,7 @@ def teacher_config(p: Profile, **kw: Any) -> AgentConfig:
         max_tokens=p.teacher_max_tokens,
         search_k=p.top_k,
         search_chars=p.passage_chars,
-        batch_size=TEACHER_BATCH
-        if teacher_backend(p) == "hf"
-        else _batch(teacher_backend(p), slots=p.teacher_slots),
+        batch_size=_batch(teacher_backend(p), slots=p.teacher_slots, in_process=TEACHER_BATCH),
         method="teacher",
         short_prompt=p.teacher_short_prompt,
         stop_on_repeat=p.stop_on_repeat,
@@ -320,7 +319,7 @@ def student_config(p: Profile, sag: bool = False, **kw: Any) -> AgentConfig:
         max_tokens=p.student_max_tokens,
         search_k=p.top_k,
         search_chars=p.passage_chars,
-        batch_size=STUDENT_BATCH if student_backend(p) == "hf" else _batch(student_backend(p), n_samples),
+        batch_size=_batch(student_backend(p), n_samples, in_process=STUDENT_BATCH),
         stop_on_repeat=p.stop_on_repeat,
         sag_vote=p.sag_vote,
         last_output=p.last_output,

@@ -68,9 +68,6 @@ class Profile:
     )
     teacher_slots: int = 6  # llama.cpp server slots for the teacher = its trajectories advanced together
     teacher_servers: int = 1  # llama.cpp teacher servers, each with an equal share of the cores
-    teacher_spec: str | None = (
-        None  # llama.cpp n-gram speculative decoding (serve.SPEC_TYPES); same greedy text
-    )
     cot_max_tokens: int | None = (
         None  # one CoT answer, teacher and student alike; None: 2 x student_max_tokens
     )

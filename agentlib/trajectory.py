@@ -194,7 +194,8 @@ def publish_teacher(
 
     Each record gains ``run``, ``domain`` and ``backend`` (a record of the set it replaces keeps its own). The
     manifest holds :func:`teacher_settings`, the backend of this run and the records per backend, the
-    questions covered per run and domain, the date, the code version and the file's sha256, so notebook 01 (``teacher_source="published"``) and the lab start from it instead of regenerating.
+    questions covered per run and domain, the date, the code version and the file's sha256, so notebook 01
+    (``teacher_source="published"``) and the lab start from it instead of regenerating.
     """
     import datetime
     import subprocess

@@ -59,11 +59,10 @@ def run_arm(p, sets, retriever, adapter: Path, backend: str) -> dict:
     out = runs_dir("bench", f"eval_{backend}")
     for f in out.glob("*.jsonl"):
         f.unlink()  # every arm starts from nothing
-    with pipeline.open_student(p, p.student, adapter, backend=backend) as model:
+    p = replace(p, student_backend=backend)
+    with pipeline.open_student(p, p.student, adapter) as model:
         t0 = time.perf_counter()
-        recs = pipeline.evaluate_method(
-            replace(p, student_backend=backend), "agent_distill", model, retriever, sets, out, progress=False
-        )
+        recs = pipeline.evaluate_method(p, "agent_distill", model, retriever, sets, out, progress=False)
         wall = time.perf_counter() - t0
         usage = model.usage
     return {
@@ -103,7 +102,8 @@ def main() -> None:
         metric = f"{name}: agent_distill questions per minute ({n} questions)"
         rows.append(speed_row(metric, r["per_min"], "q/min", reference, 3 if is_new else None))
         rows.append(row(f"{name}: correct of {r['questions']}", r["correct"], "questions"))
-        rows.append(row(f"{name}: tokens generated", r["gen_tokens"], "tokens", "steps", r["steps"]))
+        rows.append(row(f"{name}: tokens generated", r["gen_tokens"], "tokens"))
+        rows.append(row(f"{name}: agent steps", r["steps"], "steps"))
     rows.append(
         row(f"the profile's student path: {picked}", 1.0 if pipeline.native_bf16() else 0.0, "native bf16")
     )
