@@ -38,14 +38,14 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from agentlib.data import last_boxed
-from agentlib.models import RoundSession
+from agentlib.models import RoundSession, Sampling
 from agentlib.retrieval import DEFAULT_MAX_CHARS, format_passages, make_search_tool
 from agentlib.trajectory import JsonlWriter, filter_trajectories, read_records, summarize
 
@@ -63,6 +63,9 @@ __all__ = [
     "parse_step",
     "run_agent",
     "run_cot",
+    "AgentRun",
+    "CotRun",
+    "drive",
     "select_action",
     "summarize",
     "OBS_MAX_CHARS",
@@ -532,79 +535,121 @@ def _record(t: _Trajectory, config: AgentConfig, score_fn: Callable) -> dict:
     }
 
 
+class AgentRun:
+    """The agent on ``examples`` as a job (see :func:`drive`): up to ``config.batch_size`` questions in flight,
+    each step one request; ``records()`` once ``finished``. :func:`run_agent` drives one; the teacher stage
+    drives several at once on one model, so their requests decode in the same batch."""
+
+    def __init__(
+        self,
+        model: Any,
+        examples: Sequence[Any],
+        config: AgentConfig | None = None,
+        out_path: str | Path | None = None,
+        tools: dict[str, Callable] | None = None,
+        retriever: Any = None,
+        prefixes: dict[str, str] | None = None,
+        progress: bool = True,
+        sandbox_factory: Callable[[dict], Any] | None = None,
+        score_fn: Callable[[str | None, Any], float] | None = None,
+    ):
+        self.config = config = config or AgentConfig()
+        if tools is None:
+            tools = {}
+            if retriever is not None:
+                tools = {
+                    "search": make_search_tool(retriever, k=config.search_k, max_chars=config.search_chars)
+                }
+        self.tools, self.prefixes = tools, prefixes or {}
+        self.factory = sandbox_factory or _default_sandbox(config)
+        self.score_fn = score_fn or _default_score()
+        self.system = system_prompt(list(tools), short=config.short_prompt)
+        self.examples = list({str(ex.id): ex for ex in examples}.values())
+        self.done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
+        self.queue = deque(ex for ex in self.examples if str(ex.id) not in self.done)
+        self.writer = JsonlWriter(out_path) if out_path else None
+        if self.queue and hasattr(model, "prime"):  # every trajectory opens with the same system prompt
+            model.prime([{"role": "system", "content": self.system}])
+        self.sampling = Sampling(config.n_samples, config.temperature, config.top_p, config.max_tokens, STOP)
+        self.bar = _progress(len(self.queue), progress)
+        self.active: list[_Trajectory] = []
+
+    @property
+    def finished(self) -> bool:
+        return not self.queue and not self.active
+
+    def refill(self, submit: Callable[..., None]) -> None:
+        """Start questions from the queue while fewer than ``batch_size`` are in flight."""
+        while self.queue and len(self.active) < self.config.batch_size:
+            ex = self.queue.popleft()
+            t = _Trajectory(ex, self.system, self.factory(dict(self.tools)), self.prefixes.get(str(ex.id)))
+            self.active.append(t)
+            submit(t, t.messages, t.step_prefix(), self.sampling)
+
+    def take(self, t: _Trajectory, cands: list[str], info: dict, submit: Callable[..., None]) -> None:
+        """A step's completions came back: run the chosen action; ask for the next step or record the question."""
+        prefix = t.step_prefix() or ""
+        step = _apply(t, select_action([prefix + c for c in cands], t.sb, self.config.sag_vote), self.config)
+        step.update(info)
+        step["duration_s"] = step["gen_s"] + step["exec_s"]
+        if not t.done:
+            submit(t, t.messages, t.step_prefix(), self.sampling)
+            return
+        rec = _record(t, self.config, self.score_fn)
+        _close(t.sb)
+        self.active.remove(t)
+        self.done[rec["id"]] = rec
+        if self.writer:
+            self.writer.write(rec)
+        self.bar.update(1)
+
+    def records(self) -> list[dict]:
+        return [self.done[str(ex.id)] for ex in self.examples]
+
+    def close(self) -> None:
+        for t in self.active:
+            _close(t.sb)
+        if self.writer:
+            self.writer.close()
+        self.bar.close()
+
+
+def drive(model: Any, jobs: Sequence[Any]) -> None:
+    """Advance ``jobs`` (:class:`AgentRun`, :class:`CotRun`, or anything with ``refill(submit)``,
+    ``take(key, texts, info, submit)`` and ``close()``) on one session of ``model`` until none submits more: their
+    requests share the model's batch. ``submit(key, messages, prefix, sampling)``; answers go back to the
+    job that asked. Single-threaded, so a run's order of requests, and so its batches, are reproducible."""
+    session = model.session() if hasattr(model, "session") else RoundSession(model, Sampling())
+
+    def refill() -> None:
+        for job in jobs:
+            job.refill(partial(_submit_for, session, job))
+
+    try:
+        for (job, key), texts, info in session.run(refill):
+            job.take(key, texts, info, partial(_submit_for, session, job))
+    finally:
+        for job in jobs:
+            job.close()
+
+
+def _submit_for(session: Any, job: Any, key: Any, messages: Any, prefix: Any, sampling: Any) -> None:
+    session.submit((job, key), messages, prefix, sampling)
+
+
 def run_agent(
-    model: Any,
-    examples: Sequence[Any],
-    config: AgentConfig | None = None,
-    out_path: str | Path | None = None,
-    tools: dict[str, Callable] | None = None,
-    retriever: Any = None,
-    prefixes: dict[str, str] | None = None,
-    progress: bool = True,
-    sandbox_factory: Callable[[dict], Any] | None = None,
-    score_fn: Callable[[str | None, Any], float] | None = None,
+    model: Any, examples: Sequence[Any], config: AgentConfig | None = None, **kw: Any
 ) -> list[dict]:
     """Run the CodeAct agent on ``examples`` with batched stepping; return one record per example.
 
-    ``tools``: name -> callable given to each sandbox (else ``{"search": make_search_tool(retriever)}``
-    when a retriever is given). ``prefixes``: example id -> first-thought prefix. ``out_path``: JSONL
-    written append-only with fsync; ids already there are skipped and their records returned as is.
+    Keywords (:class:`AgentRun`): ``tools``: name -> callable given to each sandbox (else
+    ``{"search": make_search_tool(retriever)}`` when a ``retriever`` is given); ``prefixes``: example id ->
+    first-thought prefix; ``out_path``: JSONL written append-only with fsync, ids already there are skipped and
+    their records returned as is; ``progress``, ``sandbox_factory``, ``score_fn``.
     """
-    config = config or AgentConfig()
-    if tools is None:
-        tools = {}
-        if retriever is not None:
-            tools = {"search": make_search_tool(retriever, k=config.search_k, max_chars=config.search_chars)}
-    factory = sandbox_factory or _default_sandbox(config)
-    score_fn = score_fn or _default_score()
-    system = system_prompt(list(tools), short=config.short_prompt)
-    examples = list({str(ex.id): ex for ex in examples}.values())
-    done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
-    queue = deque(ex for ex in examples if str(ex.id) not in done)
-    writer = JsonlWriter(out_path) if out_path else None
-    if queue and hasattr(model, "prime"):  # every trajectory opens with the same system prompt
-        model.prime([{"role": "system", "content": system}])
-    gen = dict(
-        n=config.n_samples,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        max_tokens=config.max_tokens,
-        stop=STOP,
-    )
-    session = model.session(**gen) if hasattr(model, "session") else RoundSession(model, **gen)
-    bar = _progress(len(queue), progress)
-    active: list[_Trajectory] = []
-
-    def refill() -> None:  # a finished question's slot goes to the next one in the queue
-        while queue and len(active) < config.batch_size:
-            ex = queue.popleft()
-            t = _Trajectory(ex, system, factory(dict(tools)), (prefixes or {}).get(str(ex.id)))
-            active.append(t)
-            session.submit(t, t.messages, t.step_prefix())
-
-    try:
-        for t, cands, info in session.run(refill):
-            prefix = t.step_prefix() or ""
-            step = _apply(t, select_action([prefix + c for c in cands], t.sb, config.sag_vote), config)
-            step.update(info)
-            step["duration_s"] = step["gen_s"] + step["exec_s"]
-            if not t.done:
-                session.submit(t, t.messages, t.step_prefix())
-                continue
-            rec = _record(t, config, score_fn)
-            _close(t.sb)
-            active.remove(t)
-            done[rec["id"]] = rec
-            if writer:
-                writer.write(rec)
-            bar.update(1)
-    finally:
-        for t in active:
-            _close(t.sb)
-        if writer:
-            writer.close()
-        bar.close()
-    return [done[str(ex.id)] for ex in examples]
+    job = AgentRun(model, examples, config, **kw)
+    drive(model, [job])
+    return job.records()
 
 
 class _NoBar:
@@ -706,86 +751,108 @@ def _vote_key(answer: str, domain: str) -> str:
     return _norm(answer).strip(" .")
 
 
-def run_cot(
-    model: Any,
-    examples: Sequence[Any],
-    n: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    max_tokens: int = 1024,
-    batch_size: int = 16,
-    out_path: str | Path | None = None,
-    rag_retriever: Any = None,
-    k: int = 3,
-    passage_chars: int = DEFAULT_MAX_CHARS,
-    progress: bool = True,
-    score_fn: Callable[[str | None, Any], float] | None = None,
-) -> list[dict]:
-    """Chain-of-thought baseline (``cot``) or CoT+RAG (``cot_rag``: top-``k`` passages retrieved once for
-    the question, each cut at ``passage_chars``, put in the prompt). With ``n > 1`` the answer is the
-    majority vote (ties: the first).
-    Records follow the agent's schema (``steps`` empty; ``samples`` and ``votes`` added)."""
-    p = prompts("cot")
-    score_fn = score_fn or _default_score()
-    method = "cot_rag" if rag_retriever is not None else "cot"
-    examples = list({str(ex.id): ex for ex in examples}.values())
-    done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
-    pending = [ex for ex in examples if str(ex.id) not in done]
-    writer = JsonlWriter(out_path) if out_path else None
-    bar = _progress(len(pending), progress)
-    try:
-        for i in range(0, len(pending), batch_size):
-            chunk = pending[i : i + batch_size]
-            passages: list[str | None] = [None] * len(chunk)
-            if rag_retriever is not None:
-                hits = rag_retriever.batch_search([ex.question for ex in chunk], k=k)
-                passages = [format_passages(h, passage_chars) for h in hits]
-            convs = []
-            for ex, ps in zip(chunk, passages, strict=True):
-                system = p["system_math" if ex.domain == "math" else "system_factual"]
-                user = (
-                    render(p["user_rag"], passages=ps, question=ex.question)
-                    if ps is not None
-                    else render(p["user"], question=ex.question)
-                )
-                convs.append([{"role": "system", "content": system}, {"role": "user", "content": user}])
-            t0 = time.perf_counter()
-            outs = model.chat_batch(convs, n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
-            gen_s = (time.perf_counter() - t0) / len(chunk)
-            for ex, conv, texts in zip(chunk, convs, outs, strict=True):
-                answers = [extract_answer(t, ex.domain) for t in texts]
-                keys = [_vote_key(a, ex.domain) if a is not None else None for a in answers]
-                votes = Counter(k_ for k_ in keys if k_ is not None)
-                if votes:
-                    best = max(votes, key=lambda k_: (votes[k_], -keys.index(k_)))
-                    chosen = keys.index(best)
-                else:
-                    chosen = 0
-                rec = {
-                    "id": str(ex.id),
-                    "benchmark": getattr(ex, "source", ""),
-                    "question": ex.question,
-                    "gold": ex.answer,
-                    "method": method,
-                    "messages": [*conv, {"role": "assistant", "content": texts[chosen]}],
-                    "steps": [],
-                    "prediction": answers[chosen],
-                    "score": float(score_fn(answers[chosen], ex)),
-                    "parse_errors": int(answers[chosen] is None),
-                    "hit_step_limit": False,
-                    "used_prefix": False,
-                    "prefix": None,
-                    "sag_n": n,
-                    "gen_s": gen_s,
-                    "samples": [{"text": t, "answer": a} for t, a in zip(texts, answers, strict=True)],
-                    "votes": dict(votes),
-                }
-                done[rec["id"]] = rec
-                if writer:
-                    writer.write(rec)
-                bar.update(1)
-    finally:
-        if writer:
-            writer.close()
-        bar.close()
-    return [done[str(ex.id)] for ex in examples]
+class CotRun:
+    """Chain-of-thought answers (``cot``) or CoT+RAG (``cot_rag``: top-``k`` passages retrieved once for
+    the question, each cut at ``passage_chars``, put in the prompt) as a job (see :func:`drive`): one request
+    of ``n`` samples per question, up to ``batch_size`` in flight. With ``n > 1`` the answer is the majority
+    vote (ties: the first). Records follow the agent's schema (``steps`` empty; ``samples`` and ``votes`` added).
+    """
+
+    def __init__(
+        self,
+        examples: Sequence[Any],
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        max_tokens: int = 1024,
+        batch_size: int = 16,
+        out_path: str | Path | None = None,
+        rag_retriever: Any = None,
+        k: int = 3,
+        passage_chars: int = DEFAULT_MAX_CHARS,
+        progress: bool = True,
+        score_fn: Callable[[str | None, Any], float] | None = None,
+    ):
+        self.sampling = Sampling(n, temperature, top_p, max_tokens)
+        self.batch_size, self.rag, self.k, self.passage_chars = batch_size, rag_retriever, k, passage_chars
+        self.score_fn = score_fn or _default_score()
+        self.method = "cot_rag" if rag_retriever is not None else "cot"
+        self.examples = list({str(ex.id): ex for ex in examples}.values())
+        self.done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
+        self.queue = deque(ex for ex in self.examples if str(ex.id) not in self.done)
+        self.writer = JsonlWriter(out_path) if out_path else None
+        self.bar = _progress(len(self.queue), progress)
+        self.in_flight = 0
+
+    @property
+    def finished(self) -> bool:
+        return not self.queue and not self.in_flight
+
+    def refill(self, submit: Callable[..., None]) -> None:
+        """Ask for the next questions' answers (retrieving their passages first, in one batch, for RAG)."""
+        free = self.batch_size - self.in_flight
+        if free <= 0 or not self.queue:
+            return
+        chunk = [self.queue.popleft() for _ in range(min(free, len(self.queue)))]
+        passages: list[str | None] = [None] * len(chunk)
+        if self.rag is not None:
+            hits = self.rag.batch_search([ex.question for ex in chunk], k=self.k)
+            passages = [format_passages(h, self.passage_chars) for h in hits]
+        p = prompts("cot")
+        for ex, ps in zip(chunk, passages, strict=True):
+            system = p["system_math" if ex.domain == "math" else "system_factual"]
+            user = (
+                render(p["user_rag"], passages=ps, question=ex.question)
+                if ps is not None
+                else render(p["user"], question=ex.question)
+            )
+            conv = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+            submit((ex, conv), conv, None, self.sampling)
+        self.in_flight += len(chunk)
+
+    def take(self, key: tuple, texts: list[str], info: dict, submit: Callable[..., None]) -> None:
+        """A question's samples came back: vote, score and record it."""
+        ex, conv = key
+        self.in_flight -= 1
+        answers = [extract_answer(t, ex.domain) for t in texts]
+        keys = [_vote_key(a, ex.domain) if a is not None else None for a in answers]
+        votes = Counter(k_ for k_ in keys if k_ is not None)
+        chosen = keys.index(max(votes, key=lambda k_: (votes[k_], -keys.index(k_)))) if votes else 0
+        rec = {
+            "id": str(ex.id),
+            "benchmark": getattr(ex, "source", ""),
+            "question": ex.question,
+            "gold": ex.answer,
+            "method": self.method,
+            "messages": [*conv, {"role": "assistant", "content": texts[chosen]}],
+            "steps": [],
+            "prediction": answers[chosen],
+            "score": float(self.score_fn(answers[chosen], ex)),
+            "parse_errors": int(answers[chosen] is None),
+            "hit_step_limit": False,
+            "used_prefix": False,
+            "prefix": None,
+            "sag_n": self.sampling.n,
+            "gen_s": info["gen_s"],
+            "samples": [{"text": t, "answer": a} for t, a in zip(texts, answers, strict=True)],
+            "votes": dict(votes),
+        }
+        self.done[rec["id"]] = rec
+        if self.writer:
+            self.writer.write(rec)
+        self.bar.update(1)
+
+    def records(self) -> list[dict]:
+        return [self.done[str(ex.id)] for ex in self.examples]
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        self.bar.close()
+
+
+def run_cot(model: Any, examples: Sequence[Any], **kw: Any) -> list[dict]:
+    """Chain-of-thought baseline on ``examples`` (:class:`CotRun`'s keywords); one record per example."""
+    job = CotRun(examples, **kw)
+    drive(model, [job])
+    return job.records()

@@ -161,6 +161,11 @@ class Request:
     ended: int = 0
     gen_s: float = 0.0  # its own prompt encoding plus its share of every decoding step it was in
     cached: int = 0  # prompt tokens taken from the prefix cache
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_tokens: int = 512
+    stop: list[str] = field(default_factory=list)
+    tail: int = 0  # tokens decoded to look for a stop string
 
 
 @dataclass
@@ -172,6 +177,9 @@ class _Row:
 
 class Decoder:
     """Continuous batching over ``model`` (a transformers causal LM): ``submit`` requests, iterate ``run``.
+
+    ``temperature``, ``top_p``, ``max_tokens`` and ``stop`` are the defaults; a request may bring its own, so
+    requests of different runs (a greedy agent step, a sampled chain-of-thought) decode in one batch.
 
     ``run`` yields each request as soon as all its samples have ended; the consumer may ``submit`` more inside the
     loop (they join at the next step). ``refill`` (if given) is called whenever a request slot is free, so the
@@ -193,10 +201,7 @@ class Decoder:
     ):
         self.model, self.tokenizer = model, tokenizer
         self.eos = set(eos_ids)
-        self.temperature, self.top_p, self.max_tokens = temperature, top_p, max_tokens
-        self.stop = [s for s in (stop or []) if s]
-        # tokens decoded to look for a stop string: every token but a special one is at least one byte
-        self.tail = max([len(s.encode()) for s in self.stop] + [0]) + 2
+        self.defaults = dict(temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop)
         self.max_requests = max_requests
         self.prefix_cache = prefix_cache
         self.usage = usage
@@ -206,10 +211,28 @@ class Decoder:
         self.mask = self.last = None  # [rows, cache length] 0/1 and [rows] next input token
 
     # -- queue
-    def submit(self, key: Any, ids: list[int], k: int = 1) -> Request:
+    def submit(self, key: Any, ids: list[int], k: int = 1, **sampling: Any) -> Request:
+        """Queue a prompt for ``k`` samples; ``sampling`` (temperature, top_p, max_tokens, stop) overrides the
+        decoder's defaults for this request."""
         if len(ids) < 2:
             raise ValueError("a prompt needs at least 2 tokens (a chat template gives many more)")
-        req = Request(key, list(ids), k)
+        unknown = set(sampling) - set(self.defaults)
+        if unknown:
+            raise TypeError(f"unknown sampling arguments {sorted(unknown)}")
+        s = {**self.defaults, **{k_: v for k_, v in sampling.items() if v is not None}}
+        stop = [x for x in (s["stop"] or []) if x]
+        # tokens decoded to look for a stop string: every token but a special one is at least one byte
+        tail = max([len(x.encode()) for x in stop] + [0]) + 2
+        req = Request(
+            key,
+            list(ids),
+            k,
+            temperature=s["temperature"],
+            top_p=s["top_p"],
+            max_tokens=s["max_tokens"],
+            stop=stop,
+            tail=tail,
+        )
         self.pending.append(req)
         return req
 
@@ -274,13 +297,13 @@ class Decoder:
             past_key_values=self.cache,
             use_cache=True,
         )
-        tokens = sample(out.logits[:, -1, :], self.temperature, self.top_p)
+        tokens = self._sample(out.logits[:, -1, :])
         keep, finished = [], []
         for i, (row, tok) in enumerate(zip(self.rows, tokens.tolist(), strict=True)):
             row.length += 1
             gen = row.req.samples[row.sample]
             gen.append(tok)
-            if tok in self.eos or len(gen) >= self.max_tokens or self._hit_stop(gen):
+            if tok in self.eos or len(gen) >= row.req.max_tokens or self._hit_stop(gen, row.req):
                 row.req.ended += 1
                 if row.req.ended == row.req.k:
                     finished.append(row.req)
@@ -303,11 +326,24 @@ class Decoder:
             self.usage.calls += len(finished)
         return finished
 
-    def _hit_stop(self, gen: list[int]) -> bool:
-        if not self.stop:
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """One token per row, each with its request's temperature and top-p (rows grouped by them)."""
+        groups: dict[tuple[float, float], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            groups.setdefault((row.req.temperature, row.req.top_p), []).append(i)
+        if len(groups) == 1:
+            return sample(logits, *next(iter(groups)))
+        tokens = torch.empty(len(self.rows), dtype=torch.long, device=logits.device)
+        for (temperature, top_p), rows in groups.items():
+            idx = torch.tensor(rows, device=logits.device)
+            tokens[idx] = sample(logits[idx], temperature, top_p)
+        return tokens
+
+    def _hit_stop(self, gen: list[int], req: Request) -> bool:
+        if not req.stop:
             return False
-        text = self.tokenizer.decode(gen[-self.tail :], skip_special_tokens=False)
-        return any(s in text for s in self.stop)
+        text = self.tokenizer.decode(gen[-req.tail :], skip_special_tokens=False)
+        return any(s in text for s in req.stop)
 
     def _keep(self, keep: list[int], tokens: torch.Tensor) -> None:
         """Drop ended rows, then the leading columns that are padding in every row left."""

@@ -180,12 +180,13 @@ def _shares(total: float, weights: Sequence[float], floors: Sequence[int] | None
 
 class RoundSession:
     """Requests to a model, answered in rounds: everything submitted between rounds goes out in one
-    ``chat_batch`` call (a server batches or runs them concurrently), then each answer is handed back.
+    ``chat_batch`` call per sampling setting (a server batches or runs them concurrently), then each answer
+    is handed back.
 
     Usage::
 
         s = model.session(n=1, max_tokens=256, stop=["<end_code>"])
-        s.submit(key, messages, prefix=None)
+        s.submit(key, messages, prefix=None)  # sampling=Sampling(...): this request's own settings
         for key, texts, info in s.run(refill=None):  # info: gen_s, prompt_tokens, completion_tokens
             ...  # may s.submit() follow-ups; ``refill()`` is called before each round
 
@@ -194,10 +195,12 @@ class RoundSession:
 
     def __init__(self, model: Any, sampling: Sampling):
         self.model, self.sampling = model, sampling
-        self.pending: list[tuple[Any, Messages, str | None]] = []
+        self.pending: list[tuple[Any, Messages, str | None, Sampling]] = []
 
-    def submit(self, key: Any, messages: Messages, prefix: str | None = None) -> None:
-        self.pending.append((key, list(messages), prefix))
+    def submit(
+        self, key: Any, messages: Messages, prefix: str | None = None, sampling: Sampling | None = None
+    ) -> None:
+        self.pending.append((key, list(messages), prefix, sampling or self.sampling))
 
     def run(self, refill: Any = None) -> Any:
         while True:
@@ -206,19 +209,29 @@ class RoundSession:
             if not self.pending:
                 return
             batch, self.pending = self.pending, []
-            prefixes = [p for _, _, p in batch]
-            p0, c0 = _usage_tokens(self.model)
-            t0 = time.perf_counter()
-            outs = self.model.chat_batch(
-                [m for _, m, _ in batch], prefixes=prefixes if any(prefixes) else None, **vars(self.sampling)
-            )
-            gen_s = (time.perf_counter() - t0) / len(batch)
-            p1, c1 = _usage_tokens(self.model)
-            prompt = _shares(p1 - p0, [sum(len(m["content"]) for m in msgs) for _, msgs, _ in batch])
-            # every completion cost at least one token (the end or stop token), even an empty one
-            compl = _shares(c1 - c0, [sum(len(c) for c in cands) for cands in outs], [len(c) for c in outs])
-            for (key, _, _), texts, pt, ct in zip(batch, outs, prompt, compl, strict=True):
-                yield key, texts, {"gen_s": gen_s, "prompt_tokens": pt, "completion_tokens": ct}
+            groups: dict[tuple, list] = {}  # one call per sampling setting, in order of first request
+            for item in batch:
+                s = item[3]
+                groups.setdefault(
+                    (s.n, s.temperature, s.top_p, s.max_tokens, tuple(s.stop or ())), []
+                ).append(item)
+            for group in groups.values():
+                yield from self._call(group)
+
+    def _call(self, batch: list[tuple[Any, Messages, str | None, Sampling]]) -> Any:
+        prefixes = [p for _, _, p, _ in batch]
+        p0, c0 = _usage_tokens(self.model)
+        t0 = time.perf_counter()
+        outs = self.model.chat_batch(
+            [m for _, m, _, _ in batch], prefixes=prefixes if any(prefixes) else None, **vars(batch[0][3])
+        )
+        gen_s = (time.perf_counter() - t0) / len(batch)
+        p1, c1 = _usage_tokens(self.model)
+        prompt = _shares(p1 - p0, [sum(len(m["content"]) for m in msgs) for _, msgs, _, _ in batch])
+        # every completion cost at least one token (the end or stop token), even an empty one
+        compl = _shares(c1 - c0, [sum(len(c) for c in cands) for cands in outs], [len(c) for c in outs])
+        for (key, _, _, _), texts, pt, ct in zip(batch, outs, prompt, compl, strict=True):
+            yield key, texts, {"gen_s": gen_s, "prompt_tokens": pt, "completion_tokens": ct}
 
 
 # --------------------------------------------------------------------------------------------- transformers
@@ -369,13 +382,13 @@ class HFModel(ChatModel):
 
 class HFSession(RoundSession):
     """``RoundSession``'s interface over ``HFModel``'s continuous batching: a request is answered the step its
-    last sample ends, and a follow-up submitted then joins the running batch at the next step."""
+    last sample ends, and a follow-up submitted then joins the running batch at the next step. Requests with
+    different sampling settings decode in the same batch."""
 
     def __init__(self, hf: HFModel, sampling: Sampling):
         from agentlib.decoding import Decoder
 
-        self.hf, self.n, self.stop = hf, sampling.n, sampling.stop
-        self.greedy = sampling.temperature <= 0.0
+        self.hf, self.sampling = hf, sampling
         self.decoder = Decoder(
             hf.model,
             hf.tokenizer,
@@ -388,28 +401,42 @@ class HFSession(RoundSession):
             hf.prefix_cache,
             hf.usage,
         )
+        self.settings: dict[int, Sampling] = {}  # id(request) -> its sampling
 
-    def submit(self, key: Any, messages: Messages, prefix: str | None = None) -> None:
-        # greedy samples are identical: decode once, copy
-        self.decoder.submit(key, self.hf.tokenize(messages, prefix), 1 if self.greedy else self.n)
+    def submit(
+        self, key: Any, messages: Messages, prefix: str | None = None, sampling: Sampling | None = None
+    ) -> None:
+        s = sampling or self.sampling
+        greedy = s.temperature <= 0.0  # greedy samples are identical: decode once, copy
+        req = self.decoder.submit(
+            key,
+            self.hf.tokenize(messages, prefix),
+            1 if greedy else s.n,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            max_tokens=s.max_tokens,
+            stop=s.stop,
+        )
+        self.settings[id(req)] = s
 
     def run(self, refill: Any = None) -> Any:
         for req in self.decoder.run(refill):
+            s = self.settings.pop(id(req))
             texts = [
                 cut_at_stop(
                     self.hf.tokenizer.decode(
-                        [t for t in s if t not in self.decoder.eos], skip_special_tokens=True
+                        [t for t in x if t not in self.decoder.eos], skip_special_tokens=True
                     ),
-                    self.stop,
+                    s.stop,
                 )
-                for s in req.samples
+                for x in req.samples
             ]
             info = {
                 "gen_s": req.gen_s,
                 "prompt_tokens": len(req.ids),
-                "completion_tokens": sum(len(s) for s in req.samples),
+                "completion_tokens": sum(len(x) for x in req.samples),
             }
-            yield req.key, texts * self.n if self.greedy else texts, info
+            yield req.key, texts * s.n if s.temperature <= 0.0 else texts, info
 
 
 # --------------------------------------------------------------------------------------------- endpoint pool

@@ -20,7 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agentlib.agent import SAG_VOTES, AgentConfig, make_prefixes, run_agent, run_cot
+from agentlib.agent import SAG_VOTES, AgentConfig, AgentRun, CotRun, drive, make_prefixes, run_agent, run_cot
 from agentlib.data import Example, load_benchmark, load_extra
 from agentlib.metrics import bootstrap_ci, mean_f1, stratified_ci
 from agentlib.profiles import Profile
@@ -371,8 +371,10 @@ def teacher_stage(
     progress: bool = True,
     runs: Sequence[str] = TEACHER_RUNS,
     on_chunk: Any = None,
+    questions: Sequence[Example] | None = None,
 ) -> dict[str, list]:
-    """Run the teacher on the training questions; return all trajectory records by run name.
+    """Run the teacher on the training questions (``questions``: these instead, as one chunk); return all
+    trajectory records by run name.
 
     - ``cot``: chain-of-thought answers (CoT-distillation data);
     - ``agent``: CodeAct agent without FTP;
@@ -384,6 +386,7 @@ def teacher_stage(
     a run has solved yet gets another sample at the profile's temperature, up to ``teacher_samples`` (rejection
     sampling, a documented departure). Questions go in chunks (:func:`teacher_chunks`): each chunk gets all of
     its samples of all runs, then ``on_chunk(done, total, records_so_far)`` (notebook 01 publishes there).
+    In-process and on vLLM a chunk's runs decode together (:class:`_TeacherChunk`); on llama.cpp in turn.
     Every record is appended to ``out_dir/<run>.jsonl`` as it finishes, so an interrupted stage resumes.
     ``model``: one model, or a list of models the trajectories are dealt over (one server per core).
     """
@@ -394,7 +397,7 @@ def teacher_stage(
         raise ValueError("the agent_ftp run takes its prefixes from the cot run: add 'cot' to runs")
     models = list(model) if isinstance(model, (list, tuple)) else [model]
     out_dir.mkdir(parents=True, exist_ok=True)
-    chunks = teacher_chunks(p)
+    chunks = [list(questions)] if questions is not None else teacher_chunks(p)
     out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
     for i, chunk in enumerate(chunks):
         for name, records in _teacher_chunk(p, models, retriever, out_dir, chunk, runs, progress).items():
@@ -463,6 +466,120 @@ def teacher_runs(
     return runs
 
 
+class _TeacherChunk:
+    """The teacher's runs on one chunk of questions, as one job (``agent.drive``) over per-run sample jobs.
+
+    Each run takes its samples in turn: sample ``j+1`` starts when sample ``j`` is done, for the questions no
+    sample of that run has solved; ``agent_ftp`` starts once the greedy CoT answers (its prefixes) are in.
+    ``concurrent``: every job that can run does, so the runs' requests share the model's batch (no run's
+    slow last trajectories leave it nearly empty); else one job at a time, in the order (sample, run) -- a
+    llama.cpp slot keeps one conversation's cache, so interleaved trajectories would re-prefill every step.
+    """
+
+    def __init__(
+        self,
+        p: Profile,
+        model: Any,
+        retriever: Any,
+        out_dir: Path,
+        chunk: list[Example],
+        runs: Sequence[str],
+        progress: bool,
+        concurrent: bool,
+    ):
+        self.p, self.model, self.retriever, self.out_dir = p, model, retriever, out_dir
+        self.chunk, self.progress, self.concurrent = chunk, progress, concurrent
+        self.out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
+        self.solved: dict[str, set] = {name: set() for name in self.out}
+        self.sample = dict.fromkeys(self.out, 0)  # the next sample each run starts
+        self.active: dict[str, Any] = {}
+        self.prefixes: dict[str, str] | None = None
+        self.cot_done = False  # the greedy CoT answers, the authors' FTP prefixes, are in
+
+    def _ready(self, name: str) -> bool:
+        if self.sample[name] >= max(1, self.p.teacher_samples):
+            return False
+        return name != "agent_ftp" or self.p.ftp_source != "cot" or self.cot_done
+
+    def _start(self, name: str) -> Any:
+        """The job for run ``name``'s next sample, or None when every question is solved."""
+        p, j = self.p, self.sample[name]
+        self.sample[name] += 1
+        todo = [ex for ex in self.chunk if ex.id not in self.solved[name]]
+        if not todo:
+            return None
+        copies = _copies(todo, f"s{j}")
+        temperature = 0.0 if j == 0 else p.teacher_temperature
+        batch = teacher_config(p).batch_size
+        if name == "cot":
+            return CotRun(
+                copies,
+                temperature=temperature,
+                top_p=p.teacher_top_p,
+                max_tokens=p.cot_tokens,
+                batch_size=batch,
+                out_path=self.out_dir / "cot.jsonl",
+                progress=self.progress,
+            )
+        pre = None
+        if name == "agent_ftp":
+            if self.prefixes is None:
+                self.prefixes = _ftp_prefixes(
+                    p, self.model, self.chunk, self.out_dir, self.out.get("cot", [])
+                )
+            pre = {f"{ex.id}#s{j}": self.prefixes[ex.id] for ex in todo if ex.id in self.prefixes}
+        return AgentRun(
+            self.model,
+            copies,
+            teacher_config(p, method=f"teacher_{name}", temperature=temperature),
+            out_path=self.out_dir / f"{name}.jsonl",
+            retriever=self.retriever,
+            prefixes=pre,
+            progress=self.progress,
+        )
+
+    def _collect(self, name: str) -> None:
+        job = self.active.pop(name)
+        records = job.records()
+        job.close()
+        self.out[name] += records
+        self.solved[name] |= {base_id(r["id"]) for r in filter_trajectories(records)}
+        self.cot_done |= name == "cot"
+
+    def refill(self, submit: Any) -> None:
+        for name in [n for n, job in self.active.items() if job.finished]:
+            self._collect(name)
+        while self.concurrent or not self.active:
+            order = [
+                (self.sample[n], i, n)
+                for i, n in enumerate(self.out)
+                if n not in self.active and self._ready(n)
+            ]
+            if not order:
+                break
+            name = min(order)[2]
+            job = self._start(name)
+            if job is None:
+                continue
+            self.active[name] = job
+            if job.finished:  # all of it was on disk already
+                self._collect(name)
+        for name, job in self.active.items():
+            job.refill(partial(_submit_as, submit, name))
+
+    def take(self, key: tuple, texts: list[str], info: dict, submit: Any) -> None:
+        name, inner = key
+        self.active[name].take(inner, texts, info, partial(_submit_as, submit, name))
+
+    def close(self) -> None:
+        for job in self.active.values():
+            job.close()
+
+
+def _submit_as(submit: Any, name: str, key: Any, *args: Any) -> None:
+    submit((name, key), *args)
+
+
 def _teacher_chunk(
     p: Profile,
     models: list,
@@ -472,46 +589,26 @@ def _teacher_chunk(
     runs: Sequence[str],
     progress: bool,
 ) -> dict[str, list]:
-    out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
-    solved: dict[str, set] = {name: set() for name in out}
-    prefixes: dict[str, str] = {}
-    for j in range(max(1, p.teacher_samples)):
-        temperature = 0.0 if j == 0 else p.teacher_temperature
-        for name in out:
-            todo = [ex for ex in chunk if ex.id not in solved[name]]
-            if not todo:
-                continue
-            copies = _copies(todo, f"s{j}")
-            if name == "cot":
-                run = partial(
-                    run_cot,
-                    temperature=temperature,
-                    top_p=p.teacher_top_p,
-                    max_tokens=p.cot_tokens,
-                    out_path=out_dir / "cot.jsonl",
-                    progress=progress,
-                )
-            else:
-                if name == "agent_ftp" and not prefixes:
-                    prefixes = _ftp_prefixes(p, models[0], chunk, out_dir, out.get("cot", []))
-                cfg = teacher_config(p, method=f"teacher_{name}", temperature=temperature)
-                pre = (
-                    {f"{ex.id}#s{j}": prefixes[ex.id] for ex in todo if ex.id in prefixes}
-                    if name == "agent_ftp"
-                    else None
-                )
-                run = partial(
-                    run_agent,
-                    config=cfg,
-                    out_path=out_dir / f"{name}.jsonl",
-                    retriever=retriever,
-                    prefixes=pre,
-                    progress=progress,
-                )
-            records = sharded(run, models, copies)
-            out[name] += records
-            solved[name] |= {base_id(r["id"]) for r in filter_trajectories(records)}
-    return out
+    """All runs and samples of one chunk: each model (server) takes its share of the questions; records come
+    back per run in (sample, question) order."""
+    concurrent = teacher_backend(p) != "llamacpp"
+
+    def one(model: Any, questions: list[Example]) -> dict[str, list]:
+        job = _TeacherChunk(p, model, retriever, out_dir, questions, runs, progress, concurrent)
+        drive(model, [job])
+        return job.out
+
+    if len(models) == 1 or len(chunk) <= 1:
+        parts = [one(models[0], chunk)]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        shards = [chunk[i :: len(models)] for i in range(len(models))]
+        with ThreadPoolExecutor(len(models)) as pool:
+            parts = list(pool.map(one, models, shards))
+    where = {ex.id: i for i, ex in enumerate(chunk)}
+    order = lambda r: (int(r["id"].rsplit("#s", 1)[1]), where[base_id(r["id"])])  # noqa: E731
+    return {name: sorted((r for part in parts for r in part[name]), key=order) for name in parts[0]}
 
 
 def _ftp_prefixes(

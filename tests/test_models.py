@@ -20,7 +20,15 @@ import pytest
 from fakes import JsonHandler
 
 from agentlib import registry
-from agentlib.models import EndpointPool, OpenAIModel, Usage, cut_at_stop, endpoints_from_env, load_model
+from agentlib.models import (
+    EndpointPool,
+    OpenAIModel,
+    Sampling,
+    Usage,
+    cut_at_stop,
+    endpoints_from_env,
+    load_model,
+)
 from agentlib.paths import file_sha256
 
 # ------------------------------------------------------------------------------------------ pure logic
@@ -252,6 +260,37 @@ def test_hf_session_follow_up_joins_the_running_batch(smol):
     assert order == ["short", "follow", "long"]
     assert cached[1] - cached[0] >= len(smol.tokenize(FRANCE)) - 1  # the whole first turn came from the cache
     assert smol.chat(long_conv, max_tokens=40) == [smol.chat_batch([long_conv], max_tokens=40)[0][0]]
+
+
+@pytest.mark.slow
+def test_hf_session_requests_with_their_own_sampling_share_one_batch(smol):
+    """Requests of different runs (a short greedy step cut at a stop string, a long greedy answer, sampled
+    answers) decode in one batch, each with its own settings, and get what each would get alone."""
+    from agentlib.decoding import Decoder
+
+    full = smol.chat(FRANCE, max_tokens=24)[0]
+    stop = full.split()[2]
+    alone = {
+        "short": smol.chat(FRANCE, max_tokens=24, stop=[stop]),
+        "long": smol.chat(CONVS[1], max_tokens=30),
+        "tiny": smol.chat(CONVS[2], max_tokens=3),
+    }
+    widths: list[int] = []
+    real_step = Decoder._step
+    s = smol.session(max_tokens=8)
+    s.decoder._step = lambda: (widths.append(len(s.decoder.rows)), real_step(s.decoder))[1]
+    s.submit("short", FRANCE, sampling=Sampling(max_tokens=24, stop=[stop]))
+    s.submit("long", CONVS[1], sampling=Sampling(max_tokens=30))
+    s.submit("tiny", CONVS[2], sampling=Sampling(max_tokens=3))
+    s.submit("sampled", CONVS[3], sampling=Sampling(n=4, temperature=1.0, top_p=0.95, max_tokens=12))
+    got, tokens = {}, {}
+    for key, texts, info in s.run():
+        got[key], tokens[key] = texts, info["completion_tokens"]
+    assert {k: got[k] for k in alone} == alone
+    assert len(got["sampled"]) == 4 and len(set(got["sampled"])) > 1
+    assert tokens["tiny"] == 3 and tokens["long"] > 8  # each its own budget, not the session's 8
+    assert widths[0] == 7  # 3 greedy rows and 4 sampled ones, in one step
+    assert len(widths) >= tokens["long"] and widths[-1] < 7  # rows left the batch as they ended
 
 
 def test_prefix_cache_longest_prefix_and_eviction():

@@ -73,19 +73,10 @@ def test_cot_answers_get_the_profiles_cot_budget_for_teacher_and_student(tmp_pat
     recs = pipeline.evaluate_method(p, "untuned_cot", model, None, sets, tmp_path, progress=False)
     assert recs[0]["score"] == 1.0 and [c["max_tokens"] for c in model.calls] == [123]
 
-    seen = {}
-
-    def fake_run_cot(model, questions, **kw):
-        seen.update(kw)
-        raise StopIteration  # the teacher's CoT is the stage's first call; nothing after it matters here
-
-    monkeypatch.setattr(pipeline, "run_cot", fake_run_cot)
+    model.calls.clear()
     monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": [], "math": sets["math500"]})
-    try:
-        pipeline.teacher_stage(p, model, None, tmp_path / "teacher", progress=False)
-    except StopIteration:
-        pass
-    assert seen["max_tokens"] == 123
+    pipeline.teacher_stage(p, model, None, tmp_path / "teacher", progress=False, runs=("cot",))
+    assert [c["max_tokens"] for c in model.calls] == [123]
 
 
 def test_teacher_stage_makes_only_the_runs_asked_for(tmp_path, monkeypatch):
@@ -105,6 +96,43 @@ def test_teacher_stage_makes_only_the_runs_asked_for(tmp_path, monkeypatch):
     assert all(c["prefixes"] == [None] * len(c["conversations"]) for c in model.calls)
     with pytest.raises(ValueError, match="unknown teacher runs"):
         pipeline.teacher_stage(p, model, None, tmp_path, progress=False, runs=("agent", "ftp"))
+
+
+def test_teacher_runs_share_the_batch_when_concurrent_and_give_the_same_records(tmp_path, monkeypatch):
+    """In-process (hf) the chunk's runs go together: the first round asks for CoT answers and agent steps at
+    once, and the FTP run starts when the greedy CoT answers are in. On llama.cpp one job runs at a time, in the
+    order (sample, run). Both give the same records, per run in (sample, question) order."""
+    from fakes import ScriptedModel, turn
+
+    from agentlib.data import Example
+
+    qs = [Example("0", "Capital of France?", "Paris"), Example("1", "Capital of Italy?", "Rome")]
+    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
+
+    def script(conv, prefix, i):
+        if "<answer>" in conv[0]["content"]:  # the CoT prompt
+            return "Paris is the capital.\n\n<answer>Paris</answer>"
+        return (prefix or "") + turn("I know it.", "final_answer('Paris')")
+
+    def kind(call):
+        if "<answer>" in call["conversations"][0][0]["content"]:
+            return "cot"
+        return "ftp" if any(call["prefixes"]) else "agent"
+
+    out = {}
+    for backend in ("hf", "llamacpp"):
+        p = get_profile("smoke", teacher_backend=backend, teacher_samples=2, teacher_slots=8)
+        model = ScriptedModel(script)
+        out[backend] = pipeline.teacher_stage(p, model, None, tmp_path / backend, progress=False)
+        out[backend + " calls"] = [kind(c) for c in model.calls]
+    assert out["hf calls"][:2] == ["cot", "agent"]  # one round
+    assert out["hf calls"].index("ftp") > out["hf calls"].index("cot")
+    seq = out["llamacpp calls"]
+    assert [k for i, k in enumerate(seq) if i == 0 or k != seq[i - 1]] == ["cot", "agent", "ftp"] * 2
+    for run in pipeline.TEACHER_RUNS:
+        got = [(r["id"], r["score"], r["prediction"]) for r in out["hf"][run]]
+        assert got == [(r["id"], r["score"], r["prediction"]) for r in out["llamacpp"][run]]
+        assert got == [("0#s0", 1.0, "Paris"), ("1#s0", 0.0, "Paris"), ("1#s1", 0.0, "Paris")]
 
 
 def test_training_question_ids_are_unique_across_sets():
