@@ -535,7 +535,33 @@ def _record(t: _Trajectory, config: AgentConfig, score_fn: Callable) -> dict:
     }
 
 
-class AgentRun:
+class _Run:
+    """What a job over ``examples`` keeps: the queue of those not yet on disk at ``out_path`` (their records are
+    read back), the records as they finish (appended to ``out_path``), a progress bar."""
+
+    def __init__(self, examples: Sequence[Any], out_path: str | Path | None, progress: bool):
+        self.examples = list({str(ex.id): ex for ex in examples}.values())
+        self.done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
+        self.queue = deque(ex for ex in self.examples if str(ex.id) not in self.done)
+        self.writer = JsonlWriter(out_path) if out_path else None
+        self.bar = _progress(len(self.queue), progress)
+
+    def _finish(self, rec: dict) -> None:
+        self.done[rec["id"]] = rec
+        if self.writer:
+            self.writer.write(rec)
+        self.bar.update(1)
+
+    def records(self) -> list[dict]:
+        return [self.done[str(ex.id)] for ex in self.examples]
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+        self.bar.close()
+
+
+class AgentRun(_Run):
     """The agent on ``examples`` as a job (see :func:`drive`): up to ``config.batch_size`` questions in flight,
     each step one request; ``records()`` once ``finished``. :func:`run_agent` drives one; the teacher stage
     drives several at once on one model, so their requests decode in the same batch."""
@@ -564,14 +590,10 @@ class AgentRun:
         self.factory = sandbox_factory or _default_sandbox(config)
         self.score_fn = score_fn or _default_score()
         self.system = system_prompt(list(tools), short=config.short_prompt)
-        self.examples = list({str(ex.id): ex for ex in examples}.values())
-        self.done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
-        self.queue = deque(ex for ex in self.examples if str(ex.id) not in self.done)
-        self.writer = JsonlWriter(out_path) if out_path else None
+        super().__init__(examples, out_path, progress)
         if self.queue and hasattr(model, "prime"):  # every trajectory opens with the same system prompt
             model.prime([{"role": "system", "content": self.system}])
         self.sampling = Sampling(config.n_samples, config.temperature, config.top_p, config.max_tokens, STOP)
-        self.bar = _progress(len(self.queue), progress)
         self.active: list[_Trajectory] = []
 
     @property
@@ -595,23 +617,14 @@ class AgentRun:
         if not t.done:
             submit(t, t.messages, t.step_prefix(), self.sampling)
             return
-        rec = _record(t, self.config, self.score_fn)
         _close(t.sb)
         self.active.remove(t)
-        self.done[rec["id"]] = rec
-        if self.writer:
-            self.writer.write(rec)
-        self.bar.update(1)
-
-    def records(self) -> list[dict]:
-        return [self.done[str(ex.id)] for ex in self.examples]
+        self._finish(_record(t, self.config, self.score_fn))
 
     def close(self) -> None:
         for t in self.active:
             _close(t.sb)
-        if self.writer:
-            self.writer.close()
-        self.bar.close()
+        super().close()
 
 
 def drive(model: Any, jobs: Sequence[Any]) -> None:
@@ -751,20 +764,14 @@ def _vote_key(answer: str, domain: str) -> str:
     return _norm(answer).strip(" .")
 
 
-class CotRun:
-    """Chain-of-thought answers (``cot``) or CoT+RAG (``cot_rag``: top-``k`` passages retrieved once for
-    the question, each cut at ``passage_chars``, put in the prompt) as a job (see :func:`drive`): one request
-    of ``n`` samples per question, up to ``batch_size`` in flight. With ``n > 1`` the answer is the majority
-    vote (ties: the first). Records follow the agent's schema (``steps`` empty; ``samples`` and ``votes`` added).
-    """
+class CotRun(_Run):
+    """:func:`run_cot` as a job (see :func:`drive`): one request of ``sampling.n`` samples per question, up to
+    ``batch_size`` in flight."""
 
     def __init__(
         self,
         examples: Sequence[Any],
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        max_tokens: int = 1024,
+        sampling: Sampling,
         batch_size: int = 16,
         out_path: str | Path | None = None,
         rag_retriever: Any = None,
@@ -773,15 +780,11 @@ class CotRun:
         progress: bool = True,
         score_fn: Callable[[str | None, Any], float] | None = None,
     ):
-        self.sampling = Sampling(n, temperature, top_p, max_tokens)
+        self.sampling = sampling
         self.batch_size, self.rag, self.k, self.passage_chars = batch_size, rag_retriever, k, passage_chars
         self.score_fn = score_fn or _default_score()
         self.method = "cot_rag" if rag_retriever is not None else "cot"
-        self.examples = list({str(ex.id): ex for ex in examples}.values())
-        self.done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
-        self.queue = deque(ex for ex in self.examples if str(ex.id) not in self.done)
-        self.writer = JsonlWriter(out_path) if out_path else None
-        self.bar = _progress(len(self.queue), progress)
+        super().__init__(examples, out_path, progress)
         self.in_flight = 0
 
     @property
@@ -837,22 +840,23 @@ class CotRun:
             "samples": [{"text": t, "answer": a} for t, a in zip(texts, answers, strict=True)],
             "votes": dict(votes),
         }
-        self.done[rec["id"]] = rec
-        if self.writer:
-            self.writer.write(rec)
-        self.bar.update(1)
-
-    def records(self) -> list[dict]:
-        return [self.done[str(ex.id)] for ex in self.examples]
-
-    def close(self) -> None:
-        if self.writer:
-            self.writer.close()
-        self.bar.close()
+        self._finish(rec)
 
 
-def run_cot(model: Any, examples: Sequence[Any], **kw: Any) -> list[dict]:
-    """Chain-of-thought baseline on ``examples`` (:class:`CotRun`'s keywords); one record per example."""
-    job = CotRun(examples, **kw)
+def run_cot(
+    model: Any,
+    examples: Sequence[Any],
+    n: int = 1,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    max_tokens: int = 1024,
+    **kw: Any,
+) -> list[dict]:
+    """Chain-of-thought baseline (``cot``) or CoT+RAG (``cot_rag``: top-``k`` passages retrieved once for
+    the question, each cut at ``passage_chars``, put in the prompt). With ``n > 1`` the answer is the
+    majority vote (ties: the first). Records follow the agent's schema (``steps`` empty; ``samples`` and
+    ``votes`` added). Keywords: :class:`CotRun`'s (``batch_size``, ``out_path``, ``rag_retriever``, ``k``,
+    ``passage_chars``, ``progress``, ``score_fn``)."""
+    job = CotRun(examples, Sampling(n, temperature, top_p, max_tokens), **kw)
     drive(model, [job])
     return job.records()

@@ -23,6 +23,7 @@ from typing import Any
 from agentlib.agent import SAG_VOTES, AgentConfig, AgentRun, CotRun, drive, make_prefixes, run_agent, run_cot
 from agentlib.data import Example, load_benchmark, load_extra
 from agentlib.metrics import bootstrap_ci, mean_f1, stratified_ci
+from agentlib.models import Sampling
 from agentlib.profiles import Profile
 from agentlib.sft import SFTConfig
 from agentlib.trajectory import (
@@ -514,9 +515,7 @@ class _TeacherChunk:
         if name == "cot":
             return CotRun(
                 copies,
-                temperature=temperature,
-                top_p=p.teacher_top_p,
-                max_tokens=p.cot_tokens,
+                Sampling(temperature=temperature, top_p=p.teacher_top_p, max_tokens=p.cot_tokens),
                 batch_size=batch,
                 out_path=self.out_dir / "cot.jsonl",
                 progress=self.progress,
