@@ -350,18 +350,16 @@ def teacher_chunks(p: Profile) -> list[list[Example]]:
     return [cut(fact, i) + cut(math, i) for i in range(n)]
 
 
-def sharded(fn: Any, models: Sequence[Any], examples: Sequence[Example]) -> list[dict]:
-    """``fn(model, examples)`` with the examples dealt round-robin over ``models`` (one thread each, e.g. one
-    llama.cpp server per core); records come back in the examples' order."""
-    if len(models) == 1 or len(examples) <= 1:
-        return fn(models[0], examples)
+def sharded(fn: Any, models: Sequence[Any], items: Sequence[Any]) -> list[Any]:
+    """``fn(model, shard)`` for each model, the items dealt round-robin over ``models`` (one thread each, e.g.
+    one llama.cpp server per core); the results in the models' order."""
+    if len(models) == 1 or len(items) <= 1:
+        return [fn(models[0], list(items))]
     from concurrent.futures import ThreadPoolExecutor
 
-    shards = [list(examples[i :: len(models)]) for i in range(len(models))]
+    shards = [list(items[i :: len(models)]) for i in range(len(models))]
     with ThreadPoolExecutor(len(models)) as pool:
-        parts = list(pool.map(fn, models, shards))
-    by_id = {r["id"]: r for part in parts for r in part}
-    return [by_id[str(ex.id)] for ex in examples]
+        return list(pool.map(fn, models, shards))
 
 
 def teacher_stage(
@@ -597,14 +595,7 @@ def _teacher_chunk(
         drive(model, [job])
         return job.out
 
-    if len(models) == 1 or len(chunk) <= 1:
-        parts = [one(models[0], chunk)]
-    else:
-        from concurrent.futures import ThreadPoolExecutor
-
-        shards = [chunk[i :: len(models)] for i in range(len(models))]
-        with ThreadPoolExecutor(len(models)) as pool:
-            parts = list(pool.map(one, models, shards))
+    parts = sharded(one, models, chunk)
     where = {ex.id: i for i, ex in enumerate(chunk)}
     order = lambda r: (int(r["id"].rsplit("#s", 1)[1]), where[base_id(r["id"])])  # noqa: E731
     return {name: sorted((r for part in parts for r in part[name]), key=order) for name in parts[0]}
