@@ -537,17 +537,45 @@ def _record(t: _Trajectory, config: AgentConfig, score_fn: Callable) -> dict:
 
 class _Run:
     """What a job over ``examples`` keeps: the queue of those not yet on disk at ``out_path`` (their records are
-    read back), the records as they finish (appended to ``out_path``), a progress bar."""
+    read back), the records as they finish (appended to ``out_path``), a progress bar.
+
+    A job may be ``open``: more examples come later (``add``), and it is not finished until it is closed
+    (``open = False``). ``settled()`` hands out each example's record once, as it is read back or made, so a
+    scheduler can start follow-up work per question (the teacher stage's retries and first-thought prefixes).
+    """
 
     def __init__(self, examples: Sequence[Any], out_path: str | Path | None, progress: bool):
-        self.examples = list({str(ex.id): ex for ex in examples}.values())
+        self.examples: list[Any] = []
         self.done = {r["id"]: r for r in read_records(out_path)} if out_path else {}
-        self.queue = deque(ex for ex in self.examples if str(ex.id) not in self.done)
+        self.queue: deque = deque()
+        self.open = False
+        self._settled: list[dict] = []
+        self._handed = 0
+        self.add(examples)
         self.writer = JsonlWriter(out_path) if out_path else None
         self.bar = _progress(len(self.queue), progress)
 
+    def add(self, examples: Sequence[Any]) -> None:
+        """More examples: queued, unless their records are on disk already (then they are settled)."""
+        known = {str(ex.id) for ex in self.examples}
+        for ex in {str(ex.id): ex for ex in examples}.values():
+            if str(ex.id) in known:
+                continue
+            self.examples.append(ex)
+            if str(ex.id) in self.done:
+                self._settled.append(self.done[str(ex.id)])
+            else:
+                self.queue.append(ex)
+
+    def settled(self) -> list[dict]:
+        """The records settled since the last call."""
+        out = self._settled[self._handed :]
+        self._handed = len(self._settled)
+        return out
+
     def _finish(self, rec: dict) -> None:
         self.done[rec["id"]] = rec
+        self._settled.append(rec)
         if self.writer:
             self.writer.write(rec)
         self.bar.update(1)
@@ -591,17 +619,24 @@ class AgentRun(_Run):
         self.score_fn = score_fn or _default_score()
         self.system = system_prompt(list(tools), short=config.short_prompt)
         super().__init__(examples, out_path, progress)
-        if self.queue and hasattr(model, "prime"):  # every trajectory opens with the same system prompt
-            model.prime([{"role": "system", "content": self.system}])
+        self.model, self.primed = model, False
+        self._prime()
         self.sampling = Sampling(config.n_samples, config.temperature, config.top_p, config.max_tokens, STOP)
         self.active: list[_Trajectory] = []
 
+    def _prime(self) -> None:
+        """Every trajectory opens with the same system prompt: encode it once, before the first question."""
+        if self.queue and not self.primed and hasattr(self.model, "prime"):
+            self.model.prime([{"role": "system", "content": self.system}])
+            self.primed = True
+
     @property
     def finished(self) -> bool:
-        return not self.queue and not self.active
+        return not self.open and not self.queue and not self.active
 
     def refill(self, submit: Callable[..., None]) -> None:
         """Start questions from the queue while fewer than ``batch_size`` are in flight."""
+        self._prime()
         while self.queue and len(self.active) < self.config.batch_size:
             ex = self.queue.popleft()
             t = _Trajectory(ex, self.system, self.factory(dict(self.tools)), self.prefixes.get(str(ex.id)))
@@ -789,7 +824,7 @@ class CotRun(_Run):
 
     @property
     def finished(self) -> bool:
-        return not self.queue and not self.in_flight
+        return not self.open and not self.queue and not self.in_flight
 
     def refill(self, submit: Callable[..., None]) -> None:
         """Ask for the next questions' answers (retrieving their passages first, in one batch, for RAG)."""

@@ -20,7 +20,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from agentlib.agent import SAG_VOTES, AgentConfig, AgentRun, CotRun, drive, make_prefixes, run_agent, run_cot
+from agentlib.agent import (
+    SAG_VOTES,
+    AgentConfig,
+    AgentRun,
+    CotRun,
+    drive,
+    make_prefixes,
+    prefixes_from_cot,
+    run_agent,
+    run_cot,
+)
 from agentlib.data import Example, load_benchmark, load_extra
 from agentlib.metrics import bootstrap_ci, mean_f1, stratified_ci
 from agentlib.models import Sampling
@@ -466,12 +476,13 @@ def teacher_runs(
 
 
 class _TeacherChunk:
-    """The teacher's runs on one chunk of questions, as one job (``agent.drive``) over per-run sample jobs.
+    """The teacher's runs on one chunk of questions, as one job (``agent.drive``) over a job per (run, sample).
 
-    Each run takes its samples in turn: sample ``j+1`` starts when sample ``j`` is done, for the questions no
-    sample of that run has solved; ``agent_ftp`` starts once the greedy CoT answers (its prefixes) are in.
-    ``concurrent``: every job that can run does, so the runs' requests share the model's batch (no run's
-    slow last trajectories leave it nearly empty); else one job at a time, in the order (sample, run) -- a
+    Work moves per question: a run's sample ``j+1`` takes a question as soon as sample ``j`` has failed on
+    it (no sample of that run has solved it), and ``agent_ftp`` takes a question as soon as its greedy CoT
+    answer, the source of its prefix, is in. ``concurrent``: every job takes its questions as they come, so
+    the runs' requests share the model's batch up to the chunk's end (no run waits for another run's slowest
+    answer); else one job at a time, in the order (sample, run), each once all its questions are known -- a
     llama.cpp slot keeps one conversation's cache, so interleaved trajectories would re-prefill every step.
     """
 
@@ -487,90 +498,145 @@ class _TeacherChunk:
         concurrent: bool,
     ):
         self.p, self.model, self.retriever, self.out_dir = p, model, retriever, out_dir
-        self.chunk, self.progress, self.concurrent = chunk, progress, concurrent
+        self.chunk, self.concurrent = chunk, concurrent
+        self.by_id = {ex.id: ex for ex in chunk}
         self.out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
-        self.solved: dict[str, set] = {name: set() for name in self.out}
-        self.sample = dict.fromkeys(self.out, 0)  # the next sample each run starts
-        self.active: dict[str, Any] = {}
-        self.prefixes: dict[str, str] | None = None
-        self.cot_done = False  # the greedy CoT answers, the authors' FTP prefixes, are in
+        samples = max(1, p.teacher_samples)
+        self.todo = [(name, j) for j in range(samples) for name in self.out]  # jobs not made yet, in turn
+        self.inbox: dict[tuple[str, int], list[Example]] = {key: [] for key in self.todo}
+        for name in self.out:
+            if not self._fed_by_cot(name):
+                self.inbox[(name, 0)] = list(chunk)
+        self.active: dict[tuple[str, int], Any] = {}
+        self.prefixes: dict[str, str] = {}  # question id -> first-thought prefix
+        self.bars = {name: _GrowBar(name, progress) for name in self.out}
 
-    def _ready(self, name: str) -> bool:
-        if self.sample[name] >= max(1, self.p.teacher_samples):
-            return False
-        return name != "agent_ftp" or self.p.ftp_source != "cot" or self.cot_done
+    def _fed_by_cot(self, name: str) -> bool:
+        return name == "agent_ftp" and self.p.ftp_source == "cot"
 
-    def _start(self, name: str) -> Any:
-        """The job for run ``name``'s next sample, or None when every question is solved."""
-        p, j = self.p, self.sample[name]
-        self.sample[name] += 1
-        todo = [ex for ex in self.chunk if ex.id not in self.solved[name]]
-        if not todo:
-            return None
-        copies = _copies(todo, f"s{j}")
+    def _make(self, key: tuple[str, int], questions: list[Example], open_: bool) -> Any:
+        """The job for run ``name``'s sample ``j`` on ``questions`` (``open_``: more may come)."""
+        (name, j), p = key, self.p
+        copies = _copies(questions, f"s{j}")
         temperature = 0.0 if j == 0 else p.teacher_temperature
-        batch = teacher_config(p).batch_size
         if name == "cot":
-            return CotRun(
+            job: Any = CotRun(
                 copies,
                 Sampling(temperature=temperature, top_p=p.teacher_top_p, max_tokens=p.cot_tokens),
-                batch_size=batch,
+                batch_size=teacher_config(p).batch_size,
                 out_path=self.out_dir / "cot.jsonl",
-                progress=self.progress,
+                progress=False,
             )
-        pre = None
-        if name == "agent_ftp":
-            if self.prefixes is None:
-                self.prefixes = _ftp_prefixes(
-                    p, self.model, self.chunk, self.out_dir, self.out.get("cot", [])
-                )
-            pre = {f"{ex.id}#s{j}": self.prefixes[ex.id] for ex in todo if ex.id in self.prefixes}
-        return AgentRun(
-            self.model,
-            copies,
-            teacher_config(p, method=f"teacher_{name}", temperature=temperature),
-            out_path=self.out_dir / f"{name}.jsonl",
-            retriever=self.retriever,
-            prefixes=pre,
-            progress=self.progress,
-        )
+        else:
+            if name == "agent_ftp" and not self._fed_by_cot(name) and not self.prefixes:
+                self.prefixes = _ftp_prefixes(p, self.model, self.chunk, self.out_dir, [])
+            job = AgentRun(
+                self.model,
+                [],
+                teacher_config(p, method=f"teacher_{name}", temperature=temperature),
+                out_path=self.out_dir / f"{name}.jsonl",
+                retriever=self.retriever,
+                progress=False,
+            )
+            self._add(job, key, questions)
+        job.open = open_
+        self.bars[name].grow(len(questions))
+        return job
 
-    def _collect(self, name: str) -> None:
-        job = self.active.pop(name)
-        records = job.records()
-        job.close()
-        self.out[name] += records
-        self.solved[name] |= {base_id(r["id"]) for r in filter_trajectories(records)}
-        self.cot_done |= name == "cot"
+    def _add(self, job: Any, key: tuple[str, int], questions: list[Example]) -> None:
+        if key[0] == "agent_ftp":
+            job.prefixes.update(
+                {f"{ex.id}#s{key[1]}": self.prefixes[ex.id] for ex in questions if ex.id in self.prefixes}
+            )
+        job.add(_copies(questions, f"s{key[1]}"))
+
+    def _send(self, key: tuple[str, int], qid: str) -> None:
+        """Question ``qid`` for job ``key``: to the job if it runs, else to its inbox."""
+        if key not in self.inbox:  # past the last sample
+            return
+        if key in self.active:
+            self._add(self.active[key], key, [self.by_id[qid]])
+            self.bars[key[0]].grow(1)
+        else:
+            self.inbox[key].append(self.by_id[qid])
+
+    def _settle(self, key: tuple[str, int], rec: dict) -> None:
+        """A record is in: pass its question on to the jobs that wait for it."""
+        (name, j), qid = key, base_id(rec["id"])
+        self.bars[name].update(1)
+        if name == "cot" and j == 0 and self._fed_by_cot("agent_ftp"):
+            for prefix in prefixes_from_cot([rec]).values():
+                self.prefixes[qid] = prefix
+            self._send(("agent_ftp", 0), qid)
+        if not filter_trajectories([rec]):
+            self._send((name, j + 1), qid)
+
+    def _feeders_done(self, key: tuple[str, int]) -> bool:
+        name, j = key
+        upstream = [(name, j - 1)] if j > 0 else [("cot", 0)] if self._fed_by_cot(name) else []
+        return all(k not in self.active and k not in self.todo for k in upstream)
 
     def refill(self, submit: Any) -> None:
-        for name in [n for n, job in self.active.items() if job.finished]:
-            self._collect(name)
-        while self.concurrent or not self.active:
-            order = [
-                (self.sample[n], i, n)
-                for i, n in enumerate(self.out)
-                if n not in self.active and self._ready(n)
-            ]
-            if not order:
-                break
-            name = min(order)[2]
-            job = self._start(name)
-            if job is None:
-                continue
-            self.active[name] = job
-            if job.finished:  # all of it was on disk already
-                self._collect(name)
-        for name, job in self.active.items():
-            job.refill(partial(_submit_as, submit, name))
+        moved = True
+        while moved:
+            moved = False
+            for key, job in list(self.active.items()):
+                for rec in job.settled():
+                    self._settle(key, rec)
+                if job.open and self._feeders_done(key):
+                    job.open = False
+                if job.finished:
+                    del self.active[key]
+                    self.out[key[0]] += job.records()
+                    job.close()
+                    moved = True
+            while self.todo and (self.concurrent or not self.active):
+                key = self.todo[0]
+                if not self.concurrent and not self._feeders_done(key):
+                    break
+                self.todo.pop(0)
+                questions, self.inbox[key] = self.inbox[key], []
+                if not self.concurrent and not questions:
+                    continue
+                self.active[key] = self._make(key, questions, open_=self.concurrent)
+                moved = True
+        for key, job in self.active.items():
+            job.refill(partial(_submit_as, submit, key))
 
     def take(self, key: tuple, texts: list[str], info: dict, submit: Any) -> None:
-        name, inner = key
-        self.active[name].take(inner, texts, info, partial(_submit_as, submit, name))
+        run, inner = key
+        self.active[run].take(inner, texts, info, partial(_submit_as, submit, run))
 
     def close(self) -> None:
         for job in self.active.values():
             job.close()
+        for bar in self.bars.values():
+            bar.close()
+
+
+class _GrowBar:
+    """A progress bar whose total grows as work is found (a chunk's retries and prefixed runs)."""
+
+    def __init__(self, name: str, enabled: bool):
+        self.name, self.enabled, self.bar = name, enabled, None
+
+    def grow(self, n: int) -> None:
+        if not self.enabled or n <= 0:
+            return
+        if self.bar is None:
+            from agentlib.viz import progress_bar
+
+            self.bar = progress_bar(total=0, desc=self.name)
+        self.bar.total += n
+        self.bar.refresh()
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _submit_as(submit: Any, name: str, key: Any, *args: Any) -> None:
@@ -605,8 +671,6 @@ def _ftp_prefixes(
     p: Profile, model: Any, chunk: list[Example], out_dir: Path, cot: list[dict]
 ) -> dict[str, str]:
     """Question id -> first-step prefix: from the greedy CoT answer (the authors'), or the plan prompt."""
-    from agentlib.agent import prefixes_from_cot
-
     if p.ftp_source == "cot":
         return {
             base_id(k): v for k, v in prefixes_from_cot([r for r in cot if r["id"].endswith("#s0")]).items()

@@ -135,6 +135,54 @@ def test_teacher_runs_share_the_batch_when_concurrent_and_give_the_same_records(
         assert got == [("0#s0", 1.0, "Paris"), ("1#s0", 0.0, "Paris"), ("1#s1", 0.0, "Paris")]
 
 
+def test_a_question_moves_on_to_its_retry_while_the_others_still_run(tmp_path, monkeypatch):
+    """In-process, a run's next sample takes a question as soon as the last one failed on it, not once the
+    whole sample is done: question 1 fails at its first step and its retry decodes while question 0's greedy
+    trajectory is still going. The records are those of the one-job-at-a-time order."""
+    from fakes import ScriptedModel, turn
+
+    from agentlib.data import Example
+
+    qs = [Example("0", "Capital of France?", "Paris"), Example("1", "Capital of Italy?", "Rome")]
+    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
+
+    def script(conv, prefix, i):
+        if "<answer>" in conv[0]["content"]:  # the CoT prompt
+            return "Paris is the capital.\n\n<answer>Paris</answer>"
+        if "France" in conv[1]["content"] and len(conv) < 6:  # two steps of looking first
+            return (prefix or "") + turn(f"Look {len(conv)}.", f"print({len(conv)})")
+        return (prefix or "") + turn("I know it.", "final_answer('Paris')")
+
+    def asks(call, question, greedy):
+        return (call["temperature"] == 0) == greedy and any(
+            question in c[1]["content"] and "<answer>" not in c[0]["content"] and not p_
+            for c, p_ in zip(call["conversations"], call["prefixes"], strict=True)
+        )
+
+    out = {}
+    for backend in ("hf", "llamacpp"):
+        p = get_profile(
+            "smoke",
+            teacher_backend=backend,
+            teacher_samples=2,
+            teacher_slots=8,
+            teacher_temperature=0.7,
+            max_steps=4,
+        )
+        model = ScriptedModel(script)
+        out[backend] = pipeline.teacher_stage(
+            p, model, None, tmp_path / backend, progress=False, runs=("agent",)
+        )
+        calls = model.calls
+        retry = min(i for i, c in enumerate(calls) if asks(c, "Italy", greedy=False))
+        last_greedy = max(i for i, c in enumerate(calls) if asks(c, "France", greedy=True))
+        out[backend + " retry first"] = retry < last_greedy
+    assert out["hf retry first"] and not out["llamacpp retry first"]
+    got = [(r["id"], r["score"], len(r["steps"])) for r in out["hf"]["agent"]]
+    assert got == [(r["id"], r["score"], len(r["steps"])) for r in out["llamacpp"]["agent"]]
+    assert got == [("0#s0", 1.0, 3), ("1#s0", 0.0, 1), ("1#s1", 0.0, 1)]
+
+
 def test_training_question_ids_are_unique_across_sets():
     # cpu and paper draw MATH training questions from two files that both number rows from 0
     for name in ("cpu", "paper"):
