@@ -408,11 +408,19 @@ def teacher_stage(
     out_dir.mkdir(parents=True, exist_ok=True)
     chunks = [list(questions)] if questions is not None else teacher_chunks(p)
     out: dict[str, list] = {name: [] for name in TEACHER_RUNS if name in runs}
-    for i, chunk in enumerate(chunks):
-        for name, records in _teacher_chunk(p, models, retriever, out_dir, chunk, runs, progress).items():
-            out[name] += records
+
+    def done(i: int, records: dict[str, list]) -> None:
+        for name, recs in _in_order(chunks[i], records).items():
+            out[name] += recs
         if on_chunk is not None:
             on_chunk(i + 1, len(chunks), out)
+
+    if teacher_backend(p) != "llamacpp" and len(models) == 1:
+        make = lambda chunk: _TeacherChunk(p, models[0], retriever, out_dir, chunk, runs, progress, True)  # noqa: E731
+        drive(models[0], [_Chunks([make(c) for c in chunks], teacher_config(p).batch_size, done)])
+        return out
+    for i, chunk in enumerate(chunks):
+        done(i, _teacher_chunk(p, models, retriever, out_dir, chunk, runs, progress))
     return out
 
 
@@ -603,6 +611,17 @@ class _TeacherChunk:
         for key, job in self.active.items():
             job.refill(partial(_submit_as, submit, key))
 
+    @property
+    def finished(self) -> bool:
+        return not self.active and not self.todo
+
+    def load(self) -> int:
+        """Questions queued or in flight in this chunk's jobs."""
+        return sum(
+            len(job.queue) + (job.in_flight if isinstance(job, CotRun) else len(job.active))
+            for job in self.active.values()
+        )
+
     def take(self, key: tuple, texts: list[str], info: dict, submit: Any) -> None:
         run, inner = key
         self.active[run].take(inner, texts, info, partial(_submit_as, submit, run))
@@ -662,9 +681,50 @@ def _teacher_chunk(
         return job.out
 
     parts = sharded(one, models, chunk)
+    return {name: [r for part in parts for r in part[name]] for name in parts[0]}
+
+
+def _in_order(chunk: list[Example], runs: dict[str, list]) -> dict[str, list]:
+    """A chunk's records per run in (sample, question) order, however they were made."""
     where = {ex.id: i for i, ex in enumerate(chunk)}
     order = lambda r: (int(r["id"].rsplit("#s", 1)[1]), where[base_id(r["id"])])  # noqa: E731
-    return {name: sorted((r for part in parts for r in part[name]), key=order) for name in parts[0]}
+    return {name: sorted(records, key=order) for name, records in runs.items()}
+
+
+class _Chunks:
+    """A stage's chunks as one job on one model (in-process or vLLM): the next chunk starts as soon as the
+    running ones have fewer questions queued or in flight than the batch holds. A question's chain -- its CoT
+    answer, then its FTP trajectory, then that one's retry -- is long, so a chunk ends in a few long
+    trajectories; they decode beside the next chunk's work instead of in a nearly empty batch. Chunks are
+    done, and ``done(i, records)`` called, in order."""
+
+    def __init__(self, chunks: list[_TeacherChunk], room: int, done: Any):
+        self.waiting, self.room, self.done = list(enumerate(chunks)), room, done
+        self.running: dict[int, _TeacherChunk] = {}
+
+    def refill(self, submit: Any) -> None:
+        for i, chunk in self.running.items():
+            chunk.refill(partial(_submit_as, submit, i))
+        while self.running and self.running[min(self.running)].finished:
+            i = min(self.running)
+            chunk = self.running.pop(i)
+            chunk.close()
+            self.done(i, chunk.out)
+        while self.waiting and sum(c.load() for c in self.running.values()) < self.room:
+            i, chunk = self.waiting.pop(0)
+            self.running[i] = chunk
+            chunk.refill(partial(_submit_as, submit, i))
+            if chunk.finished and min(self.running) == i:  # all of it was on disk
+                self.running.pop(i).close()
+                self.done(i, chunk.out)
+
+    def take(self, key: tuple, texts: list[str], info: dict, submit: Any) -> None:
+        i, inner = key
+        self.running[i].take(inner, texts, info, partial(_submit_as, submit, i))
+
+    def close(self) -> None:
+        for chunk in self.running.values():
+            chunk.close()
 
 
 def _ftp_prefixes(

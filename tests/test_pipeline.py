@@ -183,6 +183,54 @@ def test_a_question_moves_on_to_its_retry_while_the_others_still_run(tmp_path, m
     assert got == [("0#s0", 1.0, 3), ("1#s0", 0.0, 1), ("1#s1", 0.0, 1)]
 
 
+def test_the_next_chunk_starts_while_the_last_ones_long_trajectories_finish(tmp_path, monkeypatch):
+    """In-process, chunk 2 starts once chunk 1 leaves room in the batch, not once chunk 1 is done; chunks are
+    still reported (published) in order, each with the records of the one-chunk-at-a-time order."""
+    from fakes import ScriptedModel, turn
+
+    from agentlib.data import Example
+
+    qs = [Example("0", "Capital of France?", "Paris"), Example("1", "Capital of Italy?", "Rome")]
+    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
+
+    def script(conv, prefix, i):
+        if "<answer>" in conv[0]["content"]:  # the CoT prompt
+            return "It is Paris.\n\n<answer>Paris</answer>"
+        if "France" in conv[1]["content"] and len(conv) < 6:  # two steps of looking first
+            return (prefix or "") + turn(f"Look {len(conv)}.", f"print({len(conv)})")
+        return (prefix or "") + turn("I know it.", "final_answer('Paris')")
+
+    def asks(call, question):
+        return any(question in c[1]["content"] for c in call["conversations"])
+
+    out = {}
+    for backend in ("hf", "llamacpp"):
+        p = get_profile("smoke", teacher_backend=backend, teacher_chunk=1, teacher_slots=8, max_steps=4)
+        model, told = ScriptedModel(script), []
+
+        def on_chunk(i, n, recs, told=told):
+            told.append((i, n, {k: len(v) for k, v in recs.items()}))
+
+        out[backend] = pipeline.teacher_stage(
+            p, model, None, tmp_path / backend, progress=False, on_chunk=on_chunk
+        )
+        calls = model.calls
+        first_italy = min(i for i, c in enumerate(calls) if asks(c, "Italy"))
+        last_france = max(i for i, c in enumerate(calls) if asks(c, "France"))
+        out[backend + " overlap"] = first_italy < last_france
+        out[backend + " told"] = told
+    assert out["hf overlap"] and not out["llamacpp overlap"]
+    assert (
+        out["hf told"]
+        == out["llamacpp told"]
+        == [(1, 2, dict.fromkeys(out["hf"], 1)), (2, 2, dict.fromkeys(out["hf"], 2))]
+    )
+    for run in pipeline.TEACHER_RUNS:
+        got = [(r["id"], r["score"], len(r["steps"])) for r in out["hf"][run]]
+        assert got == [(r["id"], r["score"], len(r["steps"])) for r in out["llamacpp"][run]]
+    assert [len(r["steps"]) for r in out["hf"]["agent"]] == [3, 1]
+
+
 def test_training_question_ids_are_unique_across_sets():
     # cpu and paper draw MATH training questions from two files that both number rows from 0
     for name in ("cpu", "paper"):
