@@ -681,8 +681,13 @@ def drive(model: Any, jobs: Sequence[Any]) -> None:
             job.close()
 
 
-def _submit_for(session: Any, job: Any, key: Any, messages: Any, prefix: Any, sampling: Any) -> None:
-    session.submit((job, key), messages, prefix, sampling)
+def _submit_for(
+    session: Any, job: Any, key: Any, messages: Any, prefix: Any, sampling: Any, watch: Any = None
+) -> None:
+    if watch is None:
+        session.submit((job, key), messages, prefix, sampling)
+    else:
+        session.submit((job, key), messages, prefix, sampling, watch=watch)
 
 
 def run_agent(
@@ -814,8 +819,9 @@ class CotRun(_Run):
         passage_chars: int = DEFAULT_MAX_CHARS,
         progress: bool = True,
         score_fn: Callable[[str | None, Any], float] | None = None,
+        watch: Callable[[Any, str], bool] | None = None,
     ):
-        self.sampling = sampling
+        self.sampling, self.watch = sampling, watch  # watch(example, answer so far): see Decoder.submit
         self.batch_size, self.rag, self.k, self.passage_chars = batch_size, rag_retriever, k, passage_chars
         self.score_fn = score_fn or _default_score()
         self.method = "cot_rag" if rag_retriever is not None else "cot"
@@ -845,7 +851,10 @@ class CotRun(_Run):
                 else render(p["user"], question=ex.question)
             )
             conv = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-            submit((ex, conv), conv, None, self.sampling)
+            if self.watch is None:
+                submit((ex, conv), conv, None, self.sampling)
+            else:
+                submit((ex, conv), conv, None, self.sampling, partial(self.watch, ex))
         self.in_flight += len(chunk)
 
     def take(self, key: tuple, texts: list[str], info: dict, submit: Callable[..., None]) -> None:

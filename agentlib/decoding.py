@@ -166,6 +166,7 @@ class Request:
     max_tokens: int = 512
     stop: list[str] = field(default_factory=list)
     tail: int = 0  # tokens decoded to look for a stop string
+    watch: Any = None  # called with sample 0's tokens after each step it goes on, until it returns True
 
 
 @dataclass
@@ -211,9 +212,10 @@ class Decoder:
         self.mask = self.last = None  # [rows, cache length] 0/1 and [rows] next input token
 
     # -- queue
-    def submit(self, key: Any, ids: list[int], k: int = 1, **sampling: Any) -> Request:
+    def submit(self, key: Any, ids: list[int], k: int = 1, watch: Any = None, **sampling: Any) -> Request:
         """Queue a prompt for ``k`` samples; ``sampling`` (temperature, top_p, max_tokens, stop) overrides the
-        decoder's defaults for this request."""
+        decoder's defaults for this request. ``watch(tokens)`` sees sample 0 as it grows (a consumer can act
+        on the start of an answer before it ends) until it returns True."""
         if len(ids) < 2:
             raise ValueError("a prompt needs at least 2 tokens (a chat template gives many more)")
         unknown = set(sampling) - set(self.defaults)
@@ -232,6 +234,7 @@ class Decoder:
             max_tokens=s["max_tokens"],
             stop=stop,
             tail=tail,
+            watch=watch,
         )
         self.pending.append(req)
         return req
@@ -311,6 +314,8 @@ class Decoder:
                         self._remember(i, row)
             else:
                 keep.append(i)
+                if row.sample == 0 and row.req.watch is not None and row.req.watch(gen):
+                    row.req.watch = None
         reqs = {id(r.req): r.req for r in self.rows}
         n_rows = len(self.rows)
         if len(keep) < n_rows:

@@ -198,8 +198,15 @@ class RoundSession:
         self.pending: list[tuple[Any, Messages, str | None, Sampling]] = []
 
     def submit(
-        self, key: Any, messages: Messages, prefix: str | None = None, sampling: Sampling | None = None
+        self,
+        key: Any,
+        messages: Messages,
+        prefix: str | None = None,
+        sampling: Sampling | None = None,
+        watch: Any = None,
     ) -> None:
+        """Queue a request. ``watch(text so far)`` is for sessions that decode in-process (``HFSession``);
+        here an answer arrives whole, so it is not called."""
         self.pending.append((key, list(messages), prefix, sampling or self.sampling))
 
     def run(self, refill: Any = None) -> Any:
@@ -404,14 +411,23 @@ class HFSession(RoundSession):
         self.settings: dict[int, Sampling] = {}  # id(request) -> its sampling
 
     def submit(
-        self, key: Any, messages: Messages, prefix: str | None = None, sampling: Sampling | None = None
+        self,
+        key: Any,
+        messages: Messages,
+        prefix: str | None = None,
+        sampling: Sampling | None = None,
+        watch: Any = None,
     ) -> None:
+        """Queue a request; ``watch(text so far)`` sees its first sample after each decoding step until it
+        returns True."""
         s = sampling or self.sampling
         greedy = s.temperature <= 0.0  # greedy samples are identical: decode once, copy
+        decode = self.hf.tokenizer.decode
         req = self.decoder.submit(
             key,
             self.hf.tokenize(messages, prefix),
             1 if greedy else s.n,
+            watch=(lambda ids: watch(decode(ids, skip_special_tokens=True))) if watch else None,
             temperature=s.temperature,
             top_p=s.top_p,
             max_tokens=s.max_tokens,

@@ -26,6 +26,7 @@ from agentlib.agent import (
     AgentRun,
     CotRun,
     drive,
+    ftp_prefix,
     make_prefixes,
     prefixes_from_cot,
     run_agent,
@@ -528,12 +529,14 @@ class _TeacherChunk:
         copies = _copies(questions, f"s{j}")
         temperature = 0.0 if j == 0 else p.teacher_temperature
         if name == "cot":
+            early = j == 0 and "agent_ftp" in self.out and self._fed_by_cot("agent_ftp")
             job: Any = CotRun(
                 copies,
                 Sampling(temperature=temperature, top_p=p.teacher_top_p, max_tokens=p.cot_tokens),
                 batch_size=teacher_config(p).batch_size,
                 out_path=self.out_dir / "cot.jsonl",
                 progress=False,
+                watch=self._first_paragraph if early else None,
             )
         else:
             if name == "agent_ftp" and not self._fed_by_cot(name) and not self.prefixes:
@@ -568,13 +571,24 @@ class _TeacherChunk:
         else:
             self.inbox[key].append(self.by_id[qid])
 
+    def _first_paragraph(self, ex: Example, text: str) -> bool:
+        """A greedy CoT answer decoding in-process has its first paragraph: the question's FTP trajectory
+        starts now, not once the answer (up to ``cot_tokens``) is done. The prefix is the one the finished
+        answer gives (:func:`agentlib.agent.ftp_prefix` keeps only what precedes the first blank line)."""
+        if "\n\n" not in text.lstrip():
+            return False
+        qid = base_id(str(ex.id))
+        self.prefixes[qid] = ftp_prefix(text)
+        self._send(("agent_ftp", 0), qid)
+        return True
+
     def _settle(self, key: tuple[str, int], rec: dict) -> None:
         """A record is in: pass its question on to the jobs that wait for it."""
         (name, j), qid = key, base_id(rec["id"])
         self.bars[name].update(1)
         if name == "cot" and j == 0 and self._fed_by_cot("agent_ftp"):
             for prefix in prefixes_from_cot([rec]).values():
-                self.prefixes[qid] = prefix
+                self.prefixes.setdefault(qid, prefix)  # a prefix taken early stays: its trajectory runs
             self._send(("agent_ftp", 0), qid)
         if not filter_trajectories([rec]):
             self._send((name, j + 1), qid)

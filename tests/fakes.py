@@ -79,6 +79,37 @@ class ScriptedModel(ChatModel):
         return out
 
 
+class StreamingModel(ScriptedModel):
+    """A ScriptedModel whose session decodes as ``HFSession`` does: each request grows by one word a step, so
+    answers end at different steps, and ``watch`` sees the text so far after every step it goes on."""
+
+    def session(self, **kw: Any) -> _StreamingSession:
+        return _StreamingSession(self)
+
+
+class _StreamingSession:
+    def __init__(self, model: StreamingModel):
+        self.model, self.live = model, []
+
+    def submit(self, key, messages, prefix=None, sampling=None, watch=None) -> None:
+        texts = self.model.generate([messages], [prefix], sampling or Sampling())[0]
+        self.live.append({"key": key, "texts": texts, "words": texts[0].split(" "), "n": 0, "watch": watch})
+
+    def run(self, refill=None):
+        while True:
+            if refill is not None:
+                refill()
+            if not self.live:
+                return
+            for req in list(self.live):
+                req["n"] += 1
+                if req["n"] >= len(req["words"]):
+                    self.live.remove(req)
+                    yield req["key"], req["texts"], {"gen_s": 0.0, "prompt_tokens": 1, "completion_tokens": 1}
+                elif req["watch"] is not None and req["watch"](" ".join(req["words"][: req["n"]])):
+                    req["watch"] = None
+
+
 def by_question(replies: dict[str, list[str] | Callable[[int], list[str]]]) -> Callable:
     """A script: for the question whose text contains a key, step s gets ``replies[key][s]`` (the last
     one repeats); a callable value gives the n samples of a step: ``value(step) -> list[str]``."""

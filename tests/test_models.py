@@ -293,6 +293,23 @@ def test_hf_session_requests_with_their_own_sampling_share_one_batch(smol):
     assert len(widths) >= tokens["long"] and widths[-1] < 7  # rows left the batch as they ended
 
 
+@pytest.mark.slow
+def test_hf_session_lets_a_watcher_see_an_answer_as_it_grows(smol):
+    """``watch`` sees the first sample's text after every step, each a prefix of the final answer, until it
+    returns True; the answer is the same as without one (the teacher stage starts an FTP trajectory from a CoT
+    answer's first paragraph this way)."""
+    alone = smol.chat(CONVS[1], max_tokens=30)[0]
+    seen: list[str] = []
+    s = smol.session()
+    s.submit(
+        "w", CONVS[1], sampling=Sampling(max_tokens=30), watch=lambda t: seen.append(t) or len(seen) == 5
+    )
+    ((key, texts, info),) = list(s.run())
+    assert texts == [alone] and info["completion_tokens"] > 5
+    assert len(seen) == 5 and all(alone.startswith(t) for t in seen)
+    assert [len(t) for t in seen] == sorted(len(t) for t in seen) and len(seen[-1]) > len(seen[0])
+
+
 def test_prefix_cache_longest_prefix_and_eviction():
     import torch
 

@@ -231,6 +231,50 @@ def test_the_next_chunk_starts_while_the_last_ones_long_trajectories_finish(tmp_
     assert [len(r["steps"]) for r in out["hf"]["agent"]] == [3, 1]
 
 
+def test_an_ftp_trajectory_starts_from_the_first_paragraph_of_a_cot_answer_still_decoding(
+    tmp_path, monkeypatch
+):
+    """In-process, a question's FTP trajectory starts once its greedy CoT answer has its first paragraph (the
+    prefix), not once the whole answer is out; its prefix is the one the finished answer gives."""
+    from fakes import StreamingModel, turn
+
+    from agentlib.agent import ftp_prefix
+    from agentlib.data import Example
+
+    qs = [Example("0", "Capital of France?", "Paris")]
+    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
+    long_cot = (
+        "France's capital is Paris.\n\n" + "It has been so for a long time. " * 20 + "<answer>Paris</answer>"
+    )
+
+    def script(conv, prefix, i):
+        if "<answer>" in conv[0]["content"]:  # the CoT prompt
+            return long_cot
+        if not prefix and len(conv) < 6:  # the plain agent looks twice first, ~20 words a step
+            return turn(
+                f"Look {len(conv)}. " + "Let me think about it some more. " * 3, f"print({len(conv)})"
+            )
+        return (prefix or "") + turn("I know it.", "final_answer('Paris')")
+
+    p = get_profile("smoke", teacher_backend="hf", max_steps=4)
+    model = StreamingModel(script)
+    told = []
+    out = pipeline.teacher_stage(
+        p, model, None, tmp_path, progress=False, on_chunk=lambda i, n, recs: told.append(i)
+    )
+    ftp_call = next(i for i, c in enumerate(model.calls) if any(c["prefixes"]))
+    # cot, agent step 1, then the FTP step 4 words into the CoT answer: before the agent's step 2, which
+    # comes ~20 words in, and long before the CoT's ~150 words are out
+    assert ftp_call == 2 and len(model.calls) == 5
+    (ftp,) = out["agent_ftp"]
+    assert (
+        ftp["prefix"]
+        == ftp_prefix(out["cot"][0]["messages"][-1]["content"])
+        == ("Thought: France's capital is Paris.\n\n")
+    )
+    assert ftp["score"] == 1.0 and told == [1]
+
+
 def test_training_question_ids_are_unique_across_sets():
     # cpu and paper draw MATH training questions from two files that both number rows from 0
     for name in ("cpu", "paper"):
