@@ -665,7 +665,7 @@ class AgentRun(_Run):
 def drive(model: Any, jobs: Sequence[Any]) -> None:
     """Advance ``jobs`` (:class:`AgentRun`, :class:`CotRun`, or anything with ``refill(submit)``,
     ``take(key, texts, info, submit)`` and ``close()``) on one session of ``model`` until none submits more: their
-    requests share the model's batch. ``submit(key, messages, prefix, sampling)``; answers go back to the
+    requests share the model's batch. ``submit(key, messages, prefix, sampling[, watch])``; answers go back to the
     job that asked. Single-threaded, so a run's order of requests, and so its batches, are reproducible."""
     session = model.session() if hasattr(model, "session") else RoundSession(model, Sampling())
 
