@@ -135,11 +135,10 @@ def test_teacher_runs_share_the_batch_when_concurrent_and_give_the_same_records(
         assert got == [("0#s0", 1.0, "Paris"), ("1#s0", 0.0, "Paris"), ("1#s1", 0.0, "Paris")]
 
 
-def test_a_question_moves_on_to_its_retry_while_the_others_still_run(tmp_path, monkeypatch):
-    """In-process, a run's next sample takes a question as soon as the last one failed on it, not once the
-    whole sample is done: question 1 fails at its first step and its retry decodes while question 0's greedy
-    trajectory is still going. The records are those of the one-job-at-a-time order."""
-    from fakes import ScriptedModel, turn
+def _france_looks_twice(monkeypatch):
+    """Two training questions (France, Italy) and a teacher script: every answer is Paris; the plain agent on
+    France looks twice before answering, so its trajectory outlasts Italy's."""
+    from fakes import turn
 
     from agentlib.data import Example
 
@@ -152,6 +151,17 @@ def test_a_question_moves_on_to_its_retry_while_the_others_still_run(tmp_path, m
         if "France" in conv[1]["content"] and len(conv) < 6:  # two steps of looking first
             return (prefix or "") + turn(f"Look {len(conv)}.", f"print({len(conv)})")
         return (prefix or "") + turn("I know it.", "final_answer('Paris')")
+
+    return script
+
+
+def test_a_question_moves_on_to_its_retry_while_the_others_still_run(tmp_path, monkeypatch):
+    """In-process, a run's next sample takes a question as soon as the last one failed on it, not once the
+    whole sample is done: question 1 fails at its first step and its retry decodes while question 0's greedy
+    trajectory is still going. The records are those of the one-job-at-a-time order."""
+    from fakes import ScriptedModel
+
+    script = _france_looks_twice(monkeypatch)
 
     def asks(call, question, greedy):
         return (call["temperature"] == 0) == greedy and any(
@@ -186,19 +196,9 @@ def test_a_question_moves_on_to_its_retry_while_the_others_still_run(tmp_path, m
 def test_the_next_chunk_starts_while_the_last_ones_long_trajectories_finish(tmp_path, monkeypatch):
     """In-process, chunk 2 starts once chunk 1 leaves room in the batch, not once chunk 1 is done; chunks are
     still reported (published) in order, each with the records of the one-chunk-at-a-time order."""
-    from fakes import ScriptedModel, turn
+    from fakes import ScriptedModel
 
-    from agentlib.data import Example
-
-    qs = [Example("0", "Capital of France?", "Paris"), Example("1", "Capital of Italy?", "Rome")]
-    monkeypatch.setattr(pipeline, "training_sets", lambda p: {"factual": qs, "math": []})
-
-    def script(conv, prefix, i):
-        if "<answer>" in conv[0]["content"]:  # the CoT prompt
-            return "It is Paris.\n\n<answer>Paris</answer>"
-        if "France" in conv[1]["content"] and len(conv) < 6:  # two steps of looking first
-            return (prefix or "") + turn(f"Look {len(conv)}.", f"print({len(conv)})")
-        return (prefix or "") + turn("I know it.", "final_answer('Paris')")
+    script = _france_looks_twice(monkeypatch)
 
     def asks(call, question):
         return any(question in c[1]["content"] for c in call["conversations"])
