@@ -526,12 +526,11 @@ class _TeacherChunk:
     def _make(self, key: tuple[str, int], questions: list[Example], open_: bool) -> Any:
         """The job for run ``name``'s sample ``j`` on ``questions`` (``open_``: more may come)."""
         (name, j), p = key, self.p
-        copies = _copies(questions, f"s{j}")
         temperature = 0.0 if j == 0 else p.teacher_temperature
         if name == "cot":
             early = j == 0 and "agent_ftp" in self.out and self._fed_by_cot("agent_ftp")
             job: Any = CotRun(
-                copies,
+                [],
                 Sampling(temperature=temperature, top_p=p.teacher_top_p, max_tokens=p.cot_tokens),
                 batch_size=teacher_config(p).batch_size,
                 out_path=self.out_dir / "cot.jsonl",
@@ -540,7 +539,7 @@ class _TeacherChunk:
             )
         else:
             if name == "agent_ftp" and not self._fed_by_cot(name) and not self.prefixes:
-                self.prefixes = _ftp_prefixes(p, self.model, self.chunk, self.out_dir, [])
+                self.prefixes = _plan_prefixes(p, self.model, self.chunk, self.out_dir)
             job = AgentRun(
                 self.model,
                 [],
@@ -549,9 +548,8 @@ class _TeacherChunk:
                 retriever=self.retriever,
                 progress=False,
             )
-            self._add(job, key, questions)
+        self._add(job, key, questions)
         job.open = open_
-        self.bars[name].grow(len(questions))
         return job
 
     def _add(self, job: Any, key: tuple[str, int], questions: list[Example]) -> None:
@@ -560,6 +558,7 @@ class _TeacherChunk:
                 {f"{ex.id}#s{key[1]}": self.prefixes[ex.id] for ex in questions if ex.id in self.prefixes}
             )
         job.add(_copies(questions, f"s{key[1]}"))
+        self.bars[key[0]].grow(len(questions))
 
     def _send(self, key: tuple[str, int], qid: str) -> None:
         """Question ``qid`` for job ``key``: to the job if it runs, else to its inbox."""
@@ -567,7 +566,6 @@ class _TeacherChunk:
             return
         if key in self.active:
             self._add(self.active[key], key, [self.by_id[qid]])
-            self.bars[key[0]].grow(1)
         else:
             self.inbox[key].append(self.by_id[qid])
 
@@ -719,18 +717,19 @@ class _Chunks:
     def refill(self, submit: Any) -> None:
         for i, chunk in self.running.items():
             chunk.refill(partial(_submit_as, submit, i))
+        self._retire()
+        while self.waiting and sum(c.load() for c in self.running.values()) < self.room:
+            i, chunk = self.waiting.pop(0)
+            self.running[i] = chunk
+            chunk.refill(partial(_submit_as, submit, i))
+            self._retire()  # a chunk all on disk is done at once
+
+    def _retire(self) -> None:
         while self.running and self.running[min(self.running)].finished:
             i = min(self.running)
             chunk = self.running.pop(i)
             chunk.close()
             self.done(i, chunk.out)
-        while self.waiting and sum(c.load() for c in self.running.values()) < self.room:
-            i, chunk = self.waiting.pop(0)
-            self.running[i] = chunk
-            chunk.refill(partial(_submit_as, submit, i))
-            if chunk.finished and min(self.running) == i:  # all of it was on disk
-                self.running.pop(i).close()
-                self.done(i, chunk.out)
 
     def take(self, key: tuple, texts: list[str], info: dict, submit: Any) -> None:
         i, inner = key
@@ -741,14 +740,9 @@ class _Chunks:
             chunk.close()
 
 
-def _ftp_prefixes(
-    p: Profile, model: Any, chunk: list[Example], out_dir: Path, cot: list[dict]
-) -> dict[str, str]:
-    """Question id -> first-step prefix: from the greedy CoT answer (the authors'), or the plan prompt."""
-    if p.ftp_source == "cot":
-        return {
-            base_id(k): v for k, v in prefixes_from_cot([r for r in cot if r["id"].endswith("#s0")]).items()
-        }
+def _plan_prefixes(p: Profile, model: Any, chunk: list[Example], out_dir: Path) -> dict[str, str]:
+    """Question id -> first-step prefix from the plan prompt (``ftp_source="plan"``, an ablation; the
+    authors' prefixes, from the greedy CoT answers, are taken per question by :class:`_TeacherChunk`)."""
     if p.ftp_source != "plan":
         raise ValueError(f"unknown ftp_source {p.ftp_source!r}; choose 'cot' or 'plan'")
     path = out_dir / "prefixes_plan.json"
