@@ -881,6 +881,7 @@ class CotRun(_Run):
             "prefix": None,
             "sag_n": self.sampling.n,
             "gen_s": info["gen_s"],
+            "cut": info["cut"][chosen] if "cut" in info else None,  # by the token budget (None: not known)
             "samples": [{"text": t, "answer": a} for t, a in zip(texts, answers, strict=True)],
             "votes": dict(votes),
         }

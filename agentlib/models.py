@@ -187,10 +187,12 @@ class RoundSession:
 
         s = model.session(n=1, max_tokens=256, stop=["<end_code>"])
         s.submit(key, messages, prefix=None)  # sampling=Sampling(...): this request's own settings
-        for key, texts, info in s.run(refill=None):  # info: gen_s, prompt_tokens, completion_tokens
+        for key, texts, info in s.run(refill=None):  # info: gen_s, prompt_tokens, completion_tokens, cut*
             ...  # may s.submit() follow-ups; ``refill()`` is called before each round
 
     Per-request tokens are the call's totals shared out by characters, time evenly (servers report per call).
+    *In-process sessions (``HFSession``) also say which samples their token budget cut off (``cut``, one flag per
+    text); here that is unknown and the key is absent.
     """
 
     def __init__(self, model: Any, sampling: Sampling):
@@ -447,12 +449,21 @@ class HFSession(RoundSession):
                 )
                 for x in req.samples
             ]
+            # a sample cut off by the token budget: it neither ended nor hit a stop string
+            cut = [
+                len(x) >= req.max_tokens
+                and x[-1] not in self.decoder.eos
+                and not self.decoder._hit_stop(x, req)
+                for x in req.samples
+            ]
+            copies = s.n if s.temperature <= 0.0 else 1  # greedy: one sample, copied
             info = {
                 "gen_s": req.gen_s,
                 "prompt_tokens": len(req.ids),
                 "completion_tokens": sum(len(x) for x in req.samples),
+                "cut": cut * copies,
             }
-            yield req.key, texts * s.n if s.temperature <= 0.0 else texts, info
+            yield req.key, texts * copies, info
 
 
 # --------------------------------------------------------------------------------------------- endpoint pool

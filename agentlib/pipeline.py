@@ -780,7 +780,8 @@ def sft_datasets(
 def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
     """One row per teacher run and domain: the greedy run's accuracy (sample 0, the paper's single run), the
     yield of questions with a kept trajectory from sample 0 alone and from any sample (rejection sampling), the
-    greedy answers with no answer in them (a CoT cut off by its token budget, or unparsable), and the shape."""
+    greedy answers with no answer in them (cut off by the token budget, or unparsable), the greedy CoT answers
+    cut off by their token budget (``cut_pct``, over the records that say: ``None`` if none does), and the shape."""
     rows = []
     for name, records in runs.items():
         for domain in sorted({r.get("domain", "") for r in records}):
@@ -804,6 +805,7 @@ def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
                     "no_answer_pct": 100
                     * sum(r.get("prediction") is None for r in greedy)
                     / max(1, len(greedy)),
+                    "cut_pct": _cut_pct(greedy),
                     "parse_error_rate": 100 * s.get("parse_error_rate", 0.0),
                     "step_limit_rate": 100 * s.get("step_limit_rate", 0.0),
                     "repeat_stop_rate": 100 * s.get("repeat_stop_rate", 0.0),
@@ -813,6 +815,12 @@ def teacher_summary(runs: dict[str, list], kept: dict[str, list]) -> list[dict]:
                 }
             )
     return rows
+
+
+def _cut_pct(records: list[dict]) -> float | None:
+    """Percent of ``records`` (CoT answers) that used their whole token budget, of those that record it."""
+    known = [r["cut"] for r in records if r.get("cut") is not None]
+    return 100 * sum(known) / len(known) if known else None
 
 
 # ------------------------------------------------------------------ 02: SFT

@@ -526,6 +526,7 @@ def test_cot_majority_vote_and_rag(tmp_path):
     )
     assert r["prediction"] == "\\dfrac{1}{2}" and r["votes"] == {"\\frac{1}{2}": 2, "3": 1}
     assert r["messages"][-1]["content"] == outs[0] and r["score"] == 1.0 and r["method"] == "cot"
+    assert r["cut"] is None  # a session that gets whole answers cannot tell
     assert "boxed" in r["messages"][0]["content"]
 
     class Retriever:

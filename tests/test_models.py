@@ -156,6 +156,32 @@ def smol():
 
 
 @pytest.mark.slow
+def test_hf_session_says_which_samples_the_token_budget_cut_off(smol):
+    """A CoT record says whether its answer was cut off by the token budget (the teacher's cut rate), which only
+    an in-process session knows; answers that end on their own or at a stop string are not cut."""
+    from fakes import Ex
+
+    from agentlib.agent import run_cot
+
+    ex = [Ex("f", "What is the capital of France?", "Paris")]
+    score = {"score_fn": lambda pred, e: 0.0, "progress": False}
+    full = run_cot(smol, ex, max_tokens=256, **score)[0]
+    n_tokens = len(smol.tokenizer(full["messages"][-1]["content"]).input_ids)
+    assert full["cut"] is False and 4 < n_tokens < 250
+    short = run_cot(smol, ex, max_tokens=3, **score)[0]
+    assert short["cut"] is True and short["messages"][-1]["content"] in full["messages"][-1]["content"]
+    s = smol.open_session(Sampling(n=3, temperature=1.0, max_tokens=6))
+    s.submit("k", FRANCE)
+    ((_, texts, info),) = list(s.run())
+    assert info["cut"] == [True, True, True] and len(texts) == 3
+    word = full["messages"][-1]["content"].split()[1]  # a stop string inside the answer ends it early
+    s = smol.open_session(Sampling(max_tokens=256, stop=[word]))
+    s.submit("k", full["messages"][:-1])
+    ((_, text, info),) = list(s.run())
+    assert info["cut"] == [False] and len(text[0]) < len(full["messages"][-1]["content"])
+
+
+@pytest.mark.slow
 def test_hf_batch_equals_one_at_a_time_greedy(smol):
     batched = smol.chat_batch(CONVS, max_tokens=24)
     single = [smol.chat(c, max_tokens=24) for c in CONVS]
