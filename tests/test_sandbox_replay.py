@@ -3,9 +3,9 @@
 Every trajectory in ``data/*.jsonl.gz`` whose steps call no tool (so that its observations depend on
 the code alone) is replayed step by step in one sandbox, as the agent ran it, and each step's output
 is compared with the recorded observation: the same printed logs and, where the step failed, the same
-error. Two kinds of difference are expected and checked the other way round: steps that the old
-sandbox refused although they are ordinary code (``datetime.strptime``, the ``idna`` codec) now run,
-after which that trajectory's later steps are no longer comparable.
+error. One kind of difference is expected and checked the other way round: a step that an older sandbox
+refused although it is ordinary code (``datetime.strptime``, the ``idna`` codec) must now run, after which
+that trajectory's later steps are no longer comparable (the retired teacher trials had such steps).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from agentlib.sandbox import Sandbox
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-PER_FILE = 12  # tool-free trajectories per file: every one of the teacher files, a sample of the trials
+PER_FILE = 30  # tool-free trajectories per published teacher set
 OLD_REFUSALS = ("import of '_strptime' is not allowed", "unknown encoding: idna")
 
 
@@ -66,5 +66,5 @@ def test_tool_free_trajectories_replay_with_the_same_observations():
                 compared += 1
                 if not ok:
                     mismatches.append((name, step["code"][:300], recorded[:300], r.stdout[:300], r.error))
-    assert compared >= 40 and fixed >= 1, (compared, fixed)
+    assert compared >= 40, (compared, fixed)
     assert not mismatches, mismatches[:3]
